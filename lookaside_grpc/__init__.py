@@ -1,0 +1,1 @@
+"""lookaside-grpc: lookaside load balancing for gRPC on Kubernetes, keeping long-lived connections."""
