@@ -1,7 +1,8 @@
 """The Greet backend of the original design: answers with its own address, so callers see who served them.
 
 It also counts calls and distinct client peers (one peer per TCP connection), which the demo, the tests and
-the benchmarks use to show how calls and connections spread. Run: ``python -m lookaside_examples.greet.server``.
+the benchmarks use to show how calls and connections spread.
+Run: ``python -m lookaside_examples.greet.server``.
 """
 
 from __future__ import annotations
