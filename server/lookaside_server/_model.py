@@ -1,0 +1,39 @@
+"""Plain data model shared by sources, the registry and the RPC layer: targets and backend endpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A Kubernetes Service, the unit clients resolve ("namespace/service")."""
+
+    namespace: str
+    service: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.service}"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendEndpoint:
+    """One backend address of a target: one entry per ip x port, with its EndpointSlice conditions."""
+
+    ip: str
+    port: int
+    port_name: str = ""
+    zone: str = ""
+    for_zones: tuple[str, ...] = ()
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+
+    @property
+    def port_key(self) -> str:
+        """How the port is identified: its name if it has one, else its number."""
+        return self.port_name or str(self.port)
+
+
+#: The state of a target as published by a source; ``None`` means the target does not exist (any more).
+Endpoints = tuple[BackendEndpoint, ...]

@@ -1,0 +1,207 @@
+"""Per-target endpoint state with versions, lazy subscription through the source, and Watch fan-out.
+
+Watchers get a conflating "latest" slot plus an Event: a slow watcher only ever skips to the newest
+state, it never blocks the registry, the source or other watchers, and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from lookaside_server._model import Endpoints, Target
+from lookaside_server._source import EndpointSource, TargetNotFound
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetState:
+    """A target's endpoints (None: the target is gone) at a version; versions start at 1 and only grow."""
+
+    target: Target
+    endpoints: Endpoints | None
+    version: int
+    changed_at: float
+
+
+class Subscription:
+    """One watcher's view of a target: holds only the latest unseen state (conflating)."""
+
+    def __init__(self, registry: Registry, target: Target) -> None:
+        self.target = target
+        self._registry = registry
+        self._latest: TargetState | None = None
+        self._event = asyncio.Event()
+        self._closed = False
+
+    def offer(self, state: TargetState) -> None:
+        """Replace the unseen state with ``state`` and wake the watcher; never blocks."""
+        self._latest = state
+        self._event.set()
+
+    def close(self) -> None:
+        """End the subscription; :meth:`next` returns None from now on."""
+        self._closed = True
+        self._event.set()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the subscription has ended (server shutdown)."""
+        return self._closed
+
+    async def next(self) -> TargetState | None:
+        """Wait for the next unseen state; None once closed."""
+        while True:
+            if self._closed:
+                return None
+            if self._latest is not None:
+                state, self._latest = self._latest, None
+                self._event.clear()
+                return state
+            self._event.clear()
+            await self._event.wait()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._registry.leave(self)
+
+
+@dataclass
+class _Entry:
+    state: TargetState
+    watchers: set[Subscription] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetStatus:
+    """One row of the status view."""
+
+    target: str
+    endpoints: int
+    ready: int
+    version: int
+    changed_at: float
+    watchers: int
+
+
+class Registry:
+    """Holds the state of every subscribed target and notifies watchers when it actually changes."""
+
+    def __init__(self, source: EndpointSource) -> None:
+        self.source = source
+        self._entries: dict[Target, _Entry] = {}
+        self._pending: dict[Target, asyncio.Future[None]] = {}
+        self._closed = False
+
+    def publish(self, target: Target, endpoints: Endpoints | None) -> None:
+        """Source callback (on the loop): record a target's new state; bump the version only on change."""
+        if self._closed:
+            return
+        entry = self._entries.get(target)
+        now = time.time()
+        if entry is None:
+            if endpoints is not None:
+                self._entries[target] = _Entry(TargetState(target, endpoints, 1, now))
+            return
+        if entry.state.endpoints == endpoints:
+            return
+        entry.state = TargetState(target, endpoints, entry.state.version + 1, now)
+        log.info("target %s changed: %s endpoint(s), version %d", target,
+                 "gone" if endpoints is None else len(endpoints), entry.state.version)
+        for watcher in entry.watchers:
+            watcher.offer(entry.state)
+
+    async def get(self, target: Target) -> TargetState:
+        """The current state of an existing target, subscribing on first use; raise TargetNotFound."""
+        entry = self._entries.get(target)
+        if entry is None:
+            await self._subscribe(target)
+            entry = self._entries.get(target)
+            if entry is None:
+                raise TargetNotFound(target)
+        if entry.state.endpoints is None:
+            raise TargetNotFound(target)
+        return entry.state
+
+    async def watch(self, target: Target) -> Subscription:
+        """Add a watcher to an existing target; its first :meth:`Subscription.next` is the current state."""
+        state = await self.get(target)
+        sub = Subscription(self, target)
+        if self._closed:
+            sub.close()
+            return sub
+        self._entries[target].watchers.add(sub)
+        sub.offer(state)
+        return sub
+
+    def leave(self, sub: Subscription) -> None:
+        """Remove a watcher (idempotent)."""
+        entry = self._entries.get(sub.target)
+        if entry is not None:
+            entry.watchers.discard(sub)
+
+    async def _subscribe(self, target: Target) -> None:
+        while (pending := self._pending.get(target)) is not None:
+            try:
+                await asyncio.shield(pending)
+                return
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this caller was cancelled
+                # the caller doing the subscription was cancelled: try again ourselves
+        if target in self._entries:
+            return
+        if self._closed:
+            raise TargetNotFound(target)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending[target] = fut
+        try:
+            await self.source.subscribe(target)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except Exception as e:
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved: concurrent callers re-raise it themselves
+            raise
+        else:
+            fut.set_result(None)
+            if target not in self._entries:
+                log.warning("source subscribed %s without publishing its state; treating it as empty", target)
+                self._entries[target] = _Entry(TargetState(target, (), 1, time.time()))
+            log.info("subscribed target %s", target)
+        finally:
+            del self._pending[target]
+
+    def close(self) -> None:
+        """End every watcher (so Watch streams finish) and refuse further updates; idempotent."""
+        self._closed = True
+        for entry in self._entries.values():
+            for watcher in entry.watchers:
+                watcher.close()
+            entry.watchers.clear()
+
+    async def unsubscribe_all(self) -> None:
+        """Unsubscribe every target from the source (on shutdown)."""
+        for target in list(self._entries):
+            try:
+                await self.source.unsubscribe(target)
+            except Exception:  # noqa: BLE001 - shutdown must go on
+                log.exception("unsubscribing %s failed", target)
+
+    def snapshot(self) -> list[TargetStatus]:
+        """A status view: every subscribed target with endpoint counts, version, last change and watchers."""
+        rows = []
+        for target, entry in sorted(self._entries.items(), key=lambda kv: str(kv[0])):
+            eps = entry.state.endpoints or ()
+            ready = sum(1 for e in eps if e.ready)
+            rows.append(TargetStatus(str(target), len(eps), ready, entry.state.version,
+                                     entry.state.changed_at, len(entry.watchers)))
+        return rows

@@ -1,0 +1,93 @@
+"""Backend selection: port choice, eligibility (ready, else serving-and-terminating) and the pick strategies.
+
+Round robin keeps ONE counter per (target, port) shared by every client; it is never reset when the
+endpoint set changes, so the rotation carries on over the new set.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from lookaside_server._model import BackendEndpoint, Endpoints, Target
+
+#: Most picks one Resolve may ask for.
+MAX_COUNT = 1000
+
+
+class UnknownPort(LookupError):
+    """The requested port (name or number) is not a port of the target."""
+
+    def __init__(self, port: str, known: Sequence[str]) -> None:
+        super().__init__(f"port {port!r} is not a port of the target (ports: {', '.join(known) or 'none'})")
+        self.port = port
+        self.known = tuple(known)
+
+
+def port_keys(endpoints: Endpoints) -> list[str]:
+    """The target's ports in order of first appearance, for messages (name if set, else number)."""
+    return list(dict.fromkeys(e.port_key for e in endpoints))
+
+
+def select_port(endpoints: Endpoints, port: str) -> tuple[str, Endpoints]:
+    """Endpoints serving the requested port and the canonical key of that choice (for the rotation).
+
+    A port is identified by its name, as in a Kubernetes Service (numbers may differ per backend, and locally
+    many backends share one IP on different ports): "" means the port named like the first endpoint's
+    (unnamed counts as a name), digits select by number, anything else by name. Raises UnknownPort.
+    """
+    if not endpoints:
+        return port, ()
+    if port == "":
+        name = endpoints[0].port_name
+        return name, tuple(e for e in endpoints if e.port_name == name)
+    if port.isdigit():
+        number = int(port)
+        chosen = tuple(e for e in endpoints if e.port == number)
+        names = {e.port_name for e in chosen}
+        key = names.pop() if len(names) == 1 and "" not in names else str(number)
+    else:
+        key = port
+        chosen = tuple(e for e in endpoints if e.port_name == port)
+    if not chosen:
+        raise UnknownPort(port, port_keys(endpoints))
+    return key, chosen
+
+
+def eligible(endpoints: Endpoints) -> Endpoints:
+    """Endpoints fit for new picks: the ready ones, else (none ready) the serving-and-terminating ones."""
+    ready = tuple(e for e in endpoints if e.ready and not e.terminating)
+    if ready:
+        return ready
+    return tuple(e for e in endpoints if e.serving and e.terminating)
+
+
+class RoundRobin:
+    """Shared rotation counters per (target, port key); a counter only ever grows."""
+
+    def __init__(self) -> None:
+        self._counters: dict[tuple[Target, str], int] = {}
+
+    def take(self, target: Target, port_key: str, count: int) -> int:
+        """Reserve ``count`` consecutive positions, return the first; atomic on the loop (no await)."""
+        key = (target, port_key)
+        start = self._counters.get(key, 0)
+        self._counters[key] = start + count
+        return start
+
+    def pick(self, target: Target, port_key: str, candidates: Endpoints, count: int) -> list[BackendEndpoint]:
+        """The next ``count`` picks of the rotation over ``candidates``."""
+        start = self.take(target, port_key, count)
+        n = len(candidates)
+        return [candidates[(start + i) % n] for i in range(count)]
+
+    def forget(self, target: Target) -> None:
+        """Drop the counters of a target (only when it is no longer served at all)."""
+        for key in [k for k in self._counters if k[0] == target]:
+            del self._counters[key]
+
+
+def pick_random(candidates: Endpoints, count: int, rng: random.Random | None = None) -> list[BackendEndpoint]:
+    """``count`` independent uniform picks."""
+    choice = (rng or random).choice
+    return [choice(candidates) for _ in range(count)]
