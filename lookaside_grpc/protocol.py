@@ -3,13 +3,13 @@
 This module is the one seam between the client plugin set and the lookaside server; both import it.
 """
 
+from lookaside_grpc._generated import lookaside_pb2 as _pb2
 from lookaside_grpc._generated.lookaside_pb2 import Endpoint, EndpointSet, Request, Response, WatchRequest
 from lookaside_grpc._generated.lookaside_pb2_grpc import (
     LookasideServicer,
     LookasideStub,
     add_LookasideServicer_to_server,
 )
-from lookaside_grpc._generated import lookaside_pb2 as _pb2
 
 #: The full name of the service, for health checks and reflection.
 SERVICE_NAME: str = _pb2.DESCRIPTOR.services_by_name["Lookaside"].full_name

@@ -1,0 +1,396 @@
+"""``Channel``: a ``grpc.Channel`` that sends each call over a pooled channel to a picked backend.
+
+Any generated stub works unchanged on it. The hot path per call: one pick (list index in watch mode), one
+dict lookup for the cached per-backend multicallable, in-flight accounting, then the real gRPC call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from lookaside_grpc._balancer import DEFAULT_INIT_TIMEOUT, Balancer, Options, make_target
+from lookaside_grpc._errors import FailedCall, PickError
+from lookaside_grpc._policies import RoutingPolicy
+from lookaside_grpc._pool import Slot
+from lookaside_grpc._resolvers import WATCH, Mode
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[Slot[Any], Any]
+
+
+class _MultiCallable:
+    """Shared by the four call shapes: pick, find the cached backend multicallable, count the call."""
+
+    __slots__ = (
+        "_balancer",
+        "_resolver",
+        "_policy",
+        "_kind",
+        "_method",
+        "_ser",
+        "_deser",
+        "_registered",
+        "_cache",
+    )
+
+    def __init__(
+        self,
+        balancer: Any,
+        kind: str,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None,
+        response_deserializer: Callable[[bytes], Any] | None,
+        registered: bool,
+    ) -> None:
+        self._balancer = balancer
+        self._resolver = balancer.resolver
+        self._policy = balancer.policy
+        self._kind = kind
+        self._method = method
+        self._ser = request_serializer
+        self._deser = response_deserializer
+        self._registered = registered
+        #: address -> (pool slot, that backend channel's multicallable for this method)
+        self._cache: dict[str, Entry] = {}
+
+    def _bind(self, address: str) -> Entry:
+        slot = self._balancer.pool.get(address)
+        factory = getattr(slot.channel, self._kind)
+        entry = self._cache[address] = (
+            slot,
+            factory(self._method, self._ser, self._deser, _registered_method=self._registered),
+        )
+        return entry
+
+    def _entry(self, address: str) -> Entry:
+        """The cached (slot, multicallable) for ``address``, with the call about to start counted on it."""
+        entry = self._cache.get(address)
+        if entry is None or entry[0].retired:
+            entry = self._bind(address)
+        while not entry[0].acquire():  # closed under us: the pool has (or makes) a fresh one
+            entry = self._bind(address)
+        return entry
+
+    def _start(self, timeout: float | None) -> tuple[Slot[Any], Any, float | None]:
+        """Pick a backend (sync) and count the call on it; raises PickError."""
+        ep = self._resolver.pick_nowait(self._policy)
+        if ep is None:
+            if timeout is None:
+                ep = self._resolver.pick(self._policy, None)
+            else:
+                start = time.monotonic()
+                ep = self._resolver.pick(self._policy, timeout)
+                timeout = max(0.0, timeout - (time.monotonic() - start))
+        slot, mc = self._entry(ep.address)
+        return slot, mc, timeout
+
+
+class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        try:
+            slot, mc, timeout = self._start(timeout)
+        except PickError as e:
+            raise FailedCall(e) from None
+        try:
+            return mc(request, timeout, metadata, credentials, wait_for_ready, compression)
+        finally:
+            slot.release()
+
+    def with_call(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> tuple[Any, grpc.Call]:
+        try:
+            slot, mc, timeout = self._start(timeout)
+        except PickError as e:
+            raise FailedCall(e) from None
+        try:
+            return mc.with_call(request, timeout, metadata, credentials, wait_for_ready, compression)  # type: ignore[no-any-return]
+        finally:
+            slot.release()
+
+    def future(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        try:
+            slot, mc, timeout = self._start(timeout)
+        except PickError as e:
+            return FailedCall(e)
+        try:
+            fut = mc.future(request, timeout, metadata, credentials, wait_for_ready, compression)
+        except BaseException:
+            slot.release()
+            raise
+        fut.add_done_callback(slot.release)
+        return fut
+
+
+class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        try:
+            slot, mc, timeout = self._start(timeout)
+        except PickError as e:
+            raise FailedCall(e) from None
+        try:
+            return mc(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
+        finally:
+            slot.release()
+
+    def with_call(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> tuple[Any, grpc.Call]:
+        try:
+            slot, mc, timeout = self._start(timeout)
+        except PickError as e:
+            raise FailedCall(e) from None
+        try:
+            return mc.with_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)  # type: ignore[no-any-return]
+        finally:
+            slot.release()
+
+    def future(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        try:
+            slot, mc, timeout = self._start(timeout)
+        except PickError as e:
+            return FailedCall(e)
+        try:
+            fut = mc.future(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
+        except BaseException:
+            slot.release()
+            raise
+        fut.add_done_callback(slot.release)
+        return fut
+
+
+class _StreamingResponse(_MultiCallable):
+    """unary_stream and stream_stream: the returned call is also the response iterator."""
+
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        try:
+            slot, mc, timeout = self._start(timeout)
+        except PickError as e:
+            return FailedCall(e)
+        try:
+            call = mc(request, timeout, metadata, credentials, wait_for_ready, compression)
+        except BaseException:
+            slot.release()
+            raise
+        call.add_done_callback(slot.release)
+        return call
+
+
+class _UnaryStream(_StreamingResponse, grpc.UnaryStreamMultiCallable):
+    __slots__ = ()
+
+
+class _StreamStream(_StreamingResponse, grpc.StreamStreamMultiCallable):
+    __slots__ = ()
+
+
+class Channel(grpc.Channel):
+    """A ``grpc.Channel`` balancing every call over the pods of one Kubernetes Service.
+
+    Build it with :func:`lookaside_grpc.channel`. Each call picks a backend (via the lookaside) and goes over
+    that backend's long-lived pooled channel, so HTTP/2 connections are reused, never re-dialled per call.
+    """
+
+    def __init__(self, balancer: Balancer) -> None:
+        self._balancer = balancer
+
+    @property
+    def target(self) -> str:
+        """``service.namespace[:port]``."""
+        return str(self._balancer.target)
+
+    @property
+    def mode(self) -> Mode:
+        """``watch`` or ``per_call``."""
+        return self._balancer.mode
+
+    @property
+    def policy(self) -> RoutingPolicy:
+        """The routing policy picking backends."""
+        return self._balancer.policy
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.UnaryUnaryMultiCallable:
+        return _UnaryUnary(
+            self._balancer,
+            "unary_unary",
+            method,
+            request_serializer,
+            response_deserializer,
+            bool(_registered_method),
+        )
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.UnaryStreamMultiCallable:
+        return _UnaryStream(
+            self._balancer,
+            "unary_stream",
+            method,
+            request_serializer,
+            response_deserializer,
+            bool(_registered_method),
+        )
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.StreamUnaryMultiCallable:
+        return _StreamUnary(
+            self._balancer,
+            "stream_unary",
+            method,
+            request_serializer,
+            response_deserializer,
+            bool(_registered_method),
+        )
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.StreamStreamMultiCallable:
+        return _StreamStream(
+            self._balancer,
+            "stream_stream",
+            method,
+            request_serializer,
+            response_deserializer,
+            bool(_registered_method),
+        )
+
+    def subscribe(
+        self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False
+    ) -> None:
+        """Connectivity of the lookaside channel (the per-backend channels come and go)."""
+        self._balancer.lookaside_channel.subscribe(callback, try_to_connect=try_to_connect)
+
+    def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
+        self._balancer.lookaside_channel.unsubscribe(callback)
+
+    def close(self) -> None:
+        """Stop the watch thread (joined), close every pooled channel and the lookaside channel."""
+        self._balancer.close()
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def channel(
+    service: str,
+    *,
+    namespace: str = "default",
+    lookaside: str = "127.0.0.1:50055",
+    mode: Mode = WATCH,
+    policy: str | RoutingPolicy = "round_robin",
+    port: str | int = "",
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Options = (),
+    lookaside_credentials: grpc.ChannelCredentials | None = None,
+    batch: int = 1,
+    init_timeout: float = DEFAULT_INIT_TIMEOUT,
+) -> Channel:
+    """A channel balancing calls over the pods of Service ``service`` in ``namespace``, via ``lookaside``.
+
+    ``mode="watch"`` (the default) keeps the endpoint set locally from one background Watch stream and picks
+    per call with ``policy``, at no extra round trip; ``mode="per_call"`` asks the lookaside (``Resolve``)
+    before every call as the original design did, which roughly halves throughput (measured 0.41-0.59x), so
+    it is not the default; ``batch`` > 1 amortises it by asking for that many picks per Resolve.
+    ``credentials``/``options`` apply to the per-backend channels (one per pod, reused by every call);
+    ``lookaside_credentials`` to the lookaside channel (None = insecure). ``port`` names the Service port.
+    A call made before the first endpoint set waits for it up to its own timeout (else ``init_timeout``) and
+    then fails with UNAVAILABLE.
+    """
+    target = make_target(service, namespace, port, lookaside, mode, batch)
+    return Channel(
+        Balancer(
+            target,
+            mode=mode,
+            policy=policy,
+            credentials=credentials,
+            options=options,
+            lookaside_credentials=lookaside_credentials,
+            init_timeout=init_timeout,
+        )
+    )
