@@ -6,6 +6,8 @@ import json
 import os
 import pathlib
 
+from lookaside_examples.greet.server import GreetServicer, serve
+
 
 def write_static(path: pathlib.Path, targets: dict[str, list[str]], **extra: object) -> None:
     """Atomically write a static endpoint file mapping ``ns/svc`` to ``host:port`` addresses."""
@@ -21,3 +23,18 @@ def write_static(path: pathlib.Path, targets: dict[str, list[str]], **extra: obj
 def greet_backend_of(result: str) -> str:
     """The backend address a Greet answer is signed with."""
     return result.rsplit(" from ", 1)[-1].split(" #")[0]
+
+
+class Backend:
+    """One in-process Greet server on a free loopback port."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.server, self.servicer, self.port = serve(0, "127.0.0.1", delay=delay)
+        self.address = f"127.0.0.1:{self.port}"
+
+    @property
+    def stats(self) -> GreetServicer:
+        return self.servicer
+
+    def stop(self) -> None:
+        self.server.stop(grace=None).wait(5)

@@ -5,23 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-
-from lookaside_examples.greet.server import GreetServicer, serve
-
-
-class Backend:
-    """One in-process Greet server on a free loopback port."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.server, self.servicer, self.port = serve(0, "127.0.0.1", delay=delay)
-        self.address = f"127.0.0.1:{self.port}"
-
-    @property
-    def stats(self) -> GreetServicer:
-        return self.servicer
-
-    def stop(self) -> None:
-        self.server.stop(grace=None).wait(5)
+from _util import Backend
 
 
 @pytest.fixture

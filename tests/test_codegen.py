@@ -34,11 +34,13 @@ def test_original_wire_shape_is_kept() -> None:
 
     req = protocol.Request.DESCRIPTOR
     assert protocol.DESCRIPTOR.package == "lookaside"
-    assert {f.name: f.number for f in req.fields if f.number <= 3} == {"router": 1, "service": 2, "namespace": 3}
+    original = {f.name: f.number for f in req.fields if f.number <= 3}
+    assert original == {"router": 1, "service": 2, "namespace": 3}
     assert {v.name: v.number for v in req.enum_types_by_name["RouterType"].values[:2]} == {
         "RANDOM": 0,
         "ROUNDROBIN": 1,
     }
     assert protocol.Response.DESCRIPTOR.fields_by_number[1].name == "address"
     method = protocol.DESCRIPTOR.services_by_name["Lookaside"].methods_by_name["Resolve"]
-    assert (method.input_type.full_name, method.output_type.full_name) == ("lookaside.Request", "lookaside.Response")
+    types = (method.input_type.full_name, method.output_type.full_name)
+    assert types == ("lookaside.Request", "lookaside.Response")
