@@ -44,3 +44,7 @@ class EndpointSource(ABC):
     @abstractmethod
     async def stop(self) -> None:
         """Release everything (threads, watches, tasks); no publish may happen afterwards."""
+
+    def describe(self, target: Target) -> dict[str, str | int | float]:
+        """Source-specific health of one target for status views (e.g. Kubernetes watch state)."""
+        return {}
