@@ -1,0 +1,361 @@
+"""The client modes compared: a registry of mode name -> client factory (imported by the client process).
+
+To add a mode (e.g. an interceptor-based one), register a factory returning a ``grpc.Channel``::
+
+    register("x", channel_mode(lambda ctx: grpc.intercept_channel(dial_round_robin(ctx.resolve()), I())))
+
+or, for grpc.aio, ``register("aio_x", aio_channel_mode(async_factory))``. ``needs_lookaside=True`` marks
+modes that are skipped when the lookaside client or server is not available.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from lookaside_examples.greet import greet_pb2, greet_pb2_grpc
+
+DIAL_TIMEOUT = 10.0
+
+
+@dataclass
+class Ctx:
+    """What a factory may use to build its client."""
+
+    backends: list[str]  # "127.0.0.1:PORT" of the backends at start
+    lookaside: str | None = None  # "127.0.0.1:PORT" of the lookaside server
+    service: str = "greet"
+    namespace: str = "default"
+    static_file: str | None = None  # the lookaside static file: round_robin redials "re-resolve" from it
+    redial_every: int = 1000
+    batch: int = 16
+    policy: str = "round_robin"
+    local_pool: bool = False  # give each round_robin channel its own connections
+
+    def resolve(self) -> list[str]:
+        """Current backend addresses: the static file (as headless-Service DNS would), else ``backends``."""
+        if self.static_file:
+            import yaml
+
+            try:
+                with open(self.static_file) as f:
+                    data = yaml.safe_load(f) or {}
+                eps = data.get(f"{self.namespace}/{self.service}") or []
+                addrs = [f"{e['ip']}:{e['port']}" for e in eps]
+                if addrs:
+                    return addrs
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        return list(self.backends)
+
+
+@dataclass(frozen=True)
+class Mode:
+    kind: str  # "sync" or "aio"
+    make: Callable[[Ctx], Any]  # sync: -> Caller; aio: async -> AioCaller
+    needs_lookaside: bool = False
+    needs_aio_lookaside: bool = False
+    description: str = ""
+
+
+MODES: dict[str, Mode] = {}
+
+
+def register(name: str, mode: Mode) -> None:
+    MODES[name] = mode
+
+
+# ----------------------------------------------------------------------------------------------- callers
+
+
+class Caller:
+    """Sync: one channel, one Greet stub."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.channel = channel
+        self._greet = greet_pb2_grpc.GreetServiceStub(channel).Greet
+
+    def greet(self, request: greet_pb2.Greeting, timeout: float) -> greet_pb2.GreetResponse:
+        return self._greet(request, timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+
+class AioCaller:
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self._greet = greet_pb2_grpc.GreetServiceStub(channel).Greet
+
+    async def greet(self, request: greet_pb2.Greeting, timeout: float) -> greet_pb2.GreetResponse:
+        return await self._greet(request, timeout=timeout)
+
+    async def close(self) -> None:
+        res = self.channel.close()
+        if inspect.isawaitable(res):
+            await res
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+
+def channel_mode(factory: Callable[[Ctx], grpc.Channel], **kw: Any) -> Mode:
+    return Mode("sync", lambda ctx: Caller(factory(ctx)), **kw)
+
+
+def aio_channel_mode(factory: Callable[[Ctx], Awaitable[Any]], **kw: Any) -> Mode:
+    async def make(ctx: Ctx) -> AioCaller:
+        return AioCaller(await factory(ctx))
+
+    return Mode("aio", make, **kw)
+
+
+# ------------------------------------------------------------------------------------------- baselines
+
+
+def rr_options(local_pool: bool) -> list[tuple[str, Any]]:
+    opts: list[tuple[str, Any]] = [("grpc.lb_policy_name", "round_robin")]
+    if local_pool:
+        opts.append(("grpc.use_local_subchannel_pool", 1))
+    return opts
+
+
+def rr_target(addrs: list[str]) -> str:
+    return "ipv4:" + ",".join(addrs)
+
+
+def dial_round_robin(addrs: list[str], local_pool: bool = False) -> grpc.Channel:
+    """C-core round_robin over a fixed list, dialled with a blocking wait (Go's WithBlock)."""
+    ch = grpc.insecure_channel(rr_target(addrs), options=rr_options(local_pool))
+    try:
+        grpc.channel_ready_future(ch).result(timeout=DIAL_TIMEOUT)
+    except BaseException:
+        ch.close()
+        raise
+    return ch
+
+
+def _direct(ctx: Ctx) -> grpc.Channel:
+    ch = grpc.insecure_channel(ctx.backends[0])
+    grpc.channel_ready_future(ch).result(timeout=DIAL_TIMEOUT)
+    return ch
+
+
+@dataclass
+class _Gen:
+    caller: Caller
+    inflight: int = 0
+    retired: bool = False
+    closed: bool = False
+
+
+@dataclass
+class _RedialStats:
+    redials: int = 0
+    dial_s: float = 0.0
+    close_s: float = 0.0
+    max_close_s: float = 0.0
+    closes: int = 0
+    max_dial_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RedialCaller:
+    """round_robin re-dialled every ``ctx.redial_every`` calls (own subchannel pool: really new connections).
+
+    The thread whose call hits the K-th count dials the new channel (blocking, others keep using the old
+    one), swaps it in and re-resolves the addresses from the static file. The old channel is closed by
+    whichever thread finishes its last in-flight call: that close (~200 ms right after a dial, FACTS) is
+    paid by a worker thread and shows in latency and throughput, as it would in an application.
+    """
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.every = max(1, ctx.redial_every)
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._redialing = False
+        self.stats = _RedialStats()
+        self._gen = _Gen(Caller(dial_round_robin(ctx.resolve(), local_pool=True)))
+
+    def greet(self, request: greet_pb2.Greeting, timeout: float) -> greet_pb2.GreetResponse:
+        with self._lock:
+            self._calls += 1
+            gen = self._gen
+            gen.inflight += 1
+            redial = self._calls % self.every == 0 and not self._redialing
+            if redial:
+                self._redialing = True
+        try:
+            return gen.caller.greet(request, timeout)
+        finally:
+            self._release(gen)
+            if redial:
+                self._redial()
+
+    def _release(self, gen: _Gen) -> None:
+        with self._lock:
+            gen.inflight -= 1
+            close = gen.retired and gen.inflight == 0 and not gen.closed
+            if close:
+                gen.closed = True
+        if close:
+            self._close(gen)
+
+    def _close(self, gen: _Gen) -> None:
+        t0 = time.monotonic()
+        gen.caller.close()
+        dt = time.monotonic() - t0
+        with self._lock:
+            self.stats.closes += 1
+            self.stats.close_s += dt
+            self.stats.max_close_s = max(self.stats.max_close_s, dt)
+
+    def _redial(self) -> None:
+        t0 = time.monotonic()
+        try:
+            new = _Gen(Caller(dial_round_robin(self.ctx.resolve(), local_pool=True)))
+        except Exception:  # noqa: BLE001 - keep using the old channel
+            with self._lock:
+                self._redialing = False
+            return
+        dt = time.monotonic() - t0
+        with self._lock:
+            old, self._gen = self._gen, new
+            old.retired = True
+            close = old.inflight == 0 and not old.closed
+            if close:
+                old.closed = True
+            self._redialing = False
+            self.stats.redials += 1
+            self.stats.dial_s += dt
+            self.stats.max_dial_s = max(self.stats.max_dial_s, dt)
+        if close:
+            self._close(old)
+
+    def close(self) -> None:
+        with self._lock:
+            gen = self._gen
+            gen.closed = True
+        gen.caller.close()
+
+    def info(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "redials": s.redials,
+            "redial_every": self.every,
+            "dial_s_total": round(s.dial_s, 4),
+            "dial_s_max": round(s.max_dial_s, 4),
+            "close_s_total": round(s.close_s, 4),
+            "close_s_max": round(s.max_close_s, 4),
+            "closes": s.closes,
+        }
+
+
+async def _aio_round_robin(ctx: Ctx) -> Any:
+    ch = grpc.aio.insecure_channel(rr_target(ctx.resolve()), options=rr_options(ctx.local_pool))
+    import asyncio
+
+    await asyncio.wait_for(ch.channel_ready(), DIAL_TIMEOUT)
+    return ch
+
+
+# ------------------------------------------------------------------------------------------- lookaside
+
+
+def lookaside_available() -> tuple[bool, bool]:
+    """(sync client present, aio client present)."""
+    try:
+        import lookaside_grpc
+    except ImportError:
+        return False, False
+    sync = callable(getattr(lookaside_grpc, "channel", None))
+    try:
+        import lookaside_grpc.aio as la_aio
+
+        aio = callable(getattr(la_aio, "channel", None))
+    except ImportError:
+        aio = False
+    return sync, aio
+
+
+def _lookaside(mode: str, batched: bool = False) -> Callable[[Ctx], grpc.Channel]:
+    def make(ctx: Ctx) -> grpc.Channel:
+        import lookaside_grpc
+
+        return lookaside_grpc.channel(
+            ctx.service,
+            namespace=ctx.namespace,
+            lookaside=ctx.lookaside,
+            mode=mode,
+            policy=ctx.policy,
+            batch=ctx.batch if batched else 1,
+        )
+
+    return make
+
+
+def _aio_lookaside(mode: str) -> Callable[[Ctx], Awaitable[Any]]:
+    async def make(ctx: Ctx) -> Any:
+        import lookaside_grpc.aio
+
+        ch = lookaside_grpc.aio.channel(
+            ctx.service, namespace=ctx.namespace, lookaside=ctx.lookaside, mode=mode, policy=ctx.policy
+        )
+        if inspect.isawaitable(ch):
+            ch = await ch
+        return ch
+
+    return make
+
+
+register("direct", channel_mode(_direct, description="one channel to one backend"))
+register(
+    "round_robin",
+    channel_mode(
+        lambda ctx: dial_round_robin(ctx.resolve(), ctx.local_pool),
+        description="C-core round_robin over a fixed ipv4: list, blocking dial",
+    ),
+)
+register(
+    "round_robin_redial",
+    Mode("sync", RedialCaller, description="round_robin re-dialled every K calls, own subchannel pool"),
+)
+register(
+    "lookaside_per_call",
+    channel_mode(_lookaside("per_call"), needs_lookaside=True, description="one Resolve per call"),
+)
+register(
+    "lookaside_per_call_batched",
+    channel_mode(
+        _lookaside("per_call", batched=True),
+        needs_lookaside=True,
+        description="one Resolve per `batch` calls",
+    ),
+)
+register(
+    "lookaside_watch",
+    channel_mode(_lookaside("watch"), needs_lookaside=True, description="Watch stream, local rotation"),
+)
+register(
+    "aio_round_robin",
+    aio_channel_mode(_aio_round_robin, description="grpc.aio round_robin, blocking dial"),
+)
+register(
+    "aio_lookaside_watch",
+    aio_channel_mode(
+        _aio_lookaside("watch"), needs_aio_lookaside=True, description="grpc.aio lookaside Watch mode"
+    ),
+)
+
+#: The order modes are listed in tables (and the default set).
+DEFAULT_MODES = list(MODES)

@@ -1,0 +1,534 @@
+"""From raw run records to summaries, results.json, results.md and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PCTS = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99.9", 99.9))
+BASELINE = "round_robin"
+
+
+def _pcts(lat: list[float]) -> dict[str, float | None]:
+    if not lat:
+        return {k: None for k, _ in PCTS}
+    a = np.asarray(lat, dtype=float)
+    # "inverted_cdf": every percentile is an actual recorded sample (no interpolation).
+    return {k: float(np.percentile(a, q, method="inverted_cdf")) for k, q in PCTS}
+
+
+def _spread(counts: dict[str, int], expected: list[str] | None = None) -> float | None:
+    keys = expected if expected else list(counts)
+    vals = [counts.get(k, 0) for k in keys]
+    if not vals or max(vals) == 0:
+        return None
+    return max(vals) / min(vals) if min(vals) > 0 else math.inf
+
+
+def _per_1k(num: float | None, calls: int) -> float | None:
+    if num is None or calls <= 0 or (isinstance(num, float) and math.isnan(num)):
+        return None
+    return num / calls * 1000.0
+
+
+def _sum_opt(vals: list[float | None]) -> float | None:
+    vals2 = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals2) if len(vals2) == len(vals) and vals2 else None
+
+
+def summarise_load(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
+    """Steady-state style summary per mode; ratios are medians of per-round ratios to round_robin."""
+    base_thr = {
+        r["round"]: r["ok"] / r["duration_s"] for r in runs if r["mode"] == BASELINE and r["duration_s"]
+    }
+    out: dict[str, Any] = {}
+    for m in modes:
+        rs = [r for r in runs if r["mode"] == m]
+        if not rs:
+            continue
+        thr = [r["ok"] / r["duration_s"] if r["duration_s"] else 0.0 for r in rs]
+        ratios = [t / base_thr[r["round"]] for t, r in zip(thr, rs, strict=True) if base_thr.get(r["round"])]
+        ok = sum(r["ok"] for r in rs)
+        per_backend: dict[str, int] = {}
+        for r in rs:
+            for b, c in r["per_backend"].items():
+                per_backend[b] = per_backend.get(b, 0) + c
+        run_spreads = [
+            _spread(r["per_backend"], sorted(set(r.get("backend_stats", {})) | set(r["per_backend"])))
+            for r in rs
+        ]
+        run_spreads = [x for x in run_spreads if x is not None]
+        lat = [x for r in rs for x in r["latencies_ms"]]
+        out[m] = {
+            "runs": len(rs),
+            "calls_ok": ok,
+            "failed": sum(r["failed"] for r in rs),
+            "fail_codes": _merge_counts([r.get("fail_codes", {}) for r in rs]),
+            "throughput_per_round": thr,
+            "throughput": statistics.median(thr),
+            "ratio_per_round": ratios,
+            "ratio_to_round_robin": statistics.median(ratios) if ratios else None,
+            "latency_ms": _pcts(lat),
+            "per_backend": dict(sorted(per_backend.items())),
+            # per run (each run has its own fresh backends); the worst run is reported
+            "spread_max_min": max(run_spreads) if run_spreads else None,
+            "spread_per_run": run_spreads,
+            "connections_per_run": [r.get("connections") for r in rs],
+            "connections": statistics.median([r.get("connections") or 0 for r in rs]),
+            "client_cpu_s_per_1k": _per_1k(sum(r["client_cpu_s"] for r in rs), ok),
+            "backend_cpu_s_per_1k": _per_1k(_sum_opt([r.get("backend_cpu_s") for r in rs]), ok),
+            "lookaside_cpu_s_per_1k": _per_1k(_sum_opt([r.get("lookaside_cpu_s") for r in rs]), ok),
+            "dial_s": statistics.median([r.get("dial_s") or 0.0 for r in rs]),
+            "close_s_max": max((r.get("close_s") or 0.0) for r in rs),
+            "info": [r.get("info") for r in rs if r.get("info")],
+        }
+    return out
+
+
+def _merge_counts(ds: list[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in ds:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def summarise_churn(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for r in runs:
+        tc = r["t_change"]
+        new, removed = r["new"], r["removed"]
+        first_new = r["first_ts"].get(new)
+        last_removed = r["last_ts"].get(removed)
+        fails_after = [t for t in r.get("fail_ts", []) if t >= tc]
+        out[r["mode"]] = {
+            "first_call_to_new_s": (first_new - tc) if first_new is not None else None,
+            "last_call_to_removed_s": (last_removed - tc) if last_removed is not None else None,
+            "removed_stopped_at_s": r["t_kill"] - tc,
+            "calls_ok": r["ok"],
+            "failed": r["failed"],
+            "fail_codes": r.get("fail_codes", {}),
+            "failed_after_change": len(fails_after),
+            "calls_to_new": r["per_backend"].get(new, 0),
+            "calls_to_removed": r["per_backend"].get(removed, 0),
+            "throughput": r["ok"] / r["duration_s"] if r["duration_s"] else None,
+            "per_backend": r["per_backend"],
+            "info": r.get("info"),
+        }
+    return out
+
+
+def summarise_small(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for r in runs:
+        expected = sorted(set(r.get("backend_stats", {})) | set(r["per_backend"]))
+        out[r["mode"]] = {
+            "clients": r.get("clients_done"),
+            "calls_ok": r["ok"],
+            "failed": r["failed"],
+            "per_backend": dict(sorted(r["per_backend"].items())),
+            "spread_max_min": _spread(r["per_backend"], expected),
+            "first_call_backend": r.get("first_call_backend", {}),
+            "first_call_spread": _spread(r.get("first_call_backend", {}), expected),
+            "connections": r.get("connections"),
+            "dial_s_mean": r.get("dial_s_mean"),
+            "close_s_mean": r.get("close_s_mean"),
+            "close_s_max": r.get("close_s_max"),
+            "elapsed_s": r["duration_s"],
+            "client_cpu_s_per_1k": _per_1k(r["client_cpu_s"], r["ok"]),
+            "latency_ms": _pcts(r["latencies_ms"]),
+        }
+    return out
+
+
+def summarise_slow(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for r in runs:
+        slow = r.get("slow_backend")
+        out[r["mode"]] = {
+            "throughput": r["ok"] / r["duration_s"] if r["duration_s"] else None,
+            "latency_ms": _pcts(r["latencies_ms"]),
+            "calls_ok": r["ok"],
+            "failed": r["failed"],
+            "share_to_slow": (r["per_backend"].get(slow, 0) / r["ok"]) if r["ok"] else None,
+            "per_backend": r["per_backend"],
+        }
+    return out
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    runs = results["runs"]
+    modes = results.get("modes", [])
+    by = lambda sc: [r for r in runs if r["scenario"] == sc]  # noqa: E731
+    return {
+        "steady": summarise_load(by("steady"), modes),
+        "single_process": summarise_load(by("single"), modes),
+        "churn": summarise_churn(by("churn")),
+        "small_clients": summarise_small(by("small")),
+        "slow_backend": summarise_slow(by("slow")),
+    }
+
+
+# ------------------------------------------------------------------------------------------ markdown
+
+
+def _f(v: Any, fmt: str = "{:.0f}", none: str = "–") -> str:
+    if v is None:
+        return none
+    if isinstance(v, float) and math.isinf(v):
+        return "∞"
+    if isinstance(v, float) and math.isnan(v):
+        return none
+    return fmt.format(v)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _load_table(summ: dict[str, Any]) -> str:
+    header = [
+        "mode",
+        "calls/s",
+        "× round_robin",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "backend max/min (worst run)",
+        "conns",
+        "client CPU s/1k",
+        "backend CPU s/1k",
+        "lookaside CPU s/1k",
+        "failed",
+    ]
+    rows = []
+    for m, v in summ.items():
+        lat = v["latency_ms"]
+        rows.append(
+            [
+                f"`{m}`",
+                _f(v["throughput"]),
+                _f(v["ratio_to_round_robin"], "{:.2f}x"),
+                _f(lat["p50"], "{:.2f}"),
+                _f(lat["p90"], "{:.2f}"),
+                _f(lat["p99"], "{:.2f}"),
+                _f(lat["p99.9"], "{:.2f}"),
+                _f(v["spread_max_min"], "{:.2f}"),
+                _f(v["connections"], "{:g}"),
+                _f(v["client_cpu_s_per_1k"], "{:.3f}"),
+                _f(v["backend_cpu_s_per_1k"], "{:.3f}"),
+                _f(v["lookaside_cpu_s_per_1k"], "{:.3f}"),
+                str(v["failed"]),
+            ]
+        )
+    return _table(header, rows)
+
+
+def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
+    mi, st = results["machine"], results["settings"]
+    out = [
+        "# lookaside-grpc benchmark results",
+        "",
+        f"Machine (absolute numbers are this machine's only): {mi.get('nproc')} CPUs"
+        f"{' (' + mi['cpu'] + ')' if mi.get('cpu') else ''}, {mi.get('platform')}, Python {mi.get('python')},"
+        f" grpcio {mi.get('grpcio')}. Started {results.get('started')},"
+        f" took {results.get('elapsed_s', 0):.0f} s"
+        f"{' (--quick)' if st.get('quick') else ''}.",
+        "",
+        f"Settings: {st['backends']} backends, concurrency {st['concurrency']}, up to {st['calls']} calls or"
+        f" {st['time_limit']} s per run, {st['rounds']} round(s) with rotating mode order; redial every"
+        f" {st['redial_every']} calls; batch {st['batch']}."
+        " Ratios are medians of per-round ratios to the same"
+        " round's `round_robin`. Everything (client, lookaside server, backends) shares the same CPUs.",
+    ]
+    if results.get("skipped_modes"):
+        out += [
+            "",
+            "Skipped modes: " + ", ".join(f"`{k}` ({v})" for k, v in results["skipped_modes"].items()),
+        ]
+    if results.get("errors"):
+        out += [
+            "",
+            "Errors: " + "; ".join(f"{e['scenario']}/{e['mode']}: {e['error']}" for e in results["errors"]),
+        ]
+    if summary["steady"]:
+        out += ["", "## Steady state (one process per backend)", "", _load_table(summary["steady"])]
+        redial = summary["steady"].get("round_robin_redial")
+        if redial and redial["info"]:
+            infos = redial["info"]
+            n = sum(i.get("redials", 0) for i in infos)
+            cmax = max(i.get("close_s_max", 0) for i in infos)
+            dmax = max(i.get("dial_s_max", 0) for i in infos)
+            ctot = sum(i.get("close_s_total", 0) for i in infos)
+            out += [
+                "",
+                f"`round_robin_redial`: {n} redials; blocking dial max {dmax * 1000:.0f} ms; closing the old"
+                f" channel took up to {cmax * 1000:.0f} ms (total {ctot:.2f} s of worker time),"
+                " paid by a worker"
+                " thread in the measured phase.",
+            ]
+    if summary["single_process"]:
+        out += [
+            "",
+            "## Steady state, all backends in one process (several ports)",
+            "",
+            _load_table(summary["single_process"]),
+        ]
+    if summary["churn"]:
+        st_ = st
+        out += [
+            "",
+            "## Endpoint churn",
+            "",
+            f"At +{st_['churn_change_at']} s into a {st_['churn_duration']} s run (concurrency"
+            f" {st_['churn_concurrency']}) the static file swaps one backend"
+            " for a new one (already listening,"
+            f" like a ready pod); the removed backend keeps serving for {st_['churn_grace']} s, then stops."
+            " round_robin_redial re-reads the file at each redial (like DNS re-resolution). Delays from the"
+            " change, by call start time.",
+            "",
+        ]
+        rows = []
+        for m, v in summary["churn"].items():
+            rows.append(
+                [
+                    f"`{m}`",
+                    _f(v["first_call_to_new_s"], "{:.3f}", none="never"),
+                    _f(v["last_call_to_removed_s"], "{:.3f}", none="never")
+                    + (
+                        " (until it stopped)"
+                        if (v["last_call_to_removed_s"] or 0) >= v["removed_stopped_at_s"] - 0.05
+                        else ""
+                    ),
+                    str(v["calls_to_new"]),
+                    str(v["failed"]) + (f" {v['fail_codes']}" if v["failed"] else ""),
+                    _f(v["throughput"]),
+                ]
+            )
+        out.append(
+            _table(
+                [
+                    "mode",
+                    "first call to new (s)",
+                    "last call to removed (s)",
+                    "calls to new",
+                    "failed",
+                    "calls/s",
+                ],
+                rows,
+            )
+        )
+    if summary["small_clients"]:
+        out += [
+            "",
+            "## Many small clients",
+            "",
+            f"{st['small_clients']} short-lived clients ({st['small_parallel']} at a time),"
+            " each a new channel"
+            f" making {st['small_calls']} calls; round_robin uses its own subchannel pool per client.",
+            "",
+        ]
+        rows = []
+        for m, v in summary["small_clients"].items():
+            rows.append(
+                [
+                    f"`{m}`",
+                    str(v["clients"]),
+                    " / ".join(str(c) for c in v["per_backend"].values()),
+                    _f(v["spread_max_min"], "{:.2f}"),
+                    _f(v["first_call_spread"], "{:.2f}"),
+                    _f(v["connections"], "{:g}"),
+                    _f(v["dial_s_mean"] * 1000 if v["dial_s_mean"] is not None else None, "{:.1f}"),
+                    _f(v["close_s_mean"] * 1000 if v["close_s_mean"] is not None else None, "{:.1f}"),
+                    _f(v["elapsed_s"], "{:.2f}"),
+                    str(v["failed"]),
+                ]
+            )
+        out.append(
+            _table(
+                [
+                    "mode",
+                    "clients",
+                    "calls per backend",
+                    "max/min",
+                    "first-call max/min",
+                    "conns",
+                    "dial ms (mean)",
+                    "close ms (mean)",
+                    "elapsed s",
+                    "failed",
+                ],
+                rows,
+            )
+        )
+    if summary["slow_backend"]:
+        out += [
+            "",
+            "## One slow backend",
+            "",
+            f"One of {st['backends']} backends adds {st['slow_delay'] * 1000:.0f} ms per call; concurrency"
+            f" {st['concurrency']}.",
+            "",
+        ]
+        rows = []
+        for m, v in summary["slow_backend"].items():
+            lat = v["latency_ms"]
+            rows.append(
+                [
+                    f"`{m}`",
+                    _f(v["throughput"]),
+                    _f(lat["p50"], "{:.2f}"),
+                    _f(lat["p90"], "{:.2f}"),
+                    _f(lat["p99"], "{:.2f}"),
+                    _f(lat["p99.9"], "{:.2f}"),
+                    _f(v["share_to_slow"] * 100 if v["share_to_slow"] is not None else None, "{:.0f}%"),
+                    str(v["failed"]),
+                ]
+            )
+        out.append(
+            _table(
+                ["mode", "calls/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "calls to slow", "failed"], rows
+            )
+        )
+    out += [
+        "",
+        "## Plots",
+        "",
+        "![throughput](throughput.png)",
+        "",
+        "![latency](latency.png)",
+        "",
+        "![spread](spread.png)",
+        "",
+    ]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def plots(summary: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    # throughput
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    variants = [("steady", "one process per backend"), ("single_process", "all backends in one process")]
+    modes = list(dict.fromkeys(list(summary["steady"]) + list(summary["single_process"])))
+    w = 0.8 / max(1, sum(1 for k, _ in variants if summary[k]))
+    i = 0
+    for key, label in variants:
+        s = summary[key]
+        if not s:
+            continue
+        xs = [j + i * w for j, m in enumerate(modes) if m in s]
+        ys = [s[m]["throughput"] for m in modes if m in s]
+        bars = ax.bar(xs, ys, w, label=label)
+        for b, m in zip(bars, [m for m in modes if m in s], strict=True):
+            r = s[m]["ratio_to_round_robin"]
+            if r is not None:
+                ax.annotate(
+                    f"{r:.2f}x",
+                    (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
+        i += 1
+    ax.set_xticks([j + w * (i - 1) / 2 for j in range(len(modes))])
+    ax.set_xticklabels(modes, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("calls/s (this machine)")
+    ax.set_title("Throughput (labels: ratio to the same round's round_robin)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(out / "throughput.png")
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+
+    # latency
+    panels = [
+        (k, t) for k, t in (("steady", "steady state"), ("slow_backend", "one slow backend")) if summary[k]
+    ]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4.5), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=False):
+        s = summary[key]
+        ms = list(s)
+        w = 0.8 / len(PCTS)
+        for k, (name, _) in enumerate(PCTS):
+            ys = [s[m]["latency_ms"][name] or 0.0 for m in ms]
+            ax.bar([j + k * w for j in range(len(ms))], ys, w, label=name)
+        ax.set_yscale("log")
+        ax.set_xticks([j + w * (len(PCTS) - 1) / 2 for j in range(len(ms))])
+        ax.set_xticklabels(ms, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("latency ms (log)")
+        ax.set_title(f"Latency percentiles: {title}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(out / "latency.png")
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+
+    # spread
+    panels = [
+        (k, t)
+        for k, t in (
+            ("steady", "steady state: calls per backend"),
+            ("small_clients", "many small clients: calls per backend"),
+        )
+        if summary[k]
+    ]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4.5), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=False):
+        s = summary[key]
+        ms = list(s)
+        backends = sorted({b for m in ms for b in s[m]["per_backend"]})
+        bottom = np.zeros(len(ms))
+        for b in backends:
+            tot = np.array([max(1, sum(s[m]["per_backend"].values())) for m in ms], dtype=float)
+            ys = np.array([s[m]["per_backend"].get(b, 0) for m in ms], dtype=float) / tot * 100
+            ax.bar(range(len(ms)), ys, 0.6, bottom=bottom, label=b.rsplit(":", 1)[-1])
+            bottom += ys
+        for j, m in enumerate(ms):
+            sp = s[m]["spread_max_min"]
+            label = _f(sp, "{:.2f}")
+            if "first_call_spread" in s[m]:
+                label += f"\nfirst calls {_f(s[m]['first_call_spread'], '{:.2f}')}"
+            ax.annotate(label, (j, 101), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(ms)))
+        ax.set_xticklabels(ms, rotation=20, ha="right", fontsize=8)
+        ax.set_ylim(0, 118)
+        ax.set_ylabel("% of calls (label: max/min)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, title="port", title_fontsize=7, loc="lower right")
+    fig.tight_layout()
+    files.append(out / "spread.png")
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+    return files
+
+
+def write_all(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(results)
+    results["summary"] = summary
+    raw = json.loads(json.dumps(results, default=str))
+    for r in raw["runs"]:  # keep results.json small: percentiles are in the summary
+        r["latency_samples"] = len(r.pop("latencies_ms", []))
+    (out / "results.json").write_text(json.dumps(raw, indent=1, default=str))
+    (out / "results.md").write_text(markdown(results, summary))
+    pngs = plots(summary, out)
+    return {"json": out / "results.json", "md": out / "results.md", **{p.stem: p for p in pngs}}

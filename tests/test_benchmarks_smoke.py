@@ -1,0 +1,133 @@
+"""Smoke test of the benchmark harness at a tiny size: it runs end to end and writes well-formed results.
+
+No timing assertions: only the structure of results.json / results.md and that the plots are PNG files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+pytest.importorskip("numpy")
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TIME_BOUND = 50.0
+
+
+def _lookaside_available() -> bool:
+    try:
+        import lookaside_grpc
+    except ImportError:
+        return False
+    import importlib.util
+
+    return callable(getattr(lookaside_grpc, "channel", None)) and (
+        importlib.util.find_spec("lookaside_server.__main__") is not None
+    )
+
+
+@pytest.mark.timeout(70)
+def test_benchmark_harness_tiny_run(tmp_path: Path) -> None:
+    modes = ["round_robin", "round_robin_redial"] + (["lookaside_watch"] if _lookaside_available() else [])
+    out = tmp_path / "results"
+    argv = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "run",
+        "--calls",
+        "300",
+        "--time-limit",
+        "3",
+        "--concurrency",
+        "4",
+        "--backends",
+        "2",
+        "--rounds",
+        "1",
+        "--single-rounds",
+        "1",
+        "--redial-every",
+        "100",
+        "--modes",
+        ",".join(modes),
+        "--scenarios",
+        "steady,single,churn,small,slow",
+        "--small-clients",
+        "6",
+        "--churn-duration",
+        "1.5",
+        "--slow-calls",
+        "200",
+        "--out",
+        str(out),
+    ]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=TIME_BOUND)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the harness stops all its children on SIGTERM
+        try:
+            stdout, stderr = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"benchmark harness took more than {TIME_BOUND}s\n{stderr.decode()[-3000:]}")
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+
+    data = json.loads((out / "results.json").read_text())
+    for key in ("machine", "settings", "modes", "skipped_modes", "runs", "errors", "summary", "elapsed_s"):
+        assert key in data, key
+    assert data["errors"] == [], data["errors"]
+    for key in ("nproc", "python", "grpcio", "platform"):
+        assert key in data["machine"]
+    assert set(data["modes"]) == set(modes)
+    summary = data["summary"]
+    for key in ("steady", "single_process", "churn", "small_clients", "slow_backend"):
+        assert key in summary, key
+    for variant in ("steady", "single_process"):
+        assert set(summary[variant]) == set(modes)
+        for mode, v in summary[variant].items():
+            for k in (
+                "throughput",
+                "ratio_to_round_robin",
+                "latency_ms",
+                "per_backend",
+                "spread_max_min",
+                "connections",
+                "client_cpu_s_per_1k",
+                "backend_cpu_s_per_1k",
+                "failed",
+            ):
+                assert k in v, (variant, mode, k)
+            assert set(v["latency_ms"]) == {"p50", "p90", "p99", "p99.9"}
+            assert v["calls_ok"] > 0
+        assert summary[variant]["round_robin"]["ratio_to_round_robin"] == pytest.approx(1.0)
+    assert summary["steady"]["round_robin"]["connections"] == 2
+    assert summary["churn"]["round_robin"]["first_call_to_new_s"] is None  # never re-resolves
+    for mode, v in summary["churn"].items():
+        assert {"first_call_to_new_s", "last_call_to_removed_s", "failed"} <= set(v), mode
+    assert "round_robin" in summary["small_clients"]
+    assert summary["small_clients"]["round_robin"]["clients"] == 6
+    assert "round_robin" in summary["slow_backend"]
+
+    md = (out / "results.md").read_text()
+    assert "## Steady state" in md and "| mode |" in md and "|---|" in md
+    for section in ("## Endpoint churn", "## Many small clients", "## One slow backend"):
+        assert section in md
+    for name in ("throughput", "latency", "spread"):
+        png = out / f"{name}.png"
+        assert png.exists(), png
+        assert png.read_bytes()[:8] == PNG_MAGIC
