@@ -2,7 +2,7 @@
 """Developer entry point that needs nothing but Python 3.11+: creates ./.venv on first use, then runs a task.
 
     python3 dev.py demo     # install, then run the local demo (lookaside server, Greet backends, a client)
-    python3 dev.py test     # install, then run the test suite
+    python3 dev.py test     # install (and, as root, Debian's chromium for the browser test), run the tests
     python3 dev.py proto    # regenerate the committed protobuf/gRPC code from proto/
     python3 dev.py bench [ARGS]  # run the benchmarks (e.g. `python3 dev.py bench --quick`)
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import venv
@@ -37,12 +38,30 @@ def ensure_venv() -> None:
     STAMP.write_text(want)
 
 
+def ensure_browser() -> None:
+    """The status-page test drives Debian's chromium + chromedriver; install them when root has apt-get."""
+    if shutil.which("chromium") and shutil.which("chromedriver"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        print("warning: chromium/chromedriver missing; install Debian's chromium and chromium-driver "
+              "for the browser test", file=sys.stderr)
+        return
+    print("installing Debian's chromium and chromium-driver (first run only) ...", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    packages = ["chromium", "chromium-driver"]
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"demo", "test", "proto", "bench"}:
         print(__doc__, file=sys.stderr)
         return 2
     task, rest = argv[0], argv[1:]
     ensure_venv()
+    if task == "test":
+        ensure_browser()
     cmd = {
         "demo": [BIN / "lookaside-demo", *rest],
         "test": [PY, "-m", "pytest", "-q", *rest],
