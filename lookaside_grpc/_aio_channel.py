@@ -15,11 +15,21 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from lookaside_grpc._balancer import DEFAULT_INIT_TIMEOUT, AioBalancer, Options, make_target
+from lookaside_grpc import _balancer
+from lookaside_grpc._balancer import (
+    DEFAULT_INIT_TIMEOUT,
+    DEFAULT_MAX_STALENESS,
+    AioBalancer,
+    Options,
+    balancer_key,
+    make_target,
+)
 from lookaside_grpc._channel import _MultiCallable
 from lookaside_grpc._errors import PickError, aio_error
+from lookaside_grpc._health import AdaptiveThrottle
 from lookaside_grpc._policies import RoutingPolicy
 from lookaside_grpc._resolvers import WATCH, Mode
+from lookaside_grpc._stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +292,7 @@ class Channel(grpc.aio.Channel):
 
     def __init__(self, balancer: AioBalancer) -> None:
         self._balancer = balancer
+        self._closed = False
 
     @property
     def target(self) -> str:
@@ -305,8 +316,17 @@ class Channel(grpc.aio.Channel):
         await self.close()
 
     async def close(self, grace: float | None = None) -> None:
-        """Stop the watch task, close every pooled channel (with ``grace``) and the lookaside channel."""
-        await self._balancer.aclose(grace)
+        """Release the balancer; the last user stops the watch task and closes every pooled channel (with
+        ``grace``) and the lookaside channel."""
+        if self._closed:
+            return
+        self._closed = True
+        if _balancer.release(self._balancer):
+            await self._balancer.aclose(grace)
+
+    def stats(self) -> Stats:
+        """Counters of this channel's balancer."""
+        return self._balancer.stats()
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         """State of the lookaside channel (the per-backend channels come and go)."""
@@ -397,17 +417,29 @@ def channel(
     lookaside_credentials: grpc.ChannelCredentials | None = None,
     batch: int = 1,
     init_timeout: float = DEFAULT_INIT_TIMEOUT,
+    max_staleness: float | None = DEFAULT_MAX_STALENESS,
+    pick_cache_ttl: float = 0.0,
+    throttle: bool | AdaptiveThrottle = True,
 ) -> Channel:
-    """The grpc.aio twin of :func:`lookaside_grpc.channel`: same arguments, same ``watch`` default."""
+    """The grpc.aio twin of :func:`lookaside_grpc.channel`: same arguments, same ``watch`` default.
+
+    Channels with identical settings made in the same running event loop share one balancer; outside a
+    running loop each channel gets its own. The transparent retry is not applied to aio channel calls
+    (the real grpc.aio call object is returned as is); ejection, staleness and throttling are.
+    """
     target = make_target(service, namespace, port, lookaside, mode, batch)
-    return Channel(
-        AioBalancer(
-            target,
-            mode=mode,
-            policy=policy,
-            credentials=credentials,
-            options=options,
-            lookaside_credentials=lookaside_credentials,
-            init_timeout=init_timeout,
-        )
+    try:
+        loop: object = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None  # no sharing outside a running loop
+    settings: dict[str, Any] = dict(
+        credentials=credentials,
+        options=tuple(options),
+        lookaside_credentials=lookaside_credentials,
+        init_timeout=init_timeout,
+        max_staleness=max_staleness,
+        pick_cache_ttl=pick_cache_ttl,
+        throttle=throttle,
     )
+    key = balancer_key("aio", target, mode, policy, loop=loop, **settings) if loop is not None else object()
+    return Channel(_balancer.acquire(key, lambda: AioBalancer(target, mode=mode, policy=policy, **settings)))

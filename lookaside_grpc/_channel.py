@@ -13,11 +13,21 @@ from typing import Any
 
 import grpc
 
-from lookaside_grpc._balancer import DEFAULT_INIT_TIMEOUT, Balancer, Options, make_target
+from lookaside_grpc import _balancer
+from lookaside_grpc._balancer import (
+    DEFAULT_INIT_TIMEOUT,
+    DEFAULT_MAX_STALENESS,
+    Balancer,
+    Options,
+    balancer_key,
+    make_target,
+)
 from lookaside_grpc._errors import FailedCall, PickError
+from lookaside_grpc._health import AdaptiveThrottle, retryable
 from lookaside_grpc._policies import RoutingPolicy
 from lookaside_grpc._pool import Slot
 from lookaside_grpc._resolvers import WATCH, Mode
+from lookaside_grpc._stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +47,7 @@ class _MultiCallable:
         "_deser",
         "_registered",
         "_cache",
+        "_probation",
     )
 
     def __init__(
@@ -58,6 +69,8 @@ class _MultiCallable:
         self._registered = registered
         #: address -> (pool slot, that backend channel's multicallable for this method)
         self._cache: dict[str, Entry] = {}
+        #: restored addresses awaiting a success: an empty dict, tested once per call
+        self._probation = balancer.probation
 
     def _bind(self, address: str) -> Entry:
         slot = self._balancer.pool.get(address)
@@ -90,6 +103,64 @@ class _MultiCallable:
         slot, mc = self._entry(ep.address)
         return slot, mc, timeout
 
+    def _retry_unary(
+        self,
+        err: grpc.RpcError,
+        failed: str,
+        deadline: float | None,
+        with_call: bool,
+        request: Any,
+        args: tuple[Any, ...],
+    ) -> Any:
+        """The one transparent retry of a call that failed with UNAVAILABLE before any response byte:
+        eject ``failed``, then call again on another endpoint within the remaining time; else re-raise."""
+        balancer = self._balancer
+        balancer.report_unavailable(failed)
+        ep = balancer.repick(failed)
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if ep is None or (timeout is not None and timeout <= 0):
+            raise err
+        balancer.counters.retry()
+        log.info(
+            "%s: retrying %s on %s after UNAVAILABLE from %s",
+            balancer.target,
+            self._method,
+            ep.address,
+            failed,
+        )
+        slot, mc = self._entry(ep.address)
+        try:
+            result = mc.with_call(request, timeout, *args) if with_call else mc(request, timeout, *args)
+        finally:
+            slot.release()
+        if self._probation:
+            balancer.ejector.succeeded(ep.address)
+        return result
+
+    def _invoke_unary(
+        self, with_call: bool, request: Any, timeout: float | None, args: tuple[Any, ...]
+    ) -> Any:
+        """Blocking unary-response call (``__call__``/``with_call``) with the retry rule; a try/except and
+        one empty-dict test are all it adds when the call succeeds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            slot, mc, timeout = self._start(timeout)
+        except PickError as e:
+            raise FailedCall(e) from None
+        try:
+            result = mc.with_call(request, timeout, *args) if with_call else mc(request, timeout, *args)
+        except grpc.RpcError as e:
+            if not retryable(e):
+                raise
+            err = e
+        else:
+            if self._probation:
+                self._balancer.ejector.succeeded(slot.address)
+            return result
+        finally:
+            slot.release()
+        return self._retry_unary(err, slot.address, deadline, with_call, request, args)
+
 
 class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
     __slots__ = ()
@@ -103,14 +174,9 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        try:
-            slot, mc, timeout = self._start(timeout)
-        except PickError as e:
-            raise FailedCall(e) from None
-        try:
-            return mc(request, timeout, metadata, credentials, wait_for_ready, compression)
-        finally:
-            slot.release()
+        return self._invoke_unary(
+            False, request, timeout, (metadata, credentials, wait_for_ready, compression)
+        )
 
     def with_call(
         self,
@@ -121,14 +187,9 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> tuple[Any, grpc.Call]:
-        try:
-            slot, mc, timeout = self._start(timeout)
-        except PickError as e:
-            raise FailedCall(e) from None
-        try:
-            return mc.with_call(request, timeout, metadata, credentials, wait_for_ready, compression)  # type: ignore[no-any-return]
-        finally:
-            slot.release()
+        return self._invoke_unary(  # type: ignore[no-any-return]
+            True, request, timeout, (metadata, credentials, wait_for_ready, compression)
+        )
 
     def future(
         self,
@@ -257,6 +318,7 @@ class Channel(grpc.Channel):
 
     def __init__(self, balancer: Balancer) -> None:
         self._balancer = balancer
+        self._closed = False
 
     @property
     def target(self) -> str:
@@ -346,9 +408,18 @@ class Channel(grpc.Channel):
     def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
         self._balancer.lookaside_channel.unsubscribe(callback)
 
+    def stats(self) -> Stats:
+        """Counters of this channel's balancer (shared with interceptors/channels on the same settings)."""
+        return self._balancer.stats()
+
     def close(self) -> None:
-        """Stop the watch thread (joined), close every pooled channel and the lookaside channel."""
-        self._balancer.close()
+        """Release the balancer; the last user stops the watch thread (joined) and closes every pooled
+        channel and the lookaside channel."""
+        if self._closed:
+            return
+        self._closed = True
+        if _balancer.release(self._balancer):
+            self._balancer.close()
 
     def __enter__(self) -> Channel:
         return self
@@ -370,6 +441,9 @@ def channel(
     lookaside_credentials: grpc.ChannelCredentials | None = None,
     batch: int = 1,
     init_timeout: float = DEFAULT_INIT_TIMEOUT,
+    max_staleness: float | None = DEFAULT_MAX_STALENESS,
+    pick_cache_ttl: float = 0.0,
+    throttle: bool | AdaptiveThrottle = True,
 ) -> Channel:
     """A channel balancing calls over the pods of Service ``service`` in ``namespace``, via ``lookaside``.
 
@@ -381,16 +455,25 @@ def channel(
     ``lookaside_credentials`` to the lookaside channel (None = insecure). ``port`` names the Service port.
     A call made before the first endpoint set waits for it up to its own timeout (else ``init_timeout``) and
     then fails with UNAVAILABLE.
+
+    Resilience: when the lookaside is unreachable the last set (watch) or the last picks (per_call, rotated
+    locally) keep serving for ``max_staleness`` seconds (default 300; None = forever), after which calls fail
+    with UNAVAILABLE until the lookaside answers again. A blocking unary-unary call that fails with
+    UNAVAILABLE before any response byte is retried once on another endpoint within its deadline, and the
+    failing address is ejected from picks for a cool-down (1 s doubling to 30 s; at most half the set).
+    ``per_call`` only: ``pick_cache_ttl`` > 0 reuses one Resolve's picks for that many seconds; ``throttle``
+    (default on) rejects Resolves locally while the lookaside keeps failing (adaptive throttling, as RLS).
+    Channels with identical settings share one balancer (Watch stream, pool, counters).
     """
     target = make_target(service, namespace, port, lookaside, mode, batch)
-    return Channel(
-        Balancer(
-            target,
-            mode=mode,
-            policy=policy,
-            credentials=credentials,
-            options=options,
-            lookaside_credentials=lookaside_credentials,
-            init_timeout=init_timeout,
-        )
+    settings: dict[str, Any] = dict(
+        credentials=credentials,
+        options=tuple(options),
+        lookaside_credentials=lookaside_credentials,
+        init_timeout=init_timeout,
+        max_staleness=max_staleness,
+        pick_cache_ttl=pick_cache_ttl,
+        throttle=throttle,
     )
+    key = balancer_key("sync", target, mode, policy, **settings)
+    return Channel(_balancer.acquire(key, lambda: Balancer(target, mode=mode, policy=policy, **settings)))

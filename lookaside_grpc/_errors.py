@@ -19,10 +19,12 @@ CALLER_ERRORS = frozenset(
 class PickError(Exception):
     """No endpoint could be picked for a call; carries the gRPC status the call fails with."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, reason: str = "no_endpoints") -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        #: Why (a ``lookaside_grpc._stats`` fallback reason): interceptors count their fallbacks by it.
+        self.reason = reason
 
 
 def from_lookaside_error(err: grpc.RpcError, target: str, lookaside: str) -> PickError:

@@ -5,8 +5,10 @@ One implementation serves sync ``grpc`` and ``grpc.aio`` channels: only the fact
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
@@ -22,7 +24,17 @@ class Slot(Generic[ChannelT]):
     lock is taken only once the slot is retired, to close the channel exactly once after its last call.
     """
 
-    __slots__ = ("address", "channel", "retired", "closed", "_inflight", "_lock", "_closer")
+    __slots__ = (
+        "address",
+        "channel",
+        "retired",
+        "closed",
+        "_inflight",
+        "_lock",
+        "_closer",
+        "_picks",
+        "_pick",
+    )
 
     def __init__(self, address: str, channel: ChannelT, closer: Callable[[ChannelT], None]) -> None:
         self.address = address
@@ -32,6 +44,14 @@ class Slot(Generic[ChannelT]):
         self._inflight: list[None] = []
         self._lock = threading.Lock()
         self._closer = closer
+        # calls started on this slot, counted lock-free (next() on an itertools.count is atomic)
+        self._picks = itertools.count()
+        self._pick = self._picks.__next__
+
+    @property
+    def picks(self) -> int:
+        """Calls started on this channel so far."""
+        return int(repr(self._picks)[6:-1])
 
     @property
     def in_flight(self) -> int:
@@ -41,6 +61,7 @@ class Slot(Generic[ChannelT]):
     def acquire(self) -> bool:
         """Count a call about to start; False if the channel is already closed (pick another slot)."""
         self._inflight.append(None)
+        self._pick()
         if self.retired:
             with self._lock:
                 if self.closed:
@@ -80,6 +101,15 @@ class ChannelPool(Generic[ChannelT]):
         self._slots: dict[str, Slot[ChannelT]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        #: Picks of the slots retired so far, by address (live slots count their own).
+        self.retired_picks: Counter[str] = Counter()
+
+    def picks(self) -> dict[str, int]:
+        """Calls started per address, over the pool's lifetime."""
+        out = dict(self.retired_picks)
+        for address, slot in list(self._slots.items()):
+            out[address] = out.get(address, 0) + slot.picks
+        return {a: n for a, n in out.items() if n}
 
     def get(self, address: str) -> Slot[ChannelT]:
         """The live slot for ``address``, creating its channel on first use."""
@@ -99,6 +129,8 @@ class ChannelPool(Generic[ChannelT]):
         """Forget these addresses; each channel closes once its in-flight calls finish."""
         with self._lock:
             slots = [s for a in addresses if (s := self._slots.pop(a, None)) is not None]
+            for slot in slots:
+                self.retired_picks[slot.address] += slot.picks
         for slot in slots:
             slot.retire()
 
@@ -116,6 +148,8 @@ class ChannelPool(Generic[ChannelT]):
             self._closed = True
             slots = list(self._slots.values())
             self._slots.clear()
+            for slot in slots:
+                self.retired_picks[slot.address] += slot.picks
         channels: list[Any] = []
         for slot in slots:
             with slot._lock:
