@@ -4,7 +4,16 @@ This module is the one seam between the client plugin set and the lookaside serv
 """
 
 from lookaside_grpc._generated import lookaside_pb2 as _pb2
-from lookaside_grpc._generated.lookaside_pb2 import Endpoint, EndpointSet, Request, Response, WatchRequest
+from lookaside_grpc._generated.lookaside_pb2 import (
+    Endpoint,
+    EndpointLoad,
+    EndpointSet,
+    LoadReport,
+    LoadReportAck,
+    Request,
+    Response,
+    WatchRequest,
+)
 from lookaside_grpc._generated.lookaside_pb2_grpc import (
     LookasideServicer,
     LookasideStub,
@@ -19,19 +28,31 @@ DESCRIPTOR = _pb2.DESCRIPTOR
 RouterType = Request.RouterType
 RANDOM: int = Request.RANDOM
 ROUNDROBIN: int = Request.ROUNDROBIN
+LEAST_REQUEST: int = Request.LEAST_REQUEST
+PEAK_EWMA: int = Request.PEAK_EWMA
+WEIGHTED: int = Request.WEIGHTED
+#: Router types the server answers from the load clients report (ReportLoad).
+LOAD_ROUTERS: frozenset[int] = frozenset({LEAST_REQUEST, PEAK_EWMA, WEIGHTED})
 
 __all__ = [
     "DESCRIPTOR",
     "Endpoint",
+    "EndpointLoad",
     "EndpointSet",
+    "LEAST_REQUEST",
+    "LOAD_ROUTERS",
+    "LoadReport",
+    "LoadReportAck",
     "LookasideServicer",
     "LookasideStub",
+    "PEAK_EWMA",
     "RANDOM",
     "ROUNDROBIN",
     "Request",
     "Response",
     "RouterType",
     "SERVICE_NAME",
+    "WEIGHTED",
     "WatchRequest",
     "add_LookasideServicer_to_server",
 ]

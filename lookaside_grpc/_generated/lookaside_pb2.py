@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0flookaside.proto\x12\tlookaside\"\xa3\x01\n\x07Request\x12-\n\x06router\x18\x01 \x01(\x0e\x32\x1d.lookaside.Request.RouterType\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\r\"(\n\nRouterType\x12\n\n\x06RANDOM\x10\x00\x12\x0e\n\nROUNDROBIN\x10\x01\"b\n\x08Response\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12&\n\tendpoints\x18\x03 \x03(\x0b\x32\x13.lookaside.Endpoint\x12\x0f\n\x07version\x18\x04 \x01(\x04\"X\n\x08\x45ndpoint\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x11\n\tfor_zones\x18\x04 \x03(\t\x12\x11\n\tport_name\x18\x05 \x01(\t\"@\n\x0cWatchRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\t\"j\n\x0b\x45ndpointSet\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12&\n\tendpoints\x18\x03 \x03(\x0b\x32\x13.lookaside.Endpoint\x12\x0f\n\x07version\x18\x04 \x01(\x04\x32{\n\tLookaside\x12\x32\n\x07Resolve\x12\x12.lookaside.Request\x1a\x13.lookaside.Response\x12:\n\x05Watch\x12\x17.lookaside.WatchRequest\x1a\x16.lookaside.EndpointSet0\x01\x42:Z8github.com/lookaside-grpc/lookaside-grpc/proto;lookasideb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0flookaside.proto\x12\tlookaside\"\xd3\x01\n\x07Request\x12-\n\x06router\x18\x01 \x01(\x0e\x32\x1d.lookaside.Request.RouterType\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\r\"X\n\nRouterType\x12\n\n\x06RANDOM\x10\x00\x12\x0e\n\nROUNDROBIN\x10\x01\x12\x11\n\rLEAST_REQUEST\x10\x02\x12\r\n\tPEAK_EWMA\x10\x03\x12\x0c\n\x08WEIGHTED\x10\x04\"b\n\x08Response\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12&\n\tendpoints\x18\x03 \x03(\x0b\x32\x13.lookaside.Endpoint\x12\x0f\n\x07version\x18\x04 \x01(\x04\"h\n\x08\x45ndpoint\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x11\n\tfor_zones\x18\x04 \x03(\t\x12\x11\n\tport_name\x18\x05 \x01(\t\x12\x0e\n\x06weight\x18\x06 \x01(\r\"@\n\x0cWatchRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\t\"j\n\x0b\x45ndpointSet\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12&\n\tendpoints\x18\x03 \x03(\x0b\x32\x13.lookaside.Endpoint\x12\x0f\n\x07version\x18\x04 \x01(\x04\"3\n\rStatusRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\"x\n\x0eStatusResponse\x12(\n\x07targets\x18\x01 \x03(\x0b\x32\x17.lookaside.TargetStatus\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x14\n\x0cgenerated_at\x18\x04 \x01(\x01\"\x8b\x02\n\x0cTargetStatus\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12,\n\tendpoints\x18\x04 \x03(\x0b\x32\x19.lookaside.EndpointStatus\x12\x12\n\nchanged_at\x18\x05 \x01(\x01\x12\x10\n\x08watchers\x18\x06 \x01(\r\x12\x33\n\x06source\x18\x07 \x03(\x0b\x32#.lookaside.TargetStatus.SourceEntry\x12\x0e\n\x06\x65xists\x18\x08 \x01(\x08\x1a-\n\x0bSourceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x93\x01\n\x0e\x45ndpointStatus\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x11\n\tport_name\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x11\n\tfor_zones\x18\x05 \x03(\t\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x0f\n\x07serving\x18\x07 \x01(\x08\x12\x13\n\x0bterminating\x18\x08 \x01(\x08\"\x92\x01\n\nLoadReport\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\t\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x13\n\x0binterval_ms\x18\x05 \x01(\r\x12*\n\tendpoints\x18\x06 \x03(\x0b\x32\x17.lookaside.EndpointLoad\"d\n\x0c\x45ndpointLoad\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x13\n\x0boutstanding\x18\x03 \x01(\r\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x11\n\tcompleted\x18\x05 \x01(\r\"$\n\rLoadReportAck\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r2\xf9\x01\n\tLookaside\x12\x32\n\x07Resolve\x12\x12.lookaside.Request\x1a\x13.lookaside.Response\x12:\n\x05Watch\x12\x17.lookaside.WatchRequest\x1a\x16.lookaside.EndpointSet0\x01\x12=\n\x06Status\x12\x18.lookaside.StatusRequest\x1a\x19.lookaside.StatusResponse\x12=\n\nReportLoad\x12\x15.lookaside.LoadReport\x1a\x18.lookaside.LoadReportAckB:Z8github.com/lookaside-grpc/lookaside-grpc/proto;lookasideb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,18 +32,36 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lookaside_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z8github.com/lookaside-grpc/lookaside-grpc/proto;lookaside'
+  _globals['_TARGETSTATUS_SOURCEENTRY']._loaded_options = None
+  _globals['_TARGETSTATUS_SOURCEENTRY']._serialized_options = b'8\001'
   _globals['_REQUEST']._serialized_start=31
-  _globals['_REQUEST']._serialized_end=194
+  _globals['_REQUEST']._serialized_end=242
   _globals['_REQUEST_ROUTERTYPE']._serialized_start=154
-  _globals['_REQUEST_ROUTERTYPE']._serialized_end=194
-  _globals['_RESPONSE']._serialized_start=196
-  _globals['_RESPONSE']._serialized_end=294
-  _globals['_ENDPOINT']._serialized_start=296
-  _globals['_ENDPOINT']._serialized_end=384
-  _globals['_WATCHREQUEST']._serialized_start=386
-  _globals['_WATCHREQUEST']._serialized_end=450
-  _globals['_ENDPOINTSET']._serialized_start=452
-  _globals['_ENDPOINTSET']._serialized_end=558
-  _globals['_LOOKASIDE']._serialized_start=560
-  _globals['_LOOKASIDE']._serialized_end=683
+  _globals['_REQUEST_ROUTERTYPE']._serialized_end=242
+  _globals['_RESPONSE']._serialized_start=244
+  _globals['_RESPONSE']._serialized_end=342
+  _globals['_ENDPOINT']._serialized_start=344
+  _globals['_ENDPOINT']._serialized_end=448
+  _globals['_WATCHREQUEST']._serialized_start=450
+  _globals['_WATCHREQUEST']._serialized_end=514
+  _globals['_ENDPOINTSET']._serialized_start=516
+  _globals['_ENDPOINTSET']._serialized_end=622
+  _globals['_STATUSREQUEST']._serialized_start=624
+  _globals['_STATUSREQUEST']._serialized_end=675
+  _globals['_STATUSRESPONSE']._serialized_start=677
+  _globals['_STATUSRESPONSE']._serialized_end=797
+  _globals['_TARGETSTATUS']._serialized_start=800
+  _globals['_TARGETSTATUS']._serialized_end=1067
+  _globals['_TARGETSTATUS_SOURCEENTRY']._serialized_start=1022
+  _globals['_TARGETSTATUS_SOURCEENTRY']._serialized_end=1067
+  _globals['_ENDPOINTSTATUS']._serialized_start=1070
+  _globals['_ENDPOINTSTATUS']._serialized_end=1217
+  _globals['_LOADREPORT']._serialized_start=1220
+  _globals['_LOADREPORT']._serialized_end=1366
+  _globals['_ENDPOINTLOAD']._serialized_start=1368
+  _globals['_ENDPOINTLOAD']._serialized_end=1468
+  _globals['_LOADREPORTACK']._serialized_start=1470
+  _globals['_LOADREPORTACK']._serialized_end=1506
+  _globals['_LOOKASIDE']._serialized_start=1509
+  _globals['_LOOKASIDE']._serialized_end=1758
 # @@protoc_insertion_point(module_scope)

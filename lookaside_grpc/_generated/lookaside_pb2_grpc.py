@@ -44,6 +44,16 @@ class LookasideStub:
                 request_serializer=lookaside__pb2.WatchRequest.SerializeToString,
                 response_deserializer=lookaside__pb2.EndpointSet.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/lookaside.Lookaside/Status',
+                request_serializer=lookaside__pb2.StatusRequest.SerializeToString,
+                response_deserializer=lookaside__pb2.StatusResponse.FromString,
+                _registered_method=True)
+        self.ReportLoad = channel.unary_unary(
+                '/lookaside.Lookaside/ReportLoad',
+                request_serializer=lookaside__pb2.LoadReport.SerializeToString,
+                response_deserializer=lookaside__pb2.LoadReportAck.FromString,
+                _registered_method=True)
 
 
 class LookasideServicer:
@@ -63,6 +73,23 @@ class LookasideServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """Operator view: the targets the server tracks, with every endpoint, watchers and source health.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportLoad(self, request, context):
+        """Client load feedback for server-assisted balancing: a client's in-flight calls and latency per endpoint
+        of one target, sent periodically (about every second). The server aggregates the reports of every
+        client (a report expires after a few intervals) into per-endpoint weights (Endpoint.weight in Watch)
+        and uses them for Resolve with the LEAST_REQUEST, PEAK_EWMA and WEIGHTED routers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LookasideServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +102,16 @@ def add_LookasideServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=lookaside__pb2.WatchRequest.FromString,
                     response_serializer=lookaside__pb2.EndpointSet.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=lookaside__pb2.StatusRequest.FromString,
+                    response_serializer=lookaside__pb2.StatusResponse.SerializeToString,
+            ),
+            'ReportLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLoad,
+                    request_deserializer=lookaside__pb2.LoadReport.FromString,
+                    response_serializer=lookaside__pb2.LoadReportAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +168,60 @@ class Lookaside:
             '/lookaside.Lookaside/Watch',
             lookaside__pb2.WatchRequest.SerializeToString,
             lookaside__pb2.EndpointSet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookaside.Lookaside/Status',
+            lookaside__pb2.StatusRequest.SerializeToString,
+            lookaside__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookaside.Lookaside/ReportLoad',
+            lookaside__pb2.LoadReport.SerializeToString,
+            lookaside__pb2.LoadReportAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,25 +1,36 @@
 """The lookaside server: tells gRPC clients which backend of a Kubernetes Service to use.
 
-Endpoints come from an :class:`EndpointSource` (a static file here; Kubernetes EndpointSlices
-plug in the same way).
+Endpoints come from an :class:`EndpointSource`: a static file (:class:`StaticFileSource`) or the Kubernetes
+API (:class:`KubernetesSource`: EndpointSlices, or core/v1 Endpoints on old clusters).
 """
 
 from lookaside_server._app import LookasideServer, ServerConfig
+from lookaside_server._kubernetes import KubernetesSource, KubeTimings
 from lookaside_server._model import BackendEndpoint, Target
-from lookaside_server._source import EndpointSource, Publish, TargetNotFound
+from lookaside_server._source import (
+    EndpointSource,
+    Publish,
+    SourceUnavailable,
+    TargetNotFound,
+    TooManyTargets,
+)
 from lookaside_server._static import StaticFileError, StaticFileSource
 from lookaside_server._thread import RunningServer, run_in_thread
 
 __all__ = [
     "BackendEndpoint",
     "EndpointSource",
+    "KubeTimings",
+    "KubernetesSource",
     "LookasideServer",
     "Publish",
     "RunningServer",
     "ServerConfig",
+    "SourceUnavailable",
     "StaticFileError",
     "StaticFileSource",
     "Target",
     "TargetNotFound",
+    "TooManyTargets",
     "run_in_thread",
 ]

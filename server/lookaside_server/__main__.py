@@ -11,9 +11,11 @@ import sys
 from collections.abc import Sequence
 
 from lookaside_server._app import DEFAULT_HOST, DEFAULT_PORT, LookasideServer, ServerConfig
+from lookaside_server._kube_cli import add_source_arguments, choose_source
 from lookaside_server._static import StaticFileError
 
 log = logging.getLogger("lookaside_server")
+DEFAULT_HTTP_PORT = 8080
 
 
 def _env(name: str, default: str | None) -> str | None:
@@ -27,15 +29,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to bind (LB_HOST; default %(default)s)")
     p.add_argument("--port", type=int, default=int(_env("LB_PORT", str(DEFAULT_PORT)) or DEFAULT_PORT),
                    help="port to bind, 0 for any free port (LB_PORT; default %(default)s)")
+    p.add_argument("--http-port", type=int, default=_env("LB_HTTP_PORT", None),
+                   help="port of the HTTP status page (/, /status.json, /healthz); 0 for any free port, "
+                        f"-1 to turn it off (LB_HTTP_PORT; default {DEFAULT_HTTP_PORT}: if that one is busy, "
+                        "the server runs without the page and logs a warning)")
+    p.add_argument("--http-host", default=_env("LB_HTTP_HOST", None),
+                   help="address the status page binds (LB_HTTP_HOST; default: the same as --host)")
     p.add_argument("--static-file", default=_env("LB_STATIC_FILE", None),
                    help="YAML/JSON file of 'namespace/service' -> endpoints (LB_STATIC_FILE)")
     p.add_argument("--poll-interval", type=float, default=float(_env("LB_POLL_INTERVAL", "1.0") or 1.0),
                    help="seconds between checks of the static file (LB_POLL_INTERVAL; default %(default)s)")
+    add_source_arguments(p)
     p.add_argument("--grace", type=float, default=float(_env("LB_GRACE", "5.0") or 5.0),
                    help="seconds in-flight calls get on shutdown (LB_GRACE; default %(default)s)")
     p.add_argument("--log-level", default=_env("LB_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING or ERROR (LB_LOG_LEVEL; default %(default)s)")
+    p.add_argument("--xds", action=argparse.BooleanOptionalAction,
+                   default=(_env("LB_XDS", "1") or "1").lower() not in ("0", "false", "no", "off"),
+                   help="also serve xDS (ADS) on the gRPC port for stock clients dialing "
+                        "xds:///<service>.<namespace> (LB_XDS=0 or --no-xds turns it off; default on)")
     return p
+
+
+def _http_port(flag: int | None) -> int | None:
+    """--http-port: None (not given) means the default port, a negative number no HTTP listener."""
+    if flag is None:
+        return DEFAULT_HTTP_PORT
+    return flag if flag >= 0 else None
 
 
 async def serve(config: ServerConfig) -> None:
@@ -62,10 +82,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not isinstance(level, int):
         parser.error(f"unknown log level {args.log_level!r}")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.static_file:
-        parser.error("no endpoint source configured: pass --static-file or set LB_STATIC_FILE")
+    try:
+        chosen = choose_source(args)
+    except ValueError as e:
+        parser.error(str(e))
+    except Exception as e:  # noqa: BLE001 - no usable Kubernetes configuration (ConfigException, OSError)
+        parser.error("no endpoint source configured: pass --static-file (LB_STATIC_FILE), or run in a pod "
+                     f"or pass --kubeconfig for the Kubernetes source (Kubernetes configuration: {e})")
     config = ServerConfig(host=args.host, port=args.port, static_file=args.static_file,
-                          poll_interval=args.poll_interval, grace=args.grace)
+                          source=chosen.source, allow_namespaces=chosen.allow_namespaces,
+                          http_port=_http_port(args.http_port), http_optional=args.http_port is None,
+                          http_host=args.http_host,
+                          poll_interval=args.poll_interval, grace=args.grace, xds=args.xds)
     try:
         asyncio.run(serve(config))
     except (StaticFileError, OSError) as e:

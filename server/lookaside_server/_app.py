@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
@@ -11,10 +12,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lookaside_grpc import protocol as pb
+from lookaside_server._http import HttpServer
 from lookaside_server._registry import Registry, TargetStatus
-from lookaside_server._service import LookasideServicer
 from lookaside_server._source import EndpointSource
 from lookaside_server._static import StaticFileSource
+from lookaside_server._status import StatusServicer, add_routes
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +30,24 @@ class ServerConfig:
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    #: Port of the HTTP status page (/, /status.json, /healthz); 0 = any free port, None = no HTTP listener.
+    http_port: int | None = None
+    #: Address the HTTP listener binds; None = the same as ``host``.
+    http_host: str | None = None
+    #: If the HTTP port cannot be bound, log a warning and serve gRPC anyway (used for the default port).
+    http_optional: bool = False
     static_file: str | os.PathLike[str] | None = None
     poll_interval: float = 1.0
     #: Seconds in-flight calls get to finish on stop.
     grace: float = 5.0
     #: A ready-made source (e.g. Kubernetes EndpointSlices); overrides ``static_file``.
     source: EndpointSource | None = field(default=None, compare=False)
+    #: Namespaces clients may resolve (others get PERMISSION_DENIED); None = no restriction.
+    allow_namespaces: frozenset[str] | None = None
+    #: Also serve xDS (ADS, state of the world, v3) on the same port for stock gRPC ``xds:///`` clients.
+    xds: bool = True
+    #: Shape of the xDS resources (``lookaside_server._xds_resources.XdsOptions``); None = the defaults.
+    xds_options: object | None = field(default=None, compare=False)
 
     def make_source(self) -> EndpointSource:
         """The configured endpoint source; raise ValueError if none is configured."""
@@ -60,7 +74,12 @@ class LookasideServer:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._source_started = False
+        self._http: HttpServer | None = None
+        #: The xDS servicer (AdsServicer) when xDS is on (valid after start).
+        self.xds: object | None = None
         self.port = 0
+        #: Port of the HTTP status listener (valid after start, 0 if it is off).
+        self.http_port = 0
 
     @property
     def address(self) -> str:
@@ -73,16 +92,23 @@ class LookasideServer:
         self._source_started = True
         try:
             server = grpc.aio.server()
-            pb.add_LookasideServicer_to_server(LookasideServicer(self.registry), server)
+            servicer = StatusServicer(self.registry, allow_namespaces=self.config.allow_namespaces)
+            pb.add_LookasideServicer_to_server(servicer, server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            xds_services = self._add_xds(server)
             reflection.enable_server_reflection(
                 (pb.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME), server)
+                 reflection.SERVICE_NAME, *xds_services), server)
             bound = server.add_insecure_port(_host_port(self.config.host, self.config.port))
             if bound == 0:
                 raise OSError(f"cannot bind {_host_port(self.config.host, self.config.port)}")
+            if self.config.http_port is not None:
+                self._start_http()
             await server.start()
         except BaseException:
+            if self._http is not None:
+                await asyncio.to_thread(self._http.stop)
+                self._http = None
             await self.source.stop()
             self._source_started = False
             raise
@@ -93,11 +119,43 @@ class LookasideServer:
         log.info("listening on %s", self.address)
         return bound
 
+    def _add_xds(self, server: grpc.aio.Server) -> tuple[str, ...]:
+        """Serve ADS on ``server`` if enabled; return the service names to list in reflection."""
+        if not self.config.xds:
+            return ()
+        try:
+            from lookaside_server._xds import SERVICE_NAME, add_xds_to_server
+        except ImportError as e:
+            log.warning("xDS is off: %s (install the xds-protos package)", e)
+            return ()
+        self.xds = add_xds_to_server(self.registry, server, self.config.xds_options,  # type: ignore[arg-type]
+                                     getattr(self.config, "allow_namespaces", None))
+        return (SERVICE_NAME,)
+
+    def _start_http(self) -> None:
+        assert self.config.http_port is not None
+        http = HttpServer(self.config.http_host or self.config.host, self.config.http_port)
+        add_routes(http, self.registry, asyncio.get_running_loop(), lambda: self.address)
+        try:
+            self.http_port = http.start()
+        except OSError as e:
+            where = _host_port(http.host.strip("[]"), self.config.http_port)
+            if not self.config.http_optional:
+                raise OSError(f"cannot bind the HTTP status listener {where}: {e}") from e
+            log.warning("no status page: cannot bind %s (%s); set --http-port/LB_HTTP_PORT", where, e)
+            return
+        self._http = http
+
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, end Watch streams, give in-flight calls ``grace`` seconds, stop the source."""
         grace = self.config.grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        if self._http is not None:
+            await asyncio.to_thread(self._http.stop)
+            self._http = None
         self.registry.close()
+        if self.xds is not None:
+            self.xds.close()  # type: ignore[attr-defined]
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

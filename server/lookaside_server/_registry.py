@@ -99,6 +99,9 @@ class Registry:
         self._entries: dict[Target, _Entry] = {}
         self._pending: dict[Target, asyncio.Future[None]] = {}
         self._closed = False
+        #: Monotonic time of each target's last Resolve/Watch or last watcher leaving (idle expiry).
+        self._last_used: dict[Target, float] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     def publish(self, target: Target, endpoints: Endpoints | None) -> None:
         """Source callback (on the loop): record a target's new state; bump the version only on change."""
@@ -126,6 +129,7 @@ class Registry:
             entry = self._entries.get(target)
             if entry is None:
                 raise TargetNotFound(target)
+        self._touch(target)
         if entry.state.endpoints is None:
             raise TargetNotFound(target)
         return entry.state
@@ -146,6 +150,43 @@ class Registry:
         entry = self._entries.get(sub.target)
         if entry is not None:
             entry.watchers.discard(sub)
+            self._last_used[sub.target] = time.monotonic()
+
+    def _touch(self, target: Target) -> None:
+        """Record a use of ``target``; start the idle sweeper if the source wants idle targets dropped."""
+        self._last_used[target] = time.monotonic()
+        ttl = self.source.idle_timeout
+        if ttl is not None and self._sweeper is None and not self._closed:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop(ttl), name="idle sweeper")
+
+    async def _sweep_loop(self, ttl: float) -> None:
+        while True:
+            await asyncio.sleep(min(max(ttl / 4, 0.02), 30.0))
+            try:
+                await self.expire_idle(ttl)
+            except Exception:  # noqa: BLE001 - the sweeper must keep going
+                log.exception("idle sweep failed")
+
+    async def expire_idle(self, ttl: float) -> list[Target]:
+        """Unsubscribe and forget every target without watchers unused for ``ttl`` seconds; the next
+        Resolve/Watch subscribes it afresh. Returns the expired targets."""
+        cutoff = time.monotonic() - ttl
+        idle = [t for t, entry in self._entries.items()
+                if not entry.watchers and t not in self._pending and self._last_used.get(t, 0.0) <= cutoff]
+        expired: list[Target] = []
+        for target in idle:
+            entry = self._entries.get(target)
+            if entry is None or entry.watchers or self._last_used.get(target, 0.0) > cutoff:
+                continue  # used again while an earlier target was being unsubscribed
+            del self._entries[target]
+            expired.append(target)
+            self._last_used.pop(target, None)
+            log.info("target %s idle for %.0f s: unsubscribed", target, ttl)
+            try:
+                await self.source.unsubscribe(target)
+            except Exception:  # noqa: BLE001 - forgetting it is what matters
+                log.exception("unsubscribing idle target %s failed", target)
+        return expired
 
     async def _subscribe(self, target: Target) -> None:
         while (pending := self._pending.get(target)) is not None:
@@ -183,6 +224,9 @@ class Registry:
     def close(self) -> None:
         """End every watcher (so Watch streams finish) and refuse further updates; idempotent."""
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for entry in self._entries.values():
             for watcher in entry.watchers:
                 watcher.close()
@@ -195,6 +239,11 @@ class Registry:
                 await self.source.unsubscribe(target)
             except Exception:  # noqa: BLE001 - shutdown must go on
                 log.exception("unsubscribing %s failed", target)
+
+    def states(self) -> list[tuple[TargetState, int]]:
+        """Every tracked target's current state and its number of watchers, sorted by target (on the loop)."""
+        return [(entry.state, len(entry.watchers))
+                for _, entry in sorted(self._entries.items(), key=lambda kv: str(kv[0]))]
 
     def snapshot(self) -> list[TargetStatus]:
         """A status view: every subscribed target with endpoint counts, version, last change and watchers."""

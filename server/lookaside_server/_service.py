@@ -14,7 +14,7 @@ from lookaside_server._model import BackendEndpoint, Target
 from lookaside_server._names import namespace_problem, service_problem
 from lookaside_server._registry import Registry, TargetState
 from lookaside_server._routing import MAX_COUNT, RoundRobin, UnknownPort, eligible, pick_random, select_port
-from lookaside_server._source import TargetNotFound
+from lookaside_server._source import SourceUnavailable, TargetNotFound, TooManyTargets
 
 log = logging.getLogger(__name__)
 _ROUTERS = frozenset({pb.RANDOM, pb.ROUNDROBIN})
@@ -27,10 +27,13 @@ def _endpoint_msg(e: BackendEndpoint) -> pb.Endpoint:
 class LookasideServicer(pb.LookasideServicer):
     """Answers Resolve with round-robin or random picks and Watch with the eligible set on every change."""
 
-    def __init__(self, registry: Registry, rng: random.Random | None = None) -> None:
+    def __init__(self, registry: Registry, rng: random.Random | None = None,
+                 allow_namespaces: frozenset[str] | None = None) -> None:
         self._registry = registry
         self._rr = RoundRobin()
         self._rng = rng or random.Random()
+        #: Namespaces clients may resolve (None: any), whatever the source.
+        self._allow_namespaces = allow_namespaces
 
     async def _target(self, service: str, namespace: str, context: grpc.aio.ServicerContext) -> Target:
         name = f"{namespace}/{service}"
@@ -38,13 +41,29 @@ class LookasideServicer(pb.LookasideServicer):
             await abort_invalid(context, "service", f"target {name!r}: service {problem}")
         if problem := namespace_problem(namespace):
             await abort_invalid(context, "namespace", f"target {name!r}: namespace {problem}")
+        if self._allow_namespaces is not None and namespace not in self._allow_namespaces:
+            await abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                        f"target {name!r}: namespace {namespace!r} is not served by this lookaside server "
+                        f"(allowed: {', '.join(sorted(self._allow_namespaces)) or 'none'}; see "
+                        "--allow-namespace / LB_ALLOW_NAMESPACES)")
         return Target(namespace, service)
+
+    @staticmethod
+    async def _lookup_failed(target: Target, e: Exception, context: grpc.aio.ServicerContext) -> None:
+        """Map a registry/source error to its status; return (to re-raise) if it is not a known one."""
+        if isinstance(e, TargetNotFound):
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"target {target} not found")
+        if isinstance(e, TooManyTargets):
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        if isinstance(e, SourceUnavailable):
+            await abort(context, grpc.StatusCode.UNAVAILABLE, f"target {target}: {e}")
 
     async def _state(self, target: Target, context: grpc.aio.ServicerContext) -> TargetState:
         try:
             return await self._registry.get(target)
-        except TargetNotFound:
-            await abort(context, grpc.StatusCode.NOT_FOUND, f"target {target} not found")
+        except (TargetNotFound, TooManyTargets, SourceUnavailable) as e:
+            await self._lookup_failed(target, e, context)
+            raise
 
     async def Resolve(self, request: pb.Request, context: grpc.aio.ServicerContext) -> pb.Response:
         """Pick ``count`` backends of the chosen port (round robin shared by all clients, or random)."""
@@ -78,8 +97,9 @@ class LookasideServicer(pb.LookasideServicer):
         target = await self._target(request.service, request.namespace, context)
         try:
             sub = await self._registry.watch(target)
-        except TargetNotFound:
-            await abort(context, grpc.StatusCode.NOT_FOUND, f"target {target} not found")
+        except (TargetNotFound, TooManyTargets, SourceUnavailable) as e:
+            await self._lookup_failed(target, e, context)
+            raise
         with sub:
             state = await sub.next()
             if state is None:

@@ -19,6 +19,20 @@ class TargetNotFound(LookupError):
         self.target = target
 
 
+class TooManyTargets(RuntimeError):
+    """Raised by :meth:`EndpointSource.subscribe` when the source already tracks as many targets as it may."""
+
+    def __init__(self, target: Target, limit: int) -> None:
+        super().__init__(f"target {target} not tracked: this server already tracks its maximum of {limit} "
+                         "targets (--max-targets)")
+        self.target = target
+        self.limit = limit
+
+
+class SourceUnavailable(RuntimeError):
+    """Raised by :meth:`EndpointSource.subscribe` when the source cannot answer now (e.g. its API is down)."""
+
+
 class EndpointSource(ABC):
     """Supplies endpoint sets per target, lazily (subscribed on first use) and pushing changes.
 
@@ -28,6 +42,9 @@ class EndpointSource(ABC):
     source publishes the full state on every change, and None if the target disappears (it may publish
     again if it comes back, until ``unsubscribe``). Publishing an unchanged state is allowed and harmless.
     """
+
+    #: Seconds after which the registry unsubscribes a target nobody resolved or watched (None: never).
+    idle_timeout: float | None = None
 
     @abstractmethod
     async def start(self, publish: Publish) -> None:

@@ -1,0 +1,194 @@
+"""xDS resource names and the Envoy v3 resources the lookaside serves for them (built with ``xds-protos``).
+
+Naming scheme: a gRPC client dials ``xds:///<service>.<namespace>`` or ``xds:///<service>.<namespace>:<port>``
+(port by name or number; without one, the Service's first port as for Resolve). The part after ``xds:///``
+is the resource name of every resource of that target: the Listener, its RouteConfiguration, the Cluster and
+its ClusterLoadAssignment all carry that same name, so one name maps to one (target, port) everywhere.
+``.svc`` and ``.svc.cluster.local`` suffixes are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
+
+from lookaside_server._model import BackendEndpoint, Endpoints, Target
+from lookaside_server._names import namespace_problem, port_name_problem, service_problem
+
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+TYPES = (LISTENER, ROUTE, CLUSTER, ENDPOINTS)
+#: Short names for logs.
+TYPE_NAMES = {LISTENER: "LDS", ROUTE: "RDS", CLUSTER: "CDS", ENDPOINTS: "EDS"}
+
+ROUTER_FILTER = "envoy.filters.http.router"
+_SUFFIXES = (".svc.cluster.local", ".svc")
+
+
+class BadName(ValueError):
+    """An xDS resource name that is not ``<service>.<namespace>[:<port>]``."""
+
+
+@dataclass(frozen=True, slots=True)
+class XdsName:
+    """A parsed resource name: the target and the port wanted ("" = the Service's first port)."""
+
+    target: Target
+    port: str
+
+
+def parse_name(name: str) -> XdsName:
+    """Parse ``<service>.<namespace>[:<port>]``; raise :class:`BadName` saying what is wrong."""
+    host, sep, port = name.partition(":")
+    if sep:
+        if not port:
+            raise BadName(f"{name!r}: empty port after ':'")
+        if port.isdigit():
+            if not 0 < int(port) < 65536:
+                raise BadName(f"{name!r}: port {port} is out of range")
+            port = str(int(port))
+        elif problem := port_name_problem(port):
+            raise BadName(f"{name!r}: port name {problem}")
+    for suffix in _SUFFIXES:
+        if host.endswith(suffix):
+            host = host[: -len(suffix)]
+            break
+    if host.count(".") != 1:
+        raise BadName(f"{name!r}: expected <service>.<namespace>[:<port>]")
+    service, namespace = host.split(".")
+    if problem := service_problem(service):
+        raise BadName(f"{name!r}: service {problem}")
+    if problem := namespace_problem(namespace):
+        raise BadName(f"{name!r}: namespace {problem}")
+    return XdsName(Target(namespace, service), port)
+
+
+def _default_outlier_detection() -> outlier_detection_pb2.OutlierDetection:
+    # gRPC implements only success-rate and failure-percentage ejection (gRFC A50); consecutive_5xx and
+    # the gateway-failure fields are ignored by gRPC clients, so they are not set. Success-rate ejection with
+    # Envoy's stock thresholds: it needs 5+ endpoints with 100+ calls each per 10 s interval and ejects only
+    # clear statistical outliers (mean - 1.9 stdev), at most 10 % of endpoints (at least one), for 30 s
+    # growing per repeat. Failure-percentage ejection stays off (enforcing 0): it would count application
+    # errors (any non-OK status) against an endpoint.
+    return outlier_detection_pb2.OutlierDetection(
+        interval=duration_pb2.Duration(seconds=10),
+        base_ejection_time=duration_pb2.Duration(seconds=30),
+        max_ejection_time=duration_pb2.Duration(seconds=300),
+        max_ejection_percent=wrappers_pb2.UInt32Value(value=10),
+        enforcing_success_rate=wrappers_pb2.UInt32Value(value=100),
+        success_rate_minimum_hosts=wrappers_pb2.UInt32Value(value=5),
+        success_rate_request_volume=wrappers_pb2.UInt32Value(value=100),
+        success_rate_stdev_factor=wrappers_pb2.UInt32Value(value=1900),
+        enforcing_failure_percentage=wrappers_pb2.UInt32Value(value=0),
+    )
+
+
+def weight_one(endpoint: BackendEndpoint) -> int:
+    """The default endpoint weight: every endpoint gets the same share."""
+    return 1
+
+
+@dataclass(frozen=True)
+class XdsOptions:
+    """How the xDS resources are shaped."""
+
+    #: Serve the RouteConfiguration over RDS instead of inline in the Listener (one more round trip).
+    rds: bool = False
+    #: Outlier detection for every Cluster; None = none.
+    outlier_detection: outlier_detection_pb2.OutlierDetection | None = field(
+        default_factory=_default_outlier_detection)
+    #: Weight of each endpoint (its locality's load_balancing_weight, >= 1).
+    weight: Callable[[BackendEndpoint], int] = weight_one
+    #: Seconds between new looks at subscribed names whose target does not exist (yet).
+    retry_interval: float = 5.0
+
+
+def pack(msg: message.Message) -> any_pb2.Any:
+    """``msg`` in an Any."""
+    out = any_pb2.Any()
+    out.Pack(msg)
+    return out
+
+
+def route_configuration(name: str) -> route_pb2.RouteConfiguration:
+    """One virtual host for every domain, routing every path to the cluster ``name``."""
+    return route_pb2.RouteConfiguration(
+        name=name,
+        virtual_hosts=[route_components_pb2.VirtualHost(
+            name=name,
+            domains=["*"],
+            routes=[route_components_pb2.Route(
+                match=route_components_pb2.RouteMatch(prefix=""),
+                route=route_components_pb2.RouteAction(cluster=name),
+            )],
+        )],
+    )
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(),
+                                          resource_api_version=config_source_pb2.V3)
+
+
+def listener(name: str, options: XdsOptions) -> listener_pb2.Listener:
+    """An API listener whose HttpConnectionManager routes (inline or via RDS) and ends with the router."""
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix=name,
+        http_filters=[hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=pack(router_pb2.Router()))],
+    )
+    if options.rds:
+        hcm.rds.CopyFrom(hcm_pb2.Rds(config_source=_ads(), route_config_name=name))
+    else:
+        hcm.route_config.CopyFrom(route_configuration(name))
+    return listener_pb2.Listener(name=name, api_listener=api_listener_pb2.ApiListener(api_listener=pack(hcm)))
+
+
+def cluster(name: str, options: XdsOptions) -> cluster_pb2.Cluster:
+    """An EDS cluster (endpoints over ADS under the same name), round robin, with the outlier detection."""
+    out = cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=name),
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+    )
+    if options.outlier_detection is not None:
+        out.outlier_detection.CopyFrom(options.outlier_detection)
+    return out
+
+
+def load_assignment(name: str, endpoints: Endpoints,
+                    options: XdsOptions) -> endpoint_pb2.ClusterLoadAssignment:
+    """The endpoints as ONE LOCALITY EACH, weighted by ``options.weight``.
+
+    gRPC's ROUND_ROBIN ignores per-endpoint weights but honours locality weights (weighted_target), so a
+    locality per endpoint is how endpoint weights take effect; a locality without a weight would be dropped.
+    The sub-zone is ``ip:port`` so localities are distinct; the zone is the endpoint's topology zone.
+    """
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[endpoint_components_pb2.LocalityLbEndpoints(
+            locality=base_pb2.Locality(zone=e.zone, sub_zone=_host_port(e)),
+            load_balancing_weight=wrappers_pb2.UInt32Value(value=max(1, int(options.weight(e)))),
+            priority=0,
+            lb_endpoints=[endpoint_components_pb2.LbEndpoint(
+                endpoint=endpoint_components_pb2.Endpoint(address=address_pb2.Address(
+                    socket_address=address_pb2.SocketAddress(address=e.ip, port_value=e.port))),
+                health_status=health_check_pb2.HEALTHY,
+            )],
+        ) for e in endpoints],
+    )
+
+
+def _host_port(e: BackendEndpoint) -> str:
+    return f"[{e.ip}]:{e.port}" if ":" in e.ip else f"{e.ip}:{e.port}"

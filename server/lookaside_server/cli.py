@@ -1,0 +1,546 @@
+"""``lookaside``: the operators' command-line tool for a running lookaside server (over gRPC).
+
+    lookaside resolve greet.default --count 3
+    lookaside watch greet.default
+    lookaside status
+
+Run ``lookaside --help`` for the exit codes; ``--json`` gives machine-readable output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn, TextIO
+
+import grpc
+
+from lookaside_grpc import protocol as pb
+from lookaside_grpc._generated import lookaside_pb2 as pb2
+from lookaside_server._status import ago, from_proto, to_dict
+
+DEFAULT_SERVER = "127.0.0.1:50055"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_INVALID_ARGUMENT = 4
+EXIT_PERMISSION_DENIED = 5
+EXIT_UNAVAILABLE = 6
+EXIT_DEADLINE = 7
+EXIT_UNIMPLEMENTED = 8
+
+EXIT_CODES_HELP = f"""\
+exit codes:
+  {EXIT_OK}  success (watch: also when stopped by Ctrl-C, --max-updates or --timeout)
+  {EXIT_ERROR}  any other failure
+  {EXIT_USAGE}  usage error (bad flags or arguments)
+  {EXIT_NOT_FOUND}  NOT_FOUND: the server does not know the target (check the Service name and namespace)
+  {EXIT_INVALID_ARGUMENT}  INVALID_ARGUMENT: malformed service/namespace, unknown --port or --router value
+  {EXIT_PERMISSION_DENIED}  PERMISSION_DENIED: the server is not allowed to serve that namespace
+  {EXIT_UNAVAILABLE}  UNAVAILABLE: server unreachable (check --server), or the target has no ready endpoint
+  {EXIT_DEADLINE}  DEADLINE_EXCEEDED: no answer in time (watch: --max-updates not reached by --timeout)
+  {EXIT_UNIMPLEMENTED}  UNIMPLEMENTED: the server is too old for this command
+
+environment:
+  LOOKASIDE_ADDR  default for --server (else {DEFAULT_SERVER})
+"""
+
+_ROUTERS = {"round_robin": pb.ROUNDROBIN, "random": pb.RANDOM}
+_K8S_SUFFIXES = (".svc.cluster.local", ".svc")
+
+
+class CliError(Exception):
+    """A failure to report on stderr, ending the command with ``code``."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class TargetArg:
+    service: str
+    namespace: str
+
+    def __str__(self) -> str:
+        return f"{self.service}.{self.namespace}"
+
+
+def parse_target(text: str) -> TargetArg:
+    """``service.namespace`` (also ``service.namespace.svc[.cluster.local]`` or ``namespace/service``)."""
+    if "/" in text:
+        namespace, _, service = text.partition("/")
+        return TargetArg(service, namespace)
+    for suffix in _K8S_SUFFIXES:
+        if text.endswith(suffix):
+            text = text[: -len(suffix)]
+            break
+    service, dot, namespace = text.partition(".")
+    if not dot:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected <service>.<namespace>, e.g. greet.default")
+    return TargetArg(service, namespace)
+
+
+# --- connection ----------------------------------------------------------------------------------------
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """Channel credentials for the lookaside server; None means plaintext.
+
+    TLS goes here (``--tls-ca``/``--tls-cert``/``--tls-key`` -> ``grpc.ssl_channel_credentials``).
+    """
+    return None
+
+
+def connect(args: argparse.Namespace) -> grpc.Channel:
+    """A channel to ``--server``."""
+    creds = _credentials(args)
+    if creds is not None:  # pragma: no cover - TLS comes later
+        return grpc.secure_channel(args.server, creds)
+    return grpc.insecure_channel(args.server)
+
+
+def _reachable(channel: grpc.Channel, timeout: float = 1.0) -> bool:
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        return False
+    return True
+
+
+def _bad_field(err: grpc.RpcError) -> str | None:
+    """The field named by a google.rpc.BadRequest detail, if the error carries one."""
+    try:
+        from google.rpc import error_details_pb2
+        from grpc_status import rpc_status
+    except ImportError:  # pragma: no cover - grpcio-status is a server dependency
+        return None
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    if status is None:
+        return None
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad) and bad.field_violations:
+            return bad.field_violations[0].field
+    return None
+
+
+def rpc_failure(
+    err: grpc.RpcError, args: argparse.Namespace, channel: grpc.Channel, target: TargetArg | None
+) -> CliError:
+    """Turn a failed RPC into an exit code and a message saying what to do."""
+    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (err.details() if isinstance(err, grpc.Call) else str(err)) or code.name
+    server = args.server
+    if code == grpc.StatusCode.NOT_FOUND:
+        hint = "check the Service name and namespace" + (
+            f" (kubectl get service {target.service} -n {target.namespace})" if target else ""
+        )
+        return CliError(EXIT_NOT_FOUND, f"not found: {details}; {hint}")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field = _bad_field(err)
+        hint = f"fix the {field}" if field else "fix the request"
+        if field in ("service", "namespace"):
+            hint += " (Kubernetes names: lowercase letters, digits and '-'; write <service>.<namespace>)"
+        elif field == "port":
+            hint += " (--port takes the Service port's name or number)"
+        return CliError(EXIT_INVALID_ARGUMENT, f"invalid argument: {details}; {hint}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        ns = f" {target.namespace!r}" if target else ""
+        return CliError(
+            EXIT_PERMISSION_DENIED,
+            f"permission denied: {details}; the lookaside server is not allowed to serve namespace{ns}"
+            " - add it with the server's --allow-namespace flag (and grant its ServiceAccount "
+            "read access to EndpointSlices there)",
+        )
+    if code == grpc.StatusCode.UNAVAILABLE:
+        if _reachable(channel):
+            return CliError(
+                EXIT_UNAVAILABLE,
+                f"unavailable: {details} (the server at {server} answered; "
+                "the target has no ready endpoint right now)",
+            )
+        return CliError(
+            EXIT_UNAVAILABLE,
+            f"cannot reach the lookaside server at {server}: {details}; check "
+            "--server (or LOOKASIDE_ADDR) and that the server is running",
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return CliError(
+            EXIT_DEADLINE,
+            f"no answer from {server} within the deadline: {details}; check --server or raise --rpc-timeout",
+        )
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return CliError(
+            EXIT_UNIMPLEMENTED,
+            f"the server at {server} does not support this command ({details}); upgrade the lookaside server",
+        )
+    return CliError(EXIT_ERROR, f"{code.name}: {details}")
+
+
+# --- output --------------------------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], indent: str = "") -> str:
+    """Left-aligned columns separated by two spaces."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join(
+        indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+    )
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _addr(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _endpoint_dict(e: Any) -> dict[str, Any]:
+    return {
+        "ip": e.ip,
+        "port": e.port,
+        "port_name": e.port_name,
+        "zone": e.zone,
+        "for_zones": list(e.for_zones),
+    }
+
+
+def _emit_json(data: object, out: TextIO) -> None:
+    out.write(json.dumps(data) + "\n")
+    out.flush()
+
+
+# --- commands ------------------------------------------------------------------------------------------
+
+
+def cmd_resolve(args: argparse.Namespace, channel: grpc.Channel, out: TextIO) -> int:
+    target: TargetArg = args.target
+    req = pb.Request(
+        router=_ROUTERS[args.router],
+        service=target.service,
+        namespace=target.namespace,
+        port=args.port,
+        count=args.count,
+    )
+    try:
+        resp = pb.LookasideStub(channel).Resolve(req, timeout=args.rpc_timeout)
+    except grpc.RpcError as err:
+        raise rpc_failure(err, args, channel, target) from None
+    if args.json:
+        _emit_json(
+            {
+                "target": f"{target.namespace}/{target.service}",
+                "router": args.router,
+                "version": resp.version,
+                "address": resp.address,
+                "port": resp.port,
+                "endpoints": [_endpoint_dict(e) for e in resp.endpoints],
+            },
+            out,
+        )
+        return EXIT_OK
+    out.write(f"{target} (version {resp.version}, {args.router}, {len(resp.endpoints)} pick(s)):\n")
+    out.write(
+        table(
+            ["#", "ADDRESS", "PORT NAME", "ZONE"],
+            [
+                (i, _addr(e.ip, e.port), e.port_name or "-", e.zone or "-")
+                for i, e in enumerate(resp.endpoints, 1)
+            ],
+            indent="  ",
+        )
+        + "\n"
+    )
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace, channel: grpc.Channel, out: TextIO) -> int:
+    target: TargetArg = args.target
+    req = pb.WatchRequest(service=target.service, namespace=target.namespace, port=args.port)
+    stream = pb.LookasideStub(channel).Watch(req, timeout=args.timeout)
+    seen = 0
+    previous: dict[tuple[str, int], Any] | None = None
+    try:
+        for update in stream:
+            seen += 1
+            current = {(e.ip, e.port): e for e in update.endpoints}
+            added = [k for k in current if previous is not None and k not in previous]
+            removed = [k for k in (previous or {}) if k not in current]
+            now = time.time()
+            if args.json:
+                _emit_json(
+                    {
+                        "target": f"{target.namespace}/{target.service}",
+                        "version": update.version,
+                        "received_at": now,
+                        "initial": previous is None,
+                        "endpoints": [_endpoint_dict(e) for e in update.endpoints],
+                        "added": [_addr(*k) for k in added],
+                        "removed": [_addr(*k) for k in removed],
+                    },
+                    out,
+                )
+            else:
+                what = "initial set" if previous is None else f"+{len(added)} -{len(removed)}"
+                out.write(
+                    f"{_iso(now)}  {target} version {update.version}: "
+                    f"{len(update.endpoints)} endpoint(s) ({what})\n"
+                )
+                rows = [
+                    ("+" if k in added else "", _addr(*k), e.port_name or "-", e.zone or "-")
+                    for k, e in current.items()
+                ]
+                rows += [
+                    ("-", _addr(*k), previous[k].port_name or "-", previous[k].zone or "-")  # type: ignore[index]
+                    for k in removed
+                ]
+                if rows:
+                    out.write(table(["", "ADDRESS", "PORT NAME", "ZONE"], rows, indent="  ") + "\n")
+                out.flush()
+            previous = current
+            if args.max_updates and seen >= args.max_updates:
+                stream.cancel()
+                return EXIT_OK
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and seen and not args.max_updates:
+            return EXIT_OK  # --timeout is the normal end of a time-boxed watch
+        if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            wanted = f"{args.max_updates} update(s)" if args.max_updates else "the first update"
+            raise CliError(
+                EXIT_DEADLINE, f"timed out after {args.timeout} s with {seen} update(s), waiting for {wanted}"
+            ) from None
+        if err.code() == grpc.StatusCode.CANCELLED:
+            return EXIT_OK
+        raise rpc_failure(err, args, channel, target) from None
+    except KeyboardInterrupt:
+        stream.cancel()
+        if not args.json:
+            out.write("stopped\n")
+        return EXIT_OK
+    # The stream ended without an error: the server shut down.
+    raise CliError(
+        EXIT_UNAVAILABLE,
+        f"the server at {args.server} ended the watch (shutting down?) after {seen} update(s)",
+    )
+
+
+def cmd_status(args: argparse.Namespace, channel: grpc.Channel, out: TextIO) -> int:
+    target: TargetArg | None = args.target
+    req = (
+        pb2.StatusRequest(service=target.service, namespace=target.namespace)
+        if target
+        else pb2.StatusRequest()
+    )
+    stub = pb.LookasideStub(channel)
+    try:
+        resp = stub.Status(req, timeout=args.rpc_timeout)  # type: ignore[attr-defined]
+    except grpc.RpcError as err:
+        raise rpc_failure(err, args, channel, target) from None
+    view = from_proto(resp)
+    if args.json:
+        _emit_json(to_dict(view), out)
+        return EXIT_OK
+    now = view.generated_at
+    out.write(
+        f"lookaside server {args.server}: version {view.server_version}, source {view.source}, "
+        f"{len(view.targets)} tracked target(s)\n"
+    )
+    if not view.targets:
+        out.write("no targets tracked yet: a target appears once a client resolves or watches it\n")
+        return EXIT_OK
+    out.write(
+        "\n"
+        + table(
+            ["TARGET", "VERSION", "ENDPOINTS", "READY", "WATCHERS", "LAST CHANGE"],
+            [
+                (
+                    t.name + ("" if t.exists else " (gone)"),
+                    t.version,
+                    len(t.endpoints),
+                    t.ready,
+                    t.watchers,
+                    f"{_iso(t.changed_at)} ({ago(now - t.changed_at)})",
+                )
+                for t in view.targets
+            ],
+        )
+        + "\n"
+    )
+    if args.summary:
+        return EXIT_OK
+    for t in view.targets:
+        out.write(f"\n{t.name}:\n")
+        if t.endpoints:
+            out.write(
+                table(
+                    ["ADDRESS", "PORT NAME", "ZONE", "READY", "SERVING", "TERMINATING"],
+                    [
+                        (
+                            _addr(e.ip, e.port),
+                            e.port_name or "-",
+                            e.zone or "-",
+                            _yn(e.ready),
+                            _yn(e.serving),
+                            _yn(e.terminating),
+                        )
+                        for e in t.endpoints
+                    ],
+                    indent="  ",
+                )
+                + "\n"
+            )
+        else:
+            out.write("  no endpoints\n")
+        if t.source:
+            out.write("  source: " + ", ".join(f"{k}={v}" for k, v in sorted(t.source.items())) + "\n")
+    return EXIT_OK
+
+
+def _yn(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+# --- parser and main -----------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {value}")
+    return value
+
+
+def _common_flags(with_defaults: bool) -> argparse.ArgumentParser:
+    """Flags accepted before and after the command; after it they must not reset values given before it."""
+    server = os.environ.get("LOOKASIDE_ADDR") or DEFAULT_SERVER
+
+    def default(value: object) -> object:
+        return value if with_defaults else argparse.SUPPRESS
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server",
+        default=default(server),
+        help=f"host:port of the lookaside server (LOOKASIDE_ADDR; default {server})",
+    )
+    common.add_argument(
+        "--json", action="store_true", default=default(False), help="machine-readable JSON output"
+    )
+    common.add_argument(
+        "--rpc-timeout",
+        type=_positive_float,
+        default=default(5.0),
+        help="seconds to wait for an answer (default 5)",
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lookaside`` argument parser."""
+    common = _common_flags(with_defaults=True)
+    sub_common = _common_flags(with_defaults=False)
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="lookaside", description=__doc__, epilog=EXIT_CODES_HELP, formatter_class=fmt, parents=[common]
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="{resolve,watch,status}")
+
+    r = sub.add_parser(
+        "resolve",
+        parents=[sub_common],
+        epilog=EXIT_CODES_HELP,
+        formatter_class=fmt,
+        help="ask which backend(s) to call now",
+        description="Ask the server for the next pick(s).",
+    )
+    r.add_argument("target", type=parse_target, help="<service>.<namespace>, e.g. greet.default")
+    r.add_argument(
+        "--router",
+        choices=sorted(_ROUTERS),
+        default="round_robin",
+        help="round_robin (the server's shared rotation) or random (default %(default)s)",
+    )
+    r.add_argument("--port", default="", help="Service port name or number (default: the only/first port)")
+    r.add_argument("--count", type=_positive_int, default=1, help="picks to return (default %(default)s)")
+    r.set_defaults(func=cmd_resolve)
+
+    w = sub.add_parser(
+        "watch",
+        parents=[sub_common],
+        epilog=EXIT_CODES_HELP,
+        formatter_class=fmt,
+        help="print every change of a target's endpoint set until Ctrl-C",
+        description="Stream a target's eligible endpoint set: now, then on every change.",
+    )
+    w.add_argument("target", type=parse_target, help="<service>.<namespace>, e.g. greet.default")
+    w.add_argument("--port", default="", help="Service port name or number (default: the only/first port)")
+    w.add_argument("--max-updates", type=_positive_int, default=0, help="stop after this many updates")
+    w.add_argument("--timeout", type=_positive_float, default=None, help="stop after this many seconds")
+    w.set_defaults(func=cmd_watch)
+
+    s = sub.add_parser(
+        "status",
+        parents=[sub_common],
+        epilog=EXIT_CODES_HELP,
+        formatter_class=fmt,
+        help="targets the server tracks, endpoints, watchers and source health",
+        description="Show what the server tracks (targets appear once a client asks for them).",
+    )
+    s.add_argument(
+        "target",
+        type=parse_target,
+        nargs="?",
+        default=None,
+        help="only this <service>.<namespace> (default: every tracked target)",
+    )
+    s.add_argument("--summary", action="store_true", help="one line per target, no endpoint tables")
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def _fail(err: CliError, stderr: TextIO) -> NoReturn:
+    stderr.write(f"lookaside: {err}\n")
+    sys.exit(err.code)
+
+
+def run(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Parse ``argv`` and run the command; return the exit code (argparse exits 2 itself on usage errors)."""
+    args = build_parser().parse_args(argv)
+    out = out or sys.stdout
+    func: Callable[[argparse.Namespace, grpc.Channel, TextIO], int] = args.func
+    with connect(args) as channel:
+        return func(args, channel, out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console script ``lookaside``."""
+    try:
+        code = run(argv)
+    except CliError as e:
+        _fail(e, sys.stderr)
+    except KeyboardInterrupt:
+        code = EXIT_OK
+    except BrokenPipeError:  # e.g. `lookaside watch ... | head`
+        code = EXIT_OK
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

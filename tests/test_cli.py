@@ -1,0 +1,223 @@
+"""The `lookaside` operator CLI against a real lookaside server: resolve, watch, status, exit codes."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+from _util import Backend, write_static
+
+from lookaside_server import RunningServer, ServerConfig, run_in_thread
+from lookaside_server.cli import (
+    EXIT_DEADLINE,
+    EXIT_INVALID_ARGUMENT,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_PERMISSION_DENIED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    parse_target,
+)
+
+TARGET = "default/greet"
+
+
+def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lookaside_server.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def static_file(tmp_path: pathlib.Path) -> pathlib.Path:
+    return tmp_path / "endpoints.yaml"
+
+
+@pytest.fixture
+def server(
+    static_file: pathlib.Path, backends: Callable[..., Backend]
+) -> Iterator[tuple[RunningServer, list]]:
+    group = [backends(), backends()]
+    write_static(static_file, {TARGET: [b.address for b in group]}, port_name="grpc", zone="zone-a")
+    with run_in_thread(
+        ServerConfig(host="127.0.0.1", port=0, static_file=static_file, poll_interval=0.02)
+    ) as s:
+        yield s, group
+
+
+def test_parse_target() -> None:
+    assert parse_target("greet.default") == parse_target("greet.default.svc.cluster.local")
+    assert parse_target("default/greet") == parse_target("greet.default.svc")
+    assert (parse_target("greet.prod").service, parse_target("greet.prod").namespace) == ("greet", "prod")
+
+
+def test_resolve_human_and_json(server: tuple[RunningServer, list]) -> None:
+    s, group = server
+    proc = cli("resolve", "greet.default", "--server", s.address, "--count", "3")
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert "greet.default (version 1, round_robin, 3 pick(s))" in proc.stdout
+    assert "ADDRESS" in proc.stdout and "zone-a" in proc.stdout
+    for b in group:
+        assert b.address in proc.stdout
+
+    proc = cli(
+        "--server", s.address, "--json", "resolve", "greet.default", "--router", "random", "--port", "grpc"
+    )
+    assert proc.returncode == EXIT_OK, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["target"] == TARGET and data["router"] == "random" and data["version"] == 1
+    assert f"{data['address']}:{data['port']}" in {b.address for b in group}
+    assert [e["port_name"] for e in data["endpoints"]] == ["grpc"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "hint"),
+    [
+        (["resolve", "nope.default"], EXIT_NOT_FOUND, "check the Service name and namespace"),
+        (["resolve", "Greet.default"], EXIT_INVALID_ARGUMENT, "fix the service"),
+        (["resolve", "greet.default", "--port", "http"], EXIT_INVALID_ARGUMENT, "fix the port"),
+        (["watch", "greet.nope", "--timeout", "10"], EXIT_NOT_FOUND, "kubectl get service greet -n nope"),
+        (["status", "other.default"], EXIT_NOT_FOUND, "not tracked"),
+    ],
+)
+def test_rpc_errors_have_exit_codes_and_hints(
+    server: tuple[RunningServer, list], args: list[str], code: int, hint: str
+) -> None:
+    s, _ = server
+    proc = cli(*args, "--server", s.address)
+    assert proc.returncode == code, proc.stderr
+    assert hint in proc.stderr and proc.stdout == ""
+
+
+def test_unreachable_server() -> None:
+    proc = cli("resolve", "greet.default", "--server", f"127.0.0.1:{free_port()}")
+    assert proc.returncode == EXIT_UNAVAILABLE
+    assert "cannot reach the lookaside server" in proc.stderr and "--server" in proc.stderr
+
+
+def test_env_server_and_usage_errors(server: tuple[RunningServer, list]) -> None:
+    s, _ = server
+    env_proc = subprocess.run(
+        [sys.executable, "-m", "lookaside_server.cli", "resolve", "greet.default"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**__import__("os").environ, "LOOKASIDE_ADDR": s.address},
+    )
+    assert env_proc.returncode == EXIT_OK, env_proc.stderr
+    assert cli("resolve", "greet").returncode == EXIT_USAGE  # no namespace
+    assert cli("resolve", "greet.default", "--count", "0").returncode == EXIT_USAGE
+    assert cli("frobnicate").returncode == EXIT_USAGE
+    helptext = cli("--help").stdout
+    assert "exit codes:" in helptext and "NOT_FOUND" in helptext and "LOOKASIDE_ADDR" in helptext
+
+
+def test_watch_prints_changes_json(
+    server: tuple[RunningServer, list], static_file: pathlib.Path, backends: Callable[..., Backend]
+) -> None:
+    s, group = server
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lookaside_server.cli",
+            "watch",
+            "greet.default",
+            "--server",
+            s.address,
+            "--json",
+            "--max-updates",
+            "2",
+            "--timeout",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline())  # the CLI ends by itself within --timeout
+        assert first["initial"] and first["version"] == 1
+        assert {f"{e['ip']}:{e['port']}" for e in first["endpoints"]} == {b.address for b in group}
+        extra = backends()
+        write_static(
+            static_file, {TARGET: [group[0].address, extra.address]}, port_name="grpc", zone="zone-b"
+        )
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == EXIT_OK, err
+    second = json.loads(out.strip())
+    assert second["version"] == 2 and not second["initial"]
+    assert second["added"] == [extra.address] and second["removed"] == [group[1].address]
+
+
+def test_watch_human_and_timeout(server: tuple[RunningServer, list]) -> None:
+    s, group = server
+    proc = cli("watch", "greet.default", "--server", s.address, "--max-updates", "1", "--timeout", "20")
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert "greet.default version 1: 2 endpoint(s) (initial set)" in proc.stdout
+    assert group[0].address in proc.stdout
+    # --timeout before --max-updates is reached: exit code for DEADLINE_EXCEEDED, after printing what came.
+    proc = cli("watch", "greet.default", "--server", s.address, "--max-updates", "2", "--timeout", "0.5")
+    assert proc.returncode == EXIT_DEADLINE
+    assert "initial set" in proc.stdout and "timed out" in proc.stderr
+    # --timeout alone is a normal end.
+    assert cli("watch", "greet.default", "--server", s.address, "--timeout", "0.5").returncode == EXIT_OK
+
+
+def test_status_human_and_json(server: tuple[RunningServer, list]) -> None:
+    s, group = server
+    proc = cli("status", "--server", s.address)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert "0 tracked target(s)" in proc.stdout and "no targets tracked yet" in proc.stdout
+    assert cli("resolve", "greet.default", "--server", s.address).returncode == EXIT_OK
+    proc = cli("status", "--server", s.address)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "1 tracked target(s)" in lines[0]
+    header = next(i for i, line in enumerate(lines) if line.startswith("TARGET"))
+    assert lines[header + 1].split()[:5] == ["default/greet", "1", "2", "2", "0"]
+    assert "TERMINATING" in proc.stdout and group[1].address in proc.stdout
+
+    proc = cli("status", "greet.default", "--server", s.address, "--json")
+    assert proc.returncode == EXIT_OK, proc.stderr
+    data = json.loads(proc.stdout)
+    (t,) = data["targets"]
+    assert (t["target"], t["version"], t["endpoints_total"], t["endpoints_ready"], t["watchers"]) == (
+        TARGET,
+        1,
+        2,
+        2,
+        0,
+    )
+    assert {f"{e['ip']}:{e['port']}" for e in t["endpoints"]} == {b.address for b in group}
+    assert all(e["zone"] == "zone-a" and e["ready"] and not e["terminating"] for e in t["endpoints"])
+    assert data["source"] == "StaticFileSource" and data["server_version"]
+
+
+def test_permission_denied_names_the_server_flag(static_file: pathlib.Path) -> None:
+    write_static(static_file, {"other/greet": ["127.0.0.1:50051"]})
+    config = ServerConfig(
+        host="127.0.0.1", port=0, static_file=static_file, allow_namespaces=frozenset({"default"})
+    )
+    with run_in_thread(config) as s:
+        proc = cli("resolve", "greet.other", "--server", s.address)
+        assert proc.returncode == EXIT_PERMISSION_DENIED, proc.stderr
+        assert "--allow-namespace" in proc.stderr
+        assert cli("status", "greet.other", "--server", s.address).returncode == EXIT_PERMISSION_DENIED

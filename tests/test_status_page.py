@@ -1,0 +1,256 @@
+"""The HTTP status page of the lookaside server: /, /status.json, /healthz, escaping, and a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+from _util import Backend, write_static
+
+from lookaside_grpc import protocol as pb
+from lookaside_grpc._generated import lookaside_pb2 as pb2
+from lookaside_server import RunningServer, ServerConfig, StaticFileSource, Target, run_in_thread
+from lookaside_server._status import from_proto, to_dict
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TARGET = "default/greet"
+HOSTILE = "<script>alert('x')</script>"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+INSTALL_HINT = (
+    "run `apt-get update && apt-get install -y chromium chromium-driver` and "
+    "`pip install selenium` (the browser test never skips)"
+)
+
+
+class DescribedSource(StaticFileSource):
+    """A static source whose describe() returns hostile-looking health, as a Kubernetes error text might."""
+
+    def describe(self, target: Target) -> dict[str, str | int | float]:
+        return {"last_error": "<img src=x onerror=alert(1)>", "restarts": 2}
+
+
+def get(url: str, method: str = "GET") -> tuple[int, str, str]:
+    """Status, content type and body of a request (also for error statuses)."""
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+def base_url(s: RunningServer) -> str:
+    assert s.server.http_port
+    return f"http://127.0.0.1:{s.server.http_port}"
+
+
+@pytest.fixture
+def static_file(tmp_path: pathlib.Path) -> pathlib.Path:
+    return tmp_path / "endpoints.yaml"
+
+
+@pytest.fixture
+def start(static_file: pathlib.Path) -> Iterator[Callable[..., RunningServer]]:
+    running: list[RunningServer] = []
+
+    def run(**kwargs: object) -> RunningServer:
+        config = ServerConfig(
+            host="127.0.0.1", port=0, static_file=static_file, poll_interval=0.02, http_port=0, **kwargs
+        )  # type: ignore[arg-type]
+        s = run_in_thread(config)
+        running.append(s)
+        return s
+
+    yield run
+    for s in running:
+        s.stop()
+
+
+def watch_until(address: str, version: int, timeout: float = 10.0) -> None:
+    """Block on a Watch stream until the target reaches ``version`` (no sleeping)."""
+    with grpc.insecure_channel(address) as ch:
+        stream = pb.LookasideStub(ch).Watch(
+            pb.WatchRequest(service="greet", namespace="default"), timeout=timeout
+        )
+        for update in stream:
+            if update.version >= version:
+                stream.cancel()
+                return
+    pytest.fail(f"version {version} never came")
+
+
+def test_routes_and_json(
+    start: Callable[..., RunningServer], static_file: pathlib.Path, backends: Callable[..., Backend]
+) -> None:
+    group = [backends(), backends()]
+    write_static(static_file, {TARGET: [b.address for b in group]}, port_name="grpc", zone="zone-a")
+    s = start()
+    url = base_url(s)
+    assert get(url + "/healthz")[::2] == (200, "ok\n")
+    status, ctype, body = get(url + "/status.json")
+    assert status == 200 and ctype == "application/json"
+    assert json.loads(body)["targets"] == []
+    assert get(url + "/nope")[0] == 404
+    assert get(url + "/", method="POST")[0] == 405
+    status, ctype, body = get(url + "/")
+    assert status == 200 and ctype.startswith("text/html") and "No targets tracked yet" in body
+
+    with grpc.insecure_channel(s.address) as ch:
+        stub = pb.LookasideStub(ch)
+        stream = stub.Watch(pb.WatchRequest(service="greet", namespace="default"), timeout=30)
+        next(stream)  # subscribed: one watcher
+        data = json.loads(get(url + "/status.json")[2])
+        rpc = to_dict(from_proto(stub.Status(pb2.StatusRequest(), timeout=10)))
+        stream.cancel()
+    (t,) = data["targets"]
+    assert (t["target"], t["version"], t["watchers"], t["endpoints_total"], t["endpoints_ready"]) == (
+        TARGET,
+        1,
+        1,
+        2,
+        2,
+    )
+    assert [(e["ip"], e["port"], e["port_name"], e["zone"]) for e in t["endpoints"]] == [
+        ("127.0.0.1", b.port, "grpc", "zone-a") for b in group
+    ]
+    assert all(e["ready"] and e["serving"] and not e["terminating"] for e in t["endpoints"])
+    # One view function: the RPC and the JSON carry the same data.
+    for view in (data, rpc):
+        view.pop("generated_at")
+    assert rpc == data
+
+
+def test_html_escapes_everything(start: Callable[..., RunningServer], static_file: pathlib.Path) -> None:
+    static_file.write_text(
+        json.dumps({TARGET: [{"ip": "10.0.0.1", "port": 50051, "zone": HOSTILE, "for_zones": [HOSTILE]}]})
+    )
+    s = start(source=DescribedSource(static_file, poll_interval=0.02))
+    with grpc.insecure_channel(s.address) as ch:
+        pb.LookasideStub(ch).Resolve(pb.Request(service="greet", namespace="default"), timeout=10)
+    status, _, page = get(base_url(s) + "/")
+    assert status == 200
+    assert "<script>" not in page and "<img" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page and "restarts" in page
+    data = json.loads(get(base_url(s) + "/status.json")[2])
+    assert data["targets"][0]["endpoints"][0]["zone"] == HOSTILE  # JSON keeps the raw value
+    assert data["targets"][0]["source"] == {"last_error": "<img src=x onerror=alert(1)>", "restarts": "2"}
+
+
+def _browser(tmp_path: pathlib.Path):  # type: ignore[no-untyped-def]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail(f"selenium is not installed: {INSTALL_HINT}")
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            pytest.fail(f"{path} is missing: {INSTALL_HINT}")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1280,900",
+    ):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+
+
+def test_status_page_in_a_browser(
+    start: Callable[..., RunningServer],
+    static_file: pathlib.Path,
+    backends: Callable[..., Backend],
+    tmp_path: pathlib.Path,
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    group = [backends(), backends(), backends()]
+    static_file.write_text(
+        json.dumps(
+            {
+                TARGET: [
+                    {"ip": "127.0.0.1", "port": group[0].port, "port_name": "grpc", "zone": "eu-west-1a"},
+                    {"ip": "127.0.0.1", "port": group[1].port, "port_name": "grpc", "zone": "eu-west-1b"},
+                ]
+            }
+        )
+    )
+    s = start()
+    with grpc.insecure_channel(s.address) as ch:
+        stream = pb.LookasideStub(ch).Watch(pb.WatchRequest(service="greet", namespace="default"), timeout=60)
+        next(stream)  # the target is tracked and has one watcher
+        driver = _browser(tmp_path)
+        try:
+            driver.set_page_load_timeout(20)
+            driver.get(base_url(s) + "/")
+            assert driver.title == "lookaside status"
+            rows = driver.find_elements(By.CSS_SELECTOR, "table#targets tbody tr")
+            assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows] == [TARGET]
+            cells = [c.text for c in rows[0].find_elements(By.TAG_NAME, "td")]
+            assert cells[1:5] == ["1", "2", "2", "1"]  # version, endpoints, ready, watchers
+            text = driver.find_element(By.TAG_NAME, "body").text
+            for b in group[:2]:
+                assert f"127.0.0.1 {b.port} grpc" in text
+            assert "eu-west-1a" in text and str(group[2].port) not in text
+
+            # Change the file: the third backend arrives, terminating, not ready.
+            static_file.write_text(
+                json.dumps(
+                    {
+                        TARGET: [
+                            {
+                                "ip": "127.0.0.1",
+                                "port": group[0].port,
+                                "port_name": "grpc",
+                                "zone": "eu-west-1a",
+                            },
+                            {
+                                "ip": "127.0.0.1",
+                                "port": group[1].port,
+                                "port_name": "grpc",
+                                "zone": "eu-west-1b",
+                            },
+                            {
+                                "ip": "127.0.0.1",
+                                "port": group[2].port,
+                                "port_name": "grpc",
+                                "zone": "eu-west-1c",
+                                "ready": False,
+                                "serving": True,
+                                "terminating": True,
+                            },
+                        ]
+                    }
+                )
+            )
+            watch_until(s.address, version=2)
+            driver.refresh()
+            rows = driver.find_elements(By.CSS_SELECTOR, "table#targets tbody tr")
+            cells = [c.text for c in rows[0].find_elements(By.TAG_NAME, "td")]
+            assert cells[1:4] == ["2", "3", "2"]
+            endpoint_rows = driver.find_elements(By.CSS_SELECTOR, "table.endpoints tbody tr")
+            last = [c.text for c in endpoint_rows[-1].find_elements(By.TAG_NAME, "td")]
+            assert last == ["127.0.0.1", str(group[2].port), "grpc", "eu-west-1c", "no", "yes", "yes"]
+            shot = tmp_path / "status-page.png"
+            assert driver.save_screenshot(str(shot))
+            assert shot.stat().st_size > 1000
+            (ROOT / "docs").mkdir(exist_ok=True)
+            shutil.copyfile(shot, ROOT / "docs" / "status-page.png")
+        finally:
+            driver.quit()
+            stream.cancel()
