@@ -288,7 +288,7 @@ def lookaside_available() -> tuple[bool, bool]:
     return sync, aio
 
 
-def _lookaside(mode: str, batched: bool = False) -> Callable[[Ctx], grpc.Channel]:
+def _lookaside(mode: str, batched: bool = False, policy: str | None = None) -> Callable[[Ctx], grpc.Channel]:
     def make(ctx: Ctx) -> grpc.Channel:
         import lookaside_grpc
 
@@ -297,7 +297,7 @@ def _lookaside(mode: str, batched: bool = False) -> Callable[[Ctx], grpc.Channel
             namespace=ctx.namespace,
             lookaside=ctx.lookaside,
             mode=mode,
-            policy=ctx.policy,
+            policy=policy or ctx.policy,
             batch=ctx.batch if batched else 1,
         )
 
@@ -346,6 +346,17 @@ register(
     "lookaside_watch",
     channel_mode(_lookaside("watch"), needs_lookaside=True, description="Watch stream, local rotation"),
 )
+for _policy, _what in (
+    ("least_request", "power of two choices over this client's calls in flight"),
+    ("peak_ewma", "power of two choices over latency EWMA x (in flight + 1)"),
+    ("weighted", "weights from the load all clients report to the lookaside"),
+):
+    register(
+        f"lookaside_watch_{_policy}",
+        channel_mode(
+            _lookaside("watch", policy=_policy), needs_lookaside=True, description=f"Watch mode, {_what}"
+        ),
+    )
 register(
     "aio_round_robin",
     aio_channel_mode(_aio_round_robin, description="grpc.aio round_robin, blocking dial"),

@@ -382,8 +382,14 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
             "",
         ]
         rows = []
-        for m, v in summary["slow_backend"].items():
+        slow = summary["slow_backend"]
+        base = slow.get("lookaside_watch") or slow.get("round_robin")
+        base_name = "lookaside_watch" if "lookaside_watch" in slow else "round_robin"
+        for m, v in slow.items():
             lat = v["latency_ms"]
+            vs = "–"
+            if base is not None and base["latency_ms"]["p99"] and lat["p99"] is not None:
+                vs = f"{lat['p99'] / base['latency_ms']['p99']:.2f}x"
             rows.append(
                 [
                     f"`{m}`",
@@ -392,13 +398,27 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
                     _f(lat["p90"], "{:.2f}"),
                     _f(lat["p99"], "{:.2f}"),
                     _f(lat["p99.9"], "{:.2f}"),
-                    _f(v["share_to_slow"] * 100 if v["share_to_slow"] is not None else None, "{:.0f}%"),
+                    vs,
+                    _f(v["share_to_slow"] * 100 if v["share_to_slow"] is not None else None, "{:.1f}%"),
+                    str(v["calls_ok"]),
                     str(v["failed"]),
                 ]
             )
         out.append(
             _table(
-                ["mode", "calls/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "calls to slow", "failed"], rows
+                [
+                    "mode",
+                    "calls/s",
+                    "p50 ms",
+                    "p90 ms",
+                    "p99 ms",
+                    "p99.9 ms",
+                    f"p99 × `{base_name}`",
+                    "calls to slow",
+                    "calls",
+                    "failed",
+                ],
+                rows,
             )
         )
     out += [

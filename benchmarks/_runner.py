@@ -64,7 +64,14 @@ class Settings:
             churn_change_at=0.8,
             churn_grace=0.8,
             small_modes=["round_robin", "lookaside_per_call", "lookaside_watch"],
-            slow_modes=["round_robin", "lookaside_per_call", "lookaside_watch"],
+            slow_modes=[
+                "round_robin",
+                "lookaside_per_call",
+                "lookaside_watch",
+                "lookaside_watch_least_request",
+                "lookaside_watch_peak_ewma",
+                "lookaside_watch_weighted",
+            ],
             slow_calls=2000,
         )
 

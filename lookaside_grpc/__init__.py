@@ -11,7 +11,7 @@ from lookaside_grpc._balancer import DEFAULT_MAX_STALENESS
 from lookaside_grpc._channel import Channel, channel
 from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._interceptor import LookasideInterceptor
-from lookaside_grpc._policies import Random, RoundRobin, RoutingPolicy
+from lookaside_grpc._policies import LeastRequest, PeakEwma, Random, RoundRobin, RoutingPolicy, Weighted
 from lookaside_grpc._resolvers import PER_CALL, WATCH, Mode
 from lookaside_grpc._routing import Target
 from lookaside_grpc._stats import Stats, register_prometheus, stats
@@ -20,15 +20,18 @@ __all__ = [
     "Channel",
     "DEFAULT_MAX_STALENESS",
     "Endpoint",
+    "LeastRequest",
     "LookasideInterceptor",
     "Mode",
     "PER_CALL",
+    "PeakEwma",
     "Random",
     "RoundRobin",
     "RoutingPolicy",
     "Stats",
     "Target",
     "WATCH",
+    "Weighted",
     "channel",
     "register_prometheus",
     "stats",

@@ -29,6 +29,7 @@ from lookaside_grpc._errors import PickError, aio_error
 from lookaside_grpc._health import AdaptiveThrottle
 from lookaside_grpc._policies import RoutingPolicy
 from lookaside_grpc._resolvers import WATCH, Mode
+from lookaside_grpc._retry import AioUnaryStreamCall, AioUnaryUnaryCall
 from lookaside_grpc._stats import Stats
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,9 @@ class _Deferred:
         except BaseException:
             slot.release()
             raise
-        call.add_done_callback(slot.release)
-        return call
+        call.add_done_callback(multi._done_callback(slot))
+        wrap = multi._wrap
+        return call if wrap is None else wrap(multi, slot, call, request, tuple(kwargs.values()))
 
     def _started(self, task: asyncio.Task[Any]) -> None:
         if not task.cancelled() and task.exception() is None:
@@ -182,6 +184,8 @@ class _AioMultiCallable(_MultiCallable):
 
     __slots__ = ()
     _deferred: type[_Deferred] = _Deferred
+    #: The call wrapper carrying the one retry (unary-unary, unary-stream), or None: the real call as is.
+    _wrap: Any = None
 
     def _invoke(
         self,
@@ -214,13 +218,17 @@ class _AioMultiCallable(_MultiCallable):
         except BaseException:
             slot.release()
             raise
-        call.add_done_callback(slot.release)
-        return call
+        call.add_done_callback(slot.release if self._observe is None else self._done_callback(slot))
+        wrap = self._wrap
+        if wrap is None:
+            return call
+        return wrap(self, slot, call, request, (metadata, credentials, wait_for_ready, compression))
 
 
 class _UnaryUnary(_AioMultiCallable, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
     __slots__ = ()
     _deferred = _DeferredUnaryUnaryCall
+    _wrap = AioUnaryUnaryCall
 
     def __call__(
         self,
@@ -238,6 +246,7 @@ class _UnaryUnary(_AioMultiCallable, grpc.aio.UnaryUnaryMultiCallable):  # type:
 class _UnaryStream(_AioMultiCallable, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
     __slots__ = ()
     _deferred = _DeferredUnaryStreamCall
+    _wrap = AioUnaryStreamCall
 
     def __call__(
         self,
@@ -420,12 +429,15 @@ def channel(
     max_staleness: float | None = DEFAULT_MAX_STALENESS,
     pick_cache_ttl: float = 0.0,
     throttle: bool | AdaptiveThrottle = True,
+    tls_server_name: str | None = None,
 ) -> Channel:
     """The grpc.aio twin of :func:`lookaside_grpc.channel`: same arguments, same ``watch`` default.
 
     Channels with identical settings made in the same running event loop share one balancer; outside a
-    running loop each channel gets its own. The transparent retry is not applied to aio channel calls
-    (the real grpc.aio call object is returned as is); ejection, staleness and throttling are.
+    running loop each channel gets its own. Unary-unary and unary-stream calls carry the transparent retry
+    (once, on another endpoint, when UNAVAILABLE arrives before any response message, within the call's
+    deadline; the failing address is ejected): they return a thin wrapper around the real grpc.aio call,
+    which does the retry while it is awaited / iterated. Stream-request calls are returned as is.
     """
     target = make_target(service, namespace, port, lookaside, mode, batch)
     try:
@@ -441,5 +453,7 @@ def channel(
         pick_cache_ttl=pick_cache_ttl,
         throttle=throttle,
     )
+    if tls_server_name is not None:  # only when given: keeps the key shared with interceptors' balancers
+        settings["tls_server_name"] = tls_server_name
     key = balancer_key("aio", target, mode, policy, loop=loop, **settings) if loop is not None else object()
     return Channel(_balancer.acquire(key, lambda: AioBalancer(target, mode=mode, policy=policy, **settings)))

@@ -23,7 +23,7 @@ from lookaside_grpc._interceptor import _multi
 from lookaside_grpc._policies import RoutingPolicy
 from lookaside_grpc._pool import Slot
 from lookaside_grpc._resolvers import WATCH, Mode
-from lookaside_grpc._routing import DEFAULT_ROUTE_WAIT, Route, RouterCore, Target
+from lookaside_grpc._routing import DEFAULT_ROUTE_WAIT, RouterCore, Target
 from lookaside_grpc._stats import Stats
 
 
@@ -33,7 +33,9 @@ def _loop_key() -> object:
 
 async def _start(
     core: RouterCore, details: Any, kind: str
-) -> tuple[Route, Slot[Any], Any, float | None] | None:
+) -> tuple[Any, Slot[Any], Any, float | None] | None:
+    """Pick and count the call; (the method's multicallable, slot, backend multicallable, timeout), or None
+    to use the original channel."""
     route = core.route(details.method)
     if route is None:
         return None
@@ -48,11 +50,12 @@ async def _start(
             return None
         if timeout is not None:
             timeout = max(0.0, timeout - (time.monotonic() - start))
-    slot, mc = _multi(route, kind)._entry(ep.address)
-    return route, slot, mc, timeout
+    multi = _multi(route, kind)
+    slot, mc = multi._entry(ep.address)
+    return multi, slot, mc, timeout
 
 
-def _call(slot: Slot[Any], mc: Any, request: Any, timeout: float | None, details: Any) -> Any:
+def _call(multi: Any, slot: Slot[Any], mc: Any, request: Any, timeout: float | None, details: Any) -> Any:
     try:
         call = mc(
             request,
@@ -64,7 +67,7 @@ def _call(slot: Slot[Any], mc: Any, request: Any, timeout: float | None, details
     except BaseException:
         slot.release()
         raise
-    call.add_done_callback(slot.release)
+    call.add_done_callback(multi._done_callback(slot))
     return call
 
 
@@ -78,28 +81,25 @@ class _UnaryUnary(_Shape, grpc.aio.UnaryUnaryClientInterceptor):
         started = await _start(self._core, client_call_details, "unary_unary")
         if started is None:
             return await continuation(client_call_details, request)
-        route, slot, mc, timeout = started
+        multi, slot, mc, timeout = started
         deadline = None if timeout is None else time.monotonic() + timeout
-        call = _call(slot, mc, request, timeout, client_call_details)
+        call = _call(multi, slot, mc, request, timeout, client_call_details)
         try:
             await call
         except grpc.aio.AioRpcError as e:
             if not retryable(e):
                 return call  # the error reaches the caller when it awaits the call
-            balancer = route.balancer
-            balancer.report_unavailable(slot.address)
-            ep = balancer.repick(slot.address)
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if ep is None or (remaining is not None and remaining <= 0):
+            nxt = multi._next_attempt(slot.address, deadline)
+            if nxt is None:
                 return call
-            balancer.counters.retry()
-            slot2, mc2 = _multi(route, "unary_unary")._entry(ep.address)
-            return _call(slot2, mc2, request, remaining, client_call_details)
+            slot2, mc2 = nxt
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return _call(multi, slot2, mc2, request, remaining, client_call_details)
         except asyncio.CancelledError:
             call.cancel()
             raise
-        if route.balancer.probation:
-            route.balancer.ejector.succeeded(slot.address)
+        if multi._probation:
+            multi._balancer.ejector.succeeded(slot.address)
         return call
 
 
@@ -108,8 +108,8 @@ class _UnaryStream(_Shape, grpc.aio.UnaryStreamClientInterceptor):
         started = await _start(self._core, client_call_details, "unary_stream")
         if started is None:
             return await continuation(client_call_details, request)
-        _route, slot, mc, timeout = started
-        return _call(slot, mc, request, timeout, client_call_details)
+        multi, slot, mc, timeout = started
+        return _call(multi, slot, mc, request, timeout, client_call_details)
 
 
 class _StreamUnary(_Shape, grpc.aio.StreamUnaryClientInterceptor):
@@ -119,8 +119,8 @@ class _StreamUnary(_Shape, grpc.aio.StreamUnaryClientInterceptor):
         started = await _start(self._core, client_call_details, "stream_unary")
         if started is None:
             return await continuation(client_call_details, request_iterator)
-        _route, slot, mc, timeout = started
-        return _call(slot, mc, request_iterator, timeout, client_call_details)
+        multi, slot, mc, timeout = started
+        return _call(multi, slot, mc, request_iterator, timeout, client_call_details)
 
 
 class _StreamStream(_Shape, grpc.aio.StreamStreamClientInterceptor):
@@ -130,8 +130,8 @@ class _StreamStream(_Shape, grpc.aio.StreamStreamClientInterceptor):
         started = await _start(self._core, client_call_details, "stream_stream")
         if started is None:
             return await continuation(client_call_details, request_iterator)
-        _route, slot, mc, timeout = started
-        return _call(slot, mc, request_iterator, timeout, client_call_details)
+        multi, slot, mc, timeout = started
+        return _call(multi, slot, mc, request_iterator, timeout, client_call_details)
 
 
 class LookasideInterceptor(_UnaryUnary):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -40,6 +41,12 @@ DEFAULT_INIT_TIMEOUT = 10.0
 #: Five minutes rides out a lookaside restart or upgrade comfortably, while bounding the risk of sending calls
 #: to pod IPs Kubernetes has since reused for other pods. None = forever.
 DEFAULT_MAX_STALENESS: float | None = 300.0
+
+#: How often a balancer reports its load (ReportLoad) when its policy is server-assisted; the lookaside's
+#: answer may ask for another interval.
+LOAD_REPORT_INTERVAL = 1.0
+#: Most endpoints one load report lists (the lookaside ignores more).
+MAX_REPORT_ENDPOINTS = 1000
 
 #: The lookaside channel reconnects quickly after a lookaside restart (grpc's default backoff grows to 120 s).
 LOOKASIDE_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
@@ -116,6 +123,25 @@ def release(balancer: Any) -> bool:
         return True
 
 
+#: The channel arguments naming the TLS server (and the :authority) of backends dialled by IP.
+TLS_NAME_OPTIONS = ("grpc.ssl_target_name_override", "grpc.default_authority")
+
+
+def backend_options(
+    target: Target, credentials: grpc.ChannelCredentials | None, options: Options, tls_server_name: str | None
+) -> tuple[tuple[str, Any], ...]:
+    """The options of the per-backend channels. Backends are dialled by pod IP, so with channel credentials
+    the TLS server name to verify (and the :authority) is ``tls_server_name``, by default the Service DNS
+    name ``<service>.<namespace>.svc``; options the user set themselves win; ``tls_server_name=""`` adds
+    nothing (the certificate must then name the pod IP)."""
+    opts = tuple(options)
+    if credentials is None or tls_server_name == "":
+        return opts
+    name = tls_server_name or f"{target.service}.{target.namespace}.svc"
+    given = {key for key, _ in opts}
+    return opts + tuple((key, name) for key in TLS_NAME_OPTIONS if key not in given)
+
+
 def _sync_channel(
     address: str, credentials: grpc.ChannelCredentials | None, options: Options
 ) -> grpc.Channel:
@@ -149,6 +175,17 @@ class _BalancerBase:
         self.policy = resolve_policy(policy)
         self.counters = Counters()
         self._key: object = None
+        #: Latency feedback for the policy, or None when it needs none: then calls are not timed at all.
+        self.observe: Callable[[str, float], None] | None = None
+        #: Whether this balancer reports its load to the lookaside (server-assisted policies, and the load
+        #: routers of per_call mode).
+        self.reports_load = False
+        self.report_interval = LOAD_REPORT_INTERVAL
+        self.client_id = secrets.token_hex(8)
+        self._reported_picks: dict[str, int] = {}
+        #: Load reports sent / failed (for tests and debugging).
+        self.reports_sent = 0
+        self.reports_failed = 0
 
     def _resolver_kwargs(
         self, max_staleness: float | None, pick_cache_ttl: float, throttle: bool | AdaptiveThrottle
@@ -158,7 +195,61 @@ class _BalancerBase:
             kw.update(pick_cache_ttl=pick_cache_ttl, throttle=throttle)
         return kw
 
+    def _setup_load(self) -> None:
+        """Wire the policy to the pool (in-flight counts) and decide on call timing and load reports."""
+        policy = self.policy
+        policy.bind(self.pool)
+        self.reports_load = policy.reports_load or (
+            self.mode != WATCH and policy.router_type in protocol.LOAD_ROUTERS
+        )
+        if policy.needs_latency or self.reports_load:
+            self.observe = policy.observe
+
+    def load_report(self) -> protocol.LoadReport:
+        """This client's load per endpoint of the current set: calls in flight (the pool's counts), the
+        policy's latency estimate and calls started since the previous report (bounded in size)."""
+        slots = self.pool.slots()
+        latency = self.policy.latency_ms
+        last = self._reported_picks
+        now_picks: dict[str, int] = {}
+        loads = []
+        for ep in self.resolver.candidates()[:MAX_REPORT_ENDPOINTS]:
+            slot = slots.get(ep.address)
+            outstanding = picks = 0
+            if slot is not None:
+                outstanding = slot.in_flight
+                picks = now_picks[ep.address] = slot.picks
+            calls = picks - last.get(ep.address, 0)
+            loads.append(
+                protocol.EndpointLoad(
+                    ip=ep.ip,
+                    port=ep.port,
+                    outstanding=outstanding,
+                    latency_ms=latency(ep.address),
+                    calls=calls if calls >= 0 else picks,
+                )
+            )
+        self._reported_picks = now_picks
+        t = self.target
+        return protocol.LoadReport(
+            service=t.service,
+            namespace=t.namespace,
+            port=t.port,
+            client_id=self.client_id,
+            interval_ms=int(self.report_interval * 1000),
+            endpoints=loads,
+        )
+
+    def _report_done(self, ack: protocol.LoadReportAck | None) -> None:
+        if ack is None:
+            self.reports_failed += 1
+            return
+        self.reports_sent += 1
+        if ack.interval_ms:
+            self.report_interval = min(60.0, max(0.05, ack.interval_ms / 1000.0))
+
     def _setup_ejector(self) -> None:
+        self._setup_load()
         self.ejector = Ejector(
             self.resolver.population, self.resolver.set_ejected, self.counters, on_eject=self._on_eject
         )
@@ -196,6 +287,7 @@ class _BalancerBase:
 
     def _on_change(self, current: set[str]) -> None:
         # Addresses not in the new set are retired: their channels close after their in-flight calls.
+        self.policy.retain(current)
         gone = self.pool.addresses() - current
         if gone:
             log.info("%s: retiring channels to %s", self.target, sorted(gone))
@@ -218,10 +310,11 @@ class Balancer(_BalancerBase):
         max_staleness: float | None = DEFAULT_MAX_STALENESS,
         pick_cache_ttl: float = 0.0,
         throttle: bool | AdaptiveThrottle = True,
+        tls_server_name: str | None = None,
     ) -> None:
         super().__init__(target, policy)
         self.mode = mode
-        opts = tuple(options)
+        opts = backend_options(target, credentials, options, tls_server_name)
         self.pool: ChannelPool[grpc.Channel] = ChannelPool(
             lambda address: _sync_channel(address, credentials, opts), _close_in_background
         )
@@ -236,6 +329,26 @@ class Balancer(_BalancerBase):
             else PerCallResolver(target, stub, init_timeout, **kw)
         )
         self._setup_ejector()
+        self._stub = stub
+        self._report_stop = threading.Event()
+        self._reporter: threading.Thread | None = None
+        if self.reports_load:
+            self._reporter = threading.Thread(
+                target=self._report_loop, name=f"lookaside-load-{target}", daemon=True
+            )
+            self._reporter.start()
+
+    def _report_loop(self) -> None:
+        while not self._report_stop.wait(self.report_interval):
+            try:
+                ack = self._stub.ReportLoad(self.load_report(), timeout=max(0.5, self.report_interval))
+            except grpc.RpcError as e:
+                log.debug("%s: load report failed: %s", self.target, e)
+                ack = None
+            except Exception:  # keep reporting whatever happens
+                log.exception("%s: load report failed", self.target)
+                ack = None
+            self._report_done(ack)
 
     def pick(self, timeout: float | None = None) -> Endpoint:
         """An endpoint for one call, waiting at most ``timeout`` for a set (or a Resolve)."""
@@ -244,6 +357,9 @@ class Balancer(_BalancerBase):
     def close(self) -> None:
         """Stop the resolver (joining its thread), then close the pooled and the lookaside channels."""
         self._closed()
+        self._report_stop.set()
+        if self._reporter is not None and self._reporter is not threading.current_thread():
+            self._reporter.join(timeout=5)
         self.resolver.close()
         for ch in self.pool.close():
             ch.close()
@@ -266,10 +382,11 @@ class AioBalancer(_BalancerBase):
         max_staleness: float | None = DEFAULT_MAX_STALENESS,
         pick_cache_ttl: float = 0.0,
         throttle: bool | AdaptiveThrottle = True,
+        tls_server_name: str | None = None,
     ) -> None:
         super().__init__(target, policy)
         self.mode = mode
-        opts = tuple(options)
+        opts = backend_options(target, credentials, options, tls_server_name)
         self._closing: set[asyncio.Task[None]] = set()
         self.pool: ChannelPool[grpc.aio.Channel] = ChannelPool(
             lambda address: _aio_channel(address, credentials, opts), self._close_later
@@ -285,6 +402,40 @@ class AioBalancer(_BalancerBase):
             else AioPerCallResolver(target, stub, init_timeout, **kw)
         )
         self._setup_ejector()
+        self._stub = stub
+        self._reporter: asyncio.Task[None] | None = None
+        self._report_closed = False
+        self._start_reporter()
+
+    def _start_reporter(self) -> None:
+        """Start the load report task in the running loop (once; later from the first endpoint set)."""
+        if not self.reports_load or self._reporter is not None or self._report_closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._reporter = loop.create_task(self._report_loop(), name=f"lookaside-load-{self.target}")
+
+    def _on_change(self, current: set[str]) -> None:
+        super()._on_change(current)
+        if self._reporter is None:
+            self._start_reporter()
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.report_interval)
+            try:
+                ack = await self._stub.ReportLoad(self.load_report(), timeout=max(0.5, self.report_interval))
+            except grpc.RpcError as e:
+                log.debug("%s: load report failed: %s", self.target, e)
+                ack = None
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep reporting whatever happens
+                log.exception("%s: load report failed", self.target)
+                ack = None
+            self._report_done(ack)
 
     def _close_later(self, channel: grpc.aio.Channel) -> None:
         try:
@@ -302,6 +453,14 @@ class AioBalancer(_BalancerBase):
     async def aclose(self, grace: float | None = None) -> None:
         """Stop the resolver task, then close every pooled channel and the lookaside channel."""
         self._closed()
+        self._report_closed = True
+        reporter, self._reporter = self._reporter, None
+        if reporter is not None and not reporter.done():
+            reporter.cancel()
+            try:
+                await reporter
+            except (asyncio.CancelledError, Exception):
+                pass
         await self.resolver.aclose()
         channels = self.pool.close()
         await asyncio.gather(*(ch.close(grace) for ch in channels), *self._closing, return_exceptions=True)

@@ -27,11 +27,13 @@ from lookaside_grpc._health import AdaptiveThrottle, retryable
 from lookaside_grpc._policies import RoutingPolicy
 from lookaside_grpc._pool import Slot
 from lookaside_grpc._resolvers import WATCH, Mode
+from lookaside_grpc._retry import UnaryStreamCall, UnaryUnaryFuture
 from lookaside_grpc._stats import Stats
 
 log = logging.getLogger(__name__)
 
 Entry = tuple[Slot[Any], Any]
+_now = time.monotonic
 
 
 class _MultiCallable:
@@ -48,6 +50,7 @@ class _MultiCallable:
         "_registered",
         "_cache",
         "_probation",
+        "_observe",
     )
 
     def __init__(
@@ -71,6 +74,8 @@ class _MultiCallable:
         self._cache: dict[str, Entry] = {}
         #: restored addresses awaiting a success: an empty dict, tested once per call
         self._probation = balancer.probation
+        #: the policy's latency feedback, or None when it needs none (then calls are not timed)
+        self._observe: Callable[[str, float], None] | None = balancer.observe
 
     def _bind(self, address: str) -> Entry:
         slot = self._balancer.pool.get(address)
@@ -89,6 +94,39 @@ class _MultiCallable:
         while not entry[0].acquire():  # closed under us: the pool has (or makes) a fresh one
             entry = self._bind(address)
         return entry
+
+    def _done_callback(self, slot: Slot[Any]) -> Callable[[Any], None]:
+        """The done callback of a call started on ``slot``: release it (and time the call, when the policy
+        wants latency feedback)."""
+        observe = self._observe
+        if observe is None:
+            return slot.release
+        t0 = _now()
+        address = slot.address
+
+        def done(_call: object = None) -> None:
+            slot.release()
+            observe(address, _now() - t0)
+
+        return done
+
+    def _next_attempt(self, failed: str, deadline: float | None) -> Entry | None:
+        """The retry rule's second attempt: eject ``failed``, pick another endpoint and count the call on
+        it; None if there is none or no time is left (monotonic ``deadline``)."""
+        balancer = self._balancer
+        balancer.report_unavailable(failed)
+        ep = balancer.repick(failed)
+        if ep is None or (deadline is not None and deadline - _now() <= 0):
+            return None
+        balancer.counters.retry()
+        log.info(
+            "%s: retrying %s on %s after UNAVAILABLE from %s",
+            balancer.target,
+            self._method,
+            ep.address,
+            failed,
+        )
+        return self._entry(ep.address)
 
     def _start(self, timeout: float | None) -> tuple[Slot[Any], Any, float | None]:
         """Pick a backend (sync) and count the call on it; raises PickError."""
@@ -114,46 +152,47 @@ class _MultiCallable:
     ) -> Any:
         """The one transparent retry of a call that failed with UNAVAILABLE before any response byte:
         eject ``failed``, then call again on another endpoint within the remaining time; else re-raise."""
-        balancer = self._balancer
-        balancer.report_unavailable(failed)
-        ep = balancer.repick(failed)
-        timeout = None if deadline is None else deadline - time.monotonic()
-        if ep is None or (timeout is not None and timeout <= 0):
+        nxt = self._next_attempt(failed, deadline)
+        if nxt is None:
             raise err
-        balancer.counters.retry()
-        log.info(
-            "%s: retrying %s on %s after UNAVAILABLE from %s",
-            balancer.target,
-            self._method,
-            ep.address,
-            failed,
-        )
-        slot, mc = self._entry(ep.address)
+        slot, mc = nxt
+        timeout = None if deadline is None else max(0.0, deadline - _now())
+        observe = self._observe
+        t0 = _now() if observe is not None else 0.0
         try:
             result = mc.with_call(request, timeout, *args) if with_call else mc(request, timeout, *args)
         finally:
             slot.release()
+            if observe is not None:
+                observe(slot.address, _now() - t0)
         if self._probation:
-            balancer.ejector.succeeded(ep.address)
+            self._balancer.ejector.succeeded(slot.address)
         return result
 
     def _invoke_unary(
         self, with_call: bool, request: Any, timeout: float | None, args: tuple[Any, ...]
     ) -> Any:
         """Blocking unary-response call (``__call__``/``with_call``) with the retry rule; a try/except and
-        one empty-dict test are all it adds when the call succeeds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        one empty-dict test are all it adds when the call succeeds (plus timing it, for policies that want
+        latency feedback)."""
+        deadline = None if timeout is None else _now() + timeout
         try:
             slot, mc, timeout = self._start(timeout)
         except PickError as e:
             raise FailedCall(e) from None
+        observe = self._observe
+        t0 = _now() if observe is not None else 0.0
         try:
             result = mc.with_call(request, timeout, *args) if with_call else mc(request, timeout, *args)
         except grpc.RpcError as e:
             if not retryable(e):
+                if observe is not None:
+                    observe(slot.address, _now() - t0)
                 raise
             err = e
         else:
+            if observe is not None:
+                observe(slot.address, _now() - t0)
             if self._probation:
                 self._balancer.ejector.succeeded(slot.address)
             return result
@@ -204,13 +243,8 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
             slot, mc, timeout = self._start(timeout)
         except PickError as e:
             return FailedCall(e)
-        try:
-            fut = mc.future(request, timeout, metadata, credentials, wait_for_ready, compression)
-        except BaseException:
-            slot.release()
-            raise
-        fut.add_done_callback(slot.release)
-        return fut
+        args = (metadata, credentials, wait_for_ready, compression)
+        return UnaryUnaryFuture(self, slot, mc, request, timeout, args)
 
 
 class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):
@@ -229,10 +263,14 @@ class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):
             slot, mc, timeout = self._start(timeout)
         except PickError as e:
             raise FailedCall(e) from None
+        observe = self._observe
+        t0 = _now() if observe is not None else 0.0
         try:
             return mc(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
         finally:
             slot.release()
+            if observe is not None:
+                observe(slot.address, _now() - t0)
 
     def with_call(
         self,
@@ -247,10 +285,14 @@ class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):
             slot, mc, timeout = self._start(timeout)
         except PickError as e:
             raise FailedCall(e) from None
+        observe = self._observe
+        t0 = _now() if observe is not None else 0.0
         try:
             return mc.with_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)  # type: ignore[no-any-return]
         finally:
             slot.release()
+            if observe is not None:
+                observe(slot.address, _now() - t0)
 
     def future(
         self,
@@ -270,7 +312,7 @@ class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):
         except BaseException:
             slot.release()
             raise
-        fut.add_done_callback(slot.release)
+        fut.add_done_callback(self._done_callback(slot))
         return fut
 
 
@@ -297,12 +339,30 @@ class _StreamingResponse(_MultiCallable):
         except BaseException:
             slot.release()
             raise
-        call.add_done_callback(slot.release)
+        call.add_done_callback(self._done_callback(slot))
         return call
 
 
 class _UnaryStream(_StreamingResponse, grpc.UnaryStreamMultiCallable):
+    """unary_stream with the one retry before the first response message (see ``_retry``)."""
+
     __slots__ = ()
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        try:
+            slot, mc, timeout = self._start(timeout)
+        except PickError as e:
+            return FailedCall(e)
+        args = (metadata, credentials, wait_for_ready, compression)
+        return UnaryStreamCall(self, slot, mc, request, timeout, args)
 
 
 class _StreamStream(_StreamingResponse, grpc.StreamStreamMultiCallable):
@@ -444,6 +504,7 @@ def channel(
     max_staleness: float | None = DEFAULT_MAX_STALENESS,
     pick_cache_ttl: float = 0.0,
     throttle: bool | AdaptiveThrottle = True,
+    tls_server_name: str | None = None,
 ) -> Channel:
     """A channel balancing calls over the pods of Service ``service`` in ``namespace``, via ``lookaside``.
 
@@ -453,14 +514,24 @@ def channel(
     it is not the default; ``batch`` > 1 amortises it by asking for that many picks per Resolve.
     ``credentials``/``options`` apply to the per-backend channels (one per pod, reused by every call);
     ``lookaside_credentials`` to the lookaside channel (None = insecure). ``port`` names the Service port.
+    Backends are dialled by pod IP: with ``credentials``, TLS verifies (and ``:authority`` names)
+    ``tls_server_name``, by default the Service DNS name ``<service>.<namespace>.svc`` (your own
+    ``grpc.ssl_target_name_override`` / ``grpc.default_authority`` options win; ``""`` = the pod IP).
     A call made before the first endpoint set waits for it up to its own timeout (else ``init_timeout``) and
     then fails with UNAVAILABLE.
 
+    ``policy``: ``"round_robin"`` (default), ``"random"``, ``"least_request"`` (power of two choices over
+    this client's calls in flight), ``"peak_ewma"`` (power of two choices over latency EWMA x (in flight +
+    1)), ``"weighted"`` (rotation over the weights the lookaside derives from the load every client reports;
+    the channel reports its own every second), or a :class:`RoutingPolicy`. In ``per_call`` mode the
+    lookaside picks with the matching router over the load reported by all clients.
+
     Resilience: when the lookaside is unreachable the last set (watch) or the last picks (per_call, rotated
     locally) keep serving for ``max_staleness`` seconds (default 300; None = forever), after which calls fail
-    with UNAVAILABLE until the lookaside answers again. A blocking unary-unary call that fails with
-    UNAVAILABLE before any response byte is retried once on another endpoint within its deadline, and the
-    failing address is ejected from picks for a cool-down (1 s doubling to 30 s; at most half the set).
+    with UNAVAILABLE until the lookaside answers again. A unary-unary call (blocking or ``future()``) or a
+    unary-stream call that fails with UNAVAILABLE before any response message is retried once on another
+    endpoint within its deadline, and the failing address is ejected from picks for a cool-down (1 s
+    doubling to 30 s; at most half the set).
     ``per_call`` only: ``pick_cache_ttl`` > 0 reuses one Resolve's picks for that many seconds; ``throttle``
     (default on) rejects Resolves locally while the lookaside keeps failing (adaptive throttling, as RLS).
     Channels with identical settings share one balancer (Watch stream, pool, counters).
@@ -475,5 +546,7 @@ def channel(
         pick_cache_ttl=pick_cache_ttl,
         throttle=throttle,
     )
+    if tls_server_name is not None:  # only when given: keeps the key shared with interceptors' balancers
+        settings["tls_server_name"] = tls_server_name
     key = balancer_key("sync", target, mode, policy, **settings)
     return Channel(_balancer.acquire(key, lambda: Balancer(target, mode=mode, policy=policy, **settings)))

@@ -16,6 +16,9 @@ class Endpoint:
     ip: str
     port: int
     zone: str = ""
+    #: Relative share of calls for the ``weighted`` policy (from the lookaside); 0 = unknown (equal share).
+    #: Not part of the identity: the same pod with a new weight is the same endpoint.
+    weight: int = field(default=0, compare=False)
     #: ``ip:port``, with IPv6 addresses in brackets (``[::1]:50051``); computed once.
     address: str = field(init=False, repr=False, compare=False)
 
@@ -27,7 +30,7 @@ class Endpoint:
     @classmethod
     def from_proto(cls, pb: protocol.Endpoint) -> Endpoint:
         """Build from the wire message."""
-        return cls(pb.ip, pb.port, pb.zone)
+        return cls(pb.ip, pb.port, pb.zone, pb.weight)
 
 
 class EndpointState:

@@ -8,9 +8,8 @@ channel unchanged.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -18,10 +17,11 @@ import grpc
 from lookaside_grpc._balancer import DEFAULT_MAX_STALENESS, Balancer, Options
 from lookaside_grpc._channel import _MultiCallable
 from lookaside_grpc._errors import PickError
-from lookaside_grpc._health import AdaptiveThrottle, retryable
+from lookaside_grpc._health import AdaptiveThrottle
 from lookaside_grpc._policies import RoutingPolicy
 from lookaside_grpc._pool import Slot
 from lookaside_grpc._resolvers import WATCH, Mode
+from lookaside_grpc._retry import UnaryStreamCall, UnaryUnaryFuture
 from lookaside_grpc._routing import DEFAULT_ROUTE_WAIT, Route, RouterCore, Target
 from lookaside_grpc._stats import Stats
 
@@ -37,6 +37,10 @@ def _multi(route: Route, kind: str) -> _MultiCallable:
             route.balancer, kind, route.method, _serialize, route.response_class.FromString, False
         )
     return m
+
+
+def _args(details: Any) -> tuple[Any, ...]:
+    return (details.metadata, details.credentials, details.wait_for_ready, details.compression)
 
 
 def _start(
@@ -55,230 +59,6 @@ def _start(
             timeout = max(0.0, timeout - (time.monotonic() - start))
     slot, mc = _multi(route, kind)._entry(ep.address)
     return slot, mc, timeout
-
-
-class _Retrying:
-    """Shared by the retrying unary-request wrappers: the one retry on another endpoint."""
-
-    def _next_attempt(
-        self, route: Route, kind: str, failed: str, deadline: float | None
-    ) -> tuple[Slot[Any], Any, float | None] | None:
-        balancer = route.balancer
-        balancer.report_unavailable(failed)
-        ep = balancer.repick(failed)
-        timeout = None if deadline is None else deadline - time.monotonic()
-        if ep is None or (timeout is not None and timeout <= 0):
-            return None
-        balancer.counters.retry()
-        slot, mc = _multi(route, kind)._entry(ep.address)
-        return slot, mc, timeout
-
-
-class _UnaryUnaryCall(_Retrying, grpc.Call, grpc.Future):  # type: ignore[misc]
-    """A unary-unary call as ``continuation`` would return it (Call + Future), retried once on another
-    endpoint when it fails with UNAVAILABLE before any response byte."""
-
-    def __init__(
-        self, route: Route, slot: Slot[Any], mc: Any, request: Any, timeout: float | None, details: Any
-    ) -> None:
-        self._route = route
-        self._request = request
-        self._args = (details.metadata, details.credentials, details.wait_for_ready, details.compression)
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._retried = False
-        self._cancelled = False
-        self._finished = threading.Event()
-        self._callbacks: list[Callable[[Any], None]] = []
-        self._lock = threading.Lock()
-        self._attempt(slot, mc, timeout)
-
-    def _attempt(self, slot: Slot[Any], mc: Any, timeout: float | None) -> None:
-        self._slot = slot
-        try:
-            self._inner = mc.future(self._request, timeout, *self._args)
-        except BaseException:
-            slot.release()
-            raise
-        self._inner.add_done_callback(self._on_done)
-
-    def _on_done(self, fut: Any) -> None:
-        slot = self._slot
-        slot.release()
-        if not self._retried and not self._cancelled and retryable(fut):
-            self._retried = True
-            nxt = self._next_attempt(self._route, "unary_unary", slot.address, self._deadline)
-            if nxt is not None:
-                try:
-                    self._attempt(*nxt)
-                    return
-                except Exception:  # the first failure stands
-                    pass
-        elif self._route.balancer.probation and fut.code() is grpc.StatusCode.OK:
-            self._route.balancer.ejector.succeeded(slot.address)
-        with self._lock:
-            self._finished.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for cb in callbacks:
-            cb(self)
-
-    def _final(self, timeout: float | None = None) -> Any:
-        if not self._finished.wait(timeout):
-            raise grpc.FutureTimeoutError()
-        return self._inner
-
-    # grpc.Future
-    def cancel(self) -> bool:
-        self._cancelled = True
-        return self._inner.cancel()  # type: ignore[no-any-return]
-
-    def cancelled(self) -> bool:
-        return self._finished.is_set() and self._inner.cancelled()  # type: ignore[no-any-return]
-
-    def running(self) -> bool:
-        return not self._finished.is_set()
-
-    def done(self) -> bool:
-        return self._finished.is_set()
-
-    def result(self, timeout: float | None = None) -> Any:
-        return self._final(timeout).result()
-
-    def exception(self, timeout: float | None = None) -> Any:
-        return self._final(timeout).exception()
-
-    def traceback(self, timeout: float | None = None) -> Any:
-        return self._final(timeout).traceback()
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        with self._lock:
-            if not self._finished.is_set():
-                self._callbacks.append(fn)
-                return
-        fn(self)
-
-    # grpc.Call / RpcContext
-    def initial_metadata(self) -> Any:
-        return self._final().initial_metadata()
-
-    def trailing_metadata(self) -> Any:
-        return self._final().trailing_metadata()
-
-    def code(self) -> grpc.StatusCode:
-        return self._final().code()  # type: ignore[no-any-return]
-
-    def details(self) -> str:
-        return self._final().details()  # type: ignore[no-any-return]
-
-    def debug_error_string(self) -> str:
-        return self._final().debug_error_string()  # type: ignore[no-any-return]
-
-    def is_active(self) -> bool:
-        return not self._finished.is_set()
-
-    def time_remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-
-    def add_callback(self, callback: Callable[[], None]) -> bool:
-        self.add_done_callback(lambda _f: callback())
-        return True
-
-
-class _UnaryStreamCall(_Retrying, grpc.Call, grpc.Future):  # type: ignore[misc]
-    """A unary-stream call (response iterator + Call), retried once on another endpoint when it fails with
-    UNAVAILABLE before the first response message."""
-
-    def __init__(
-        self, route: Route, slot: Slot[Any], mc: Any, request: Any, timeout: float | None, details: Any
-    ) -> None:
-        self._route = route
-        self._request = request
-        self._args = (details.metadata, details.credentials, details.wait_for_ready, details.compression)
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._first = True
-        self._attempt(slot, mc, timeout)
-
-    def _attempt(self, slot: Slot[Any], mc: Any, timeout: float | None) -> None:
-        self._slot = slot
-        try:
-            self._inner = mc(self._request, timeout, *self._args)
-        except BaseException:
-            slot.release()
-            raise
-        self._inner.add_done_callback(slot.release)
-
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        if not self._first:
-            return next(self._inner)
-        try:
-            response = next(self._inner)
-        except grpc.RpcError as e:
-            self._first = False
-            if not retryable(e):
-                raise
-            nxt = self._next_attempt(self._route, "unary_stream", self._slot.address, self._deadline)
-            if nxt is None:
-                raise
-            self._attempt(*nxt)
-            return next(self._inner)
-        except StopIteration:
-            self._first = False
-            raise
-        self._first = False
-        if self._route.balancer.probation:
-            self._route.balancer.ejector.succeeded(self._slot.address)
-        return response
-
-    def __getattr__(self, name: str) -> Any:
-        # everything else of the rendezvous (Call, Future, RpcContext methods) is the current attempt's
-        return getattr(self._inner, name)
-
-    def initial_metadata(self) -> Any:
-        return self._inner.initial_metadata()
-
-    def trailing_metadata(self) -> Any:
-        return self._inner.trailing_metadata()
-
-    def code(self) -> grpc.StatusCode:
-        return self._inner.code()  # type: ignore[no-any-return]
-
-    def details(self) -> str:
-        return self._inner.details()  # type: ignore[no-any-return]
-
-    def is_active(self) -> bool:
-        return self._inner.is_active()  # type: ignore[no-any-return]
-
-    def time_remaining(self) -> float | None:
-        return self._inner.time_remaining()  # type: ignore[no-any-return]
-
-    def add_callback(self, callback: Callable[[], None]) -> bool:
-        return self._inner.add_callback(callback)  # type: ignore[no-any-return]
-
-    def cancel(self) -> bool:
-        return self._inner.cancel()  # type: ignore[no-any-return]
-
-    def cancelled(self) -> bool:
-        return self._inner.cancelled()  # type: ignore[no-any-return]
-
-    def running(self) -> bool:
-        return self._inner.running()  # type: ignore[no-any-return]
-
-    def done(self) -> bool:
-        return self._inner.done()  # type: ignore[no-any-return]
-
-    def result(self, timeout: float | None = None) -> Any:
-        return self._inner.result(timeout)
-
-    def exception(self, timeout: float | None = None) -> Any:
-        return self._inner.exception(timeout)
-
-    def traceback(self, timeout: float | None = None) -> Any:
-        return self._inner.traceback(timeout)
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        self._inner.add_done_callback(lambda _c: fn(self))
 
 
 class LookasideInterceptor(
@@ -361,7 +141,9 @@ class LookasideInterceptor(
             started = _start(core, route, "unary_unary", client_call_details.timeout)
             if started is not None:
                 slot, mc, timeout = started
-                return _UnaryUnaryCall(route, slot, mc, request, timeout, client_call_details)
+                return UnaryUnaryFuture(
+                    _multi(route, "unary_unary"), slot, mc, request, timeout, _args(client_call_details)
+                )
         return continuation(client_call_details, request)
 
     def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
@@ -371,7 +153,9 @@ class LookasideInterceptor(
             started = _start(core, route, "unary_stream", client_call_details.timeout)
             if started is not None:
                 slot, mc, timeout = started
-                return _UnaryStreamCall(route, slot, mc, request, timeout, client_call_details)
+                return UnaryStreamCall(
+                    _multi(route, "unary_stream"), slot, mc, request, timeout, _args(client_call_details)
+                )
         return continuation(client_call_details, request)
 
     def _streaming_request(self, kind: str, continuation: Any, details: Any, request_iterator: Any) -> Any:
@@ -381,13 +165,14 @@ class LookasideInterceptor(
             started = _start(core, route, kind, details.timeout)
             if started is not None:
                 slot, mc, timeout = started
-                args = (details.metadata, details.credentials, details.wait_for_ready, details.compression)
                 try:
-                    call = (mc.future if kind == "stream_unary" else mc)(request_iterator, timeout, *args)
+                    call = (mc.future if kind == "stream_unary" else mc)(
+                        request_iterator, timeout, *_args(details)
+                    )
                 except BaseException:
                     slot.release()
                     raise
-                call.add_done_callback(slot.release)
+                call.add_done_callback(_multi(route, kind)._done_callback(slot))
                 return call
         return continuation(details, request_iterator)
 

@@ -1,15 +1,38 @@
-"""Routing policies: choose one endpoint of a set for a call; small and swappable."""
+"""Routing policies: choose one endpoint of a set for a call; small and swappable.
+
+``round_robin`` and ``random`` look at nothing but the set. The load-aware ones look at this client's own
+view of each endpoint: ``least_request`` (power of two choices over the calls in flight, as Envoy's
+least_request) and ``peak_ewma`` (power of two choices over latency EWMA x (in flight + 1), as Finagle and
+Linkerd). ``weighted`` rotates over the per-endpoint weights the lookaside computes from the load every
+client reports (server-assisted). In-flight counts are the channel pool's own (``Slot._inflight``), so the
+load-aware policies add no counter of their own; latency is measured only for policies that ask for it
+(``needs_latency``).
+"""
 
 from __future__ import annotations
 
 import abc
+import heapq
 import itertools
+import math
 import random
-from collections.abc import Sequence
-from typing import ClassVar
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
 
 from lookaside_grpc import protocol
 from lookaside_grpc._endpoints import Endpoint
+
+#: Default decay time of the latency EWMA (seconds), as Linkerd's and Finagle's default.
+DEFAULT_TAU = 10.0
+#: Cost of an endpoint with calls in flight but no latency measured yet (Finagle's penalty): avoided until
+#: its first answer, but still picked when every endpoint is unmeasured (then the least loaded wins).
+PENALTY = 1e9
+#: ``weighted``: weights are scaled so the largest is this many schedule slots (about 1.5 % resolution).
+WEIGHT_RESOLUTION = 64
+#: ``weighted``: the longest precomputed schedule.
+MAX_SCHEDULE = 8192
 
 
 class RoutingPolicy(abc.ABC):
@@ -19,10 +42,28 @@ class RoutingPolicy(abc.ABC):
     router_type: ClassVar[int] = protocol.ROUNDROBIN
     #: The name this policy is known by in ``channel(policy=...)``.
     name: ClassVar[str] = ""
+    #: Whether calls must be timed and fed to :meth:`observe` (only then do channels time calls).
+    needs_latency: ClassVar[bool] = False
+    #: Whether the balancer reports this client's load to the lookaside (ReportLoad) periodically.
+    reports_load: ClassVar[bool] = False
 
     @abc.abstractmethod
     def pick(self, endpoints: Sequence[Endpoint]) -> Endpoint:
         """Return one of ``endpoints`` (never empty)."""
+
+    def bind(self, pool: Any) -> None:  # noqa: B027 - optional hook
+        """Called once by the balancer with its channel pool, whose slots count the calls in flight per
+        address (a policy instance serves one balancer)."""
+
+    def observe(self, address: str, seconds: float) -> None:  # noqa: B027 - optional hook
+        """A call to ``address`` completed after ``seconds`` (only called when ``needs_latency``)."""
+
+    def latency_ms(self, address: str) -> float:
+        """This client's latency estimate for ``address`` in milliseconds; 0 = not measured."""
+        return 0.0
+
+    def retain(self, addresses: set[str]) -> None:  # noqa: B027 - optional hook
+        """The endpoint set changed to ``addresses``: per-address state of the others may be dropped."""
 
 
 class RoundRobin(RoutingPolicy):
@@ -51,14 +92,227 @@ class Random(RoutingPolicy):
         return self._choice(endpoints)
 
 
-POLICIES: dict[str, type[RoutingPolicy]] = {"round_robin": RoundRobin, "random": Random}
+class Ewma:
+    """Peak-sensitive, time-decayed moving average of latency (Finagle's PeakEwma).
+
+    ``value(now) = cost * exp(-(now - stamp) / tau)``: idle time decays the estimate toward 0 (so an endpoint
+    not used for a while gets probed again); a sample above the current value replaces it at once (peak),
+    a lower one is blended in with weight ``1 - exp(-elapsed / tau)``.
+    """
+
+    __slots__ = ("cost", "stamp", "tau", "_clock")
+
+    def __init__(self, tau: float = DEFAULT_TAU, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cost = 0.0
+        self.tau = tau
+        self._clock = clock
+        self.stamp = clock()
+
+    def value(self, now: float | None = None) -> float:
+        """The estimate at ``now`` (default: the clock)."""
+        if now is None:
+            now = self._clock()
+        return self.cost * math.exp(-max(0.0, now - self.stamp) / self.tau)
+
+    def observe(self, sample: float, now: float | None = None) -> None:
+        """Feed one latency sample (seconds)."""
+        if now is None:
+            now = self._clock()
+        w = math.exp(-max(0.0, now - self.stamp) / self.tau)
+        decayed = self.cost * w
+        self.cost = sample if sample > decayed else decayed + sample * (1.0 - w)
+        self.stamp = now
+
+
+def _inflight(slots: dict[str, Any], address: str) -> int:
+    slot = slots.get(address)
+    return len(slot._inflight) if slot is not None else 0
+
+
+class LeastRequest(RoutingPolicy):
+    """Power of two choices over this client's calls in flight (Envoy's least_request): two distinct
+    endpoints at random, the one with fewer calls in flight wins (ties: the first). Lock-free."""
+
+    router_type = protocol.LEAST_REQUEST
+    name = "least_request"
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._random = random.Random(seed).random
+        self._slots: dict[str, Any] = {}
+
+    def bind(self, pool: Any) -> None:
+        self._slots = pool._slots  # the live dict: in-flight counts are read per pick, never copied
+
+    def _two(self, endpoints: Sequence[Endpoint]) -> tuple[Endpoint, Endpoint]:
+        n = len(endpoints)
+        r = self._random
+        i = int(r() * n)
+        j = int(r() * (n - 1))
+        if j >= i:
+            j += 1
+        return endpoints[i], endpoints[j]
+
+    def pick(self, endpoints: Sequence[Endpoint]) -> Endpoint:
+        if len(endpoints) < 2:
+            return endpoints[0]
+        a, b = self._two(endpoints)
+        slots = self._slots
+        return b if _inflight(slots, b.address) < _inflight(slots, a.address) else a
+
+
+class _LatencyTracking(RoutingPolicy):
+    """Keeps a peak EWMA of the latency per address (fed by the channels' call timing)."""
+
+    needs_latency = True
+
+    def __init__(self, tau: float = DEFAULT_TAU, clock: Callable[[], float] = time.monotonic) -> None:
+        self.tau = tau
+        self._clock = clock
+        self._ewma: dict[str, Ewma] = {}
+
+    def observe(self, address: str, seconds: float) -> None:
+        e = self._ewma.get(address)
+        if e is None:
+            e = self._ewma.setdefault(address, Ewma(self.tau, self._clock))
+        e.observe(seconds)  # concurrent samples may race: one can be lost, which an average tolerates
+
+    def latency_ms(self, address: str) -> float:
+        e = self._ewma.get(address)
+        return e.value() * 1000.0 if e is not None else 0.0
+
+    def retain(self, addresses: set[str]) -> None:
+        for a in [a for a in self._ewma if a not in addresses]:
+            self._ewma.pop(a, None)
+
+
+class PeakEwma(LeastRequest, _LatencyTracking):
+    """Power of two choices over cost = latency EWMA x (calls in flight + 1) (Finagle/Linkerd peak EWMA).
+
+    ``tau`` is the EWMA decay time; ``clock`` is injectable for tests. An endpoint never measured costs 0
+    when idle (so it gets a first call) and :data:`PENALTY` while that call is in flight.
+    """
+
+    router_type = protocol.PEAK_EWMA
+    name = "peak_ewma"
+
+    def __init__(
+        self,
+        tau: float = DEFAULT_TAU,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int | None = None,
+    ) -> None:
+        LeastRequest.__init__(self, seed)
+        _LatencyTracking.__init__(self, tau, clock)
+
+    def cost(self, address: str, now: float | None = None) -> float:
+        """The cost of sending one more call to ``address``."""
+        pending = _inflight(self._slots, address)
+        e = self._ewma.get(address)
+        lat = e.value(now) if e is not None else 0.0
+        if lat == 0.0:
+            return PENALTY + pending if pending else 0.0
+        return lat * (pending + 1)
+
+    def pick(self, endpoints: Sequence[Endpoint]) -> Endpoint:
+        if len(endpoints) < 2:
+            return endpoints[0]
+        a, b = self._two(endpoints)
+        now = self._clock()
+        return b if self.cost(b.address, now) < self.cost(a.address, now) else a
+
+
+def normalized_weights(weights: Sequence[int], resolution: int = WEIGHT_RESOLUTION) -> list[int]:
+    """Small positive integers proportional to ``weights``: 0 (unknown) counts as the mean of the known
+    ones, all unknown means equal; the largest becomes ``resolution``, none drops below 1."""
+    known = [w for w in weights if w > 0]
+    if not known:
+        return [1] * len(weights)
+    mean = sum(known) / len(known)
+    full = [w if w > 0 else mean for w in weights]
+    top = max(full)
+    scale = resolution / top
+    while True:
+        out = [max(1, round(w * scale)) for w in full]
+        if sum(out) <= MAX_SCHEDULE or scale * top <= 1:
+            return out
+        scale /= 2
+
+
+def weighted_schedule(weights: Sequence[int]) -> list[int]:
+    """Indexes in earliest-deadline-first order: index ``i`` appears in proportion to ``weights[i]``,
+    interleaved smoothly (EDF over deadlines ``(k + 0.5) / w``); one full cycle. Weights are normalized
+    with :func:`normalized_weights` first."""
+    ws = normalized_weights(weights)
+    if len(set(ws)) == 1:
+        return list(range(len(ws)))
+    heap = [(0.5 / w, i) for i, w in enumerate(ws)]
+    heapq.heapify(heap)
+    out: list[int] = []
+    for _ in range(sum(ws)):
+        d, i = heapq.heappop(heap)
+        out.append(i)
+        heapq.heappush(heap, (d + 1.0 / ws[i], i))
+    return out
+
+
+class Weighted(_LatencyTracking):
+    """Weighted rotation over ``Endpoint.weight`` (published by the lookaside from the load all clients
+    report; 0/absent = equal): a precomputed earliest-deadline-first schedule, rebuilt only when the set or
+    its weights change, walked lock-free like round robin. Server-assisted: the balancer reports this
+    client's in-flight calls and latency EWMA to the lookaside every second."""
+
+    router_type = protocol.WEIGHTED
+    name = "weighted"
+    reports_load = True
+
+    def __init__(
+        self,
+        tau: float = DEFAULT_TAU,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(tau, clock)
+        # (the set the schedule is for, its (address, weight) key, the schedule)
+        self._state: tuple[Sequence[Endpoint] | None, tuple[Any, ...], tuple[Endpoint, ...]] = (None, (), ())
+        self._lock = threading.Lock()
+        self._next = itertools.count(random.Random(seed).randrange(1 << 16)).__next__
+
+    def _schedule(self, endpoints: Sequence[Endpoint]) -> tuple[Endpoint, ...]:
+        key = tuple((e.address, e.weight) for e in endpoints)
+        with self._lock:
+            state = self._state
+            if state[1] == key:
+                sched = state[2]
+            else:
+                sched = tuple(endpoints[i] for i in weighted_schedule([e.weight for e in endpoints]))
+            self._state = (endpoints, key, sched)
+        return sched
+
+    def pick(self, endpoints: Sequence[Endpoint]) -> Endpoint:
+        state = self._state
+        sched = state[2] if state[0] is endpoints else self._schedule(endpoints)
+        return sched[self._next() % len(sched)]
+
+
+POLICIES: dict[str, type[RoutingPolicy]] = {
+    "round_robin": RoundRobin,
+    "random": Random,
+    "least_request": LeastRequest,
+    "peak_ewma": PeakEwma,
+    "weighted": Weighted,
+}
 
 
 def resolve_policy(policy: str | RoutingPolicy) -> RoutingPolicy:
-    """Turn a policy name ("round_robin", "random") or instance into an instance."""
+    """Turn a policy name (see :data:`POLICIES`) or instance into an instance."""
     if isinstance(policy, RoutingPolicy):
         return policy
     try:
         return POLICIES[policy]()
     except KeyError:
         raise ValueError(f"unknown policy {policy!r}; expected one of {sorted(POLICIES)}") from None
+
+
+def policy_names() -> Iterable[str]:
+    """The names ``channel(policy=...)`` accepts."""
+    return list(POLICIES)

@@ -5,21 +5,24 @@ balances an existing channel's calls (one interceptor object per call shape, as 
 from lookaside_grpc._aio_channel import Channel, channel
 from lookaside_grpc._aio_interceptor import LookasideInterceptor, interceptors
 from lookaside_grpc._endpoints import Endpoint
-from lookaside_grpc._policies import Random, RoundRobin, RoutingPolicy
+from lookaside_grpc._policies import LeastRequest, PeakEwma, Random, RoundRobin, RoutingPolicy, Weighted
 from lookaside_grpc._resolvers import PER_CALL, WATCH, Mode
 from lookaside_grpc._routing import Target
 
 __all__ = [
     "Channel",
     "Endpoint",
+    "LeastRequest",
     "LookasideInterceptor",
     "Mode",
     "PER_CALL",
+    "PeakEwma",
     "Random",
     "RoundRobin",
     "RoutingPolicy",
     "Target",
     "WATCH",
+    "Weighted",
     "channel",
     "interceptors",
 ]

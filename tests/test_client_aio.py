@@ -55,9 +55,10 @@ async def test_all_call_shapes_deferred_then_direct(backends: Backends, lookasid
         assert isinstance(first, grpc.aio.UnaryUnaryCall)
         assert (await first).result.startswith("Hello Ada L from 127.0.0.1:")
         assert await first.code() is grpc.StatusCode.OK
-        # with a known set the real grpc.aio call is returned
+        # with a known set the real grpc.aio call is returned at once, in a thin wrapper carrying the retry
         call = stub.Greet(req(), timeout=5)
-        assert type(call).__module__.startswith("grpc")
+        assert type(call).__name__ == "AioUnaryUnaryCall" and isinstance(call, grpc.aio.UnaryUnaryCall)
+        assert type(call._call).__module__.startswith("grpc")  # type: ignore[attr-defined]
         assert (await call).result
         many = [r.result async for r in stub.GreetManyTimes(req("Bo"), timeout=5)]
         assert len(many) == 3 and many[2].endswith("#2")

@@ -73,7 +73,8 @@ def test_policies_by_name_and_custom() -> None:
     eps = [E("a", 1), E("b", 1)]
     assert {rnd.pick(eps).ip for _ in range(200)} == {"a", "b"}
     with pytest.raises(ValueError):
-        resolve_policy("least_request")
+        resolve_policy("least_loaded")
+    assert isinstance(resolve_policy("least_request"), lookaside_grpc.LeastRequest)
 
     class First(lookaside_grpc.RoutingPolicy):
         def pick(self, endpoints):  # type: ignore[no-untyped-def]

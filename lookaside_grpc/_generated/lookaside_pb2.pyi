@@ -167,18 +167,18 @@ class LoadReport(_message.Message):
     def __init__(self, service: _Optional[str] = ..., namespace: _Optional[str] = ..., port: _Optional[str] = ..., client_id: _Optional[str] = ..., interval_ms: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[EndpointLoad, _Mapping]]] = ...) -> None: ...
 
 class EndpointLoad(_message.Message):
-    __slots__ = ("ip", "port", "outstanding", "latency_ms", "completed")
+    __slots__ = ("ip", "port", "outstanding", "latency_ms", "calls")
     IP_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     OUTSTANDING_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
-    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
     ip: str
     port: int
     outstanding: int
     latency_ms: float
-    completed: int
-    def __init__(self, ip: _Optional[str] = ..., port: _Optional[int] = ..., outstanding: _Optional[int] = ..., latency_ms: _Optional[float] = ..., completed: _Optional[int] = ...) -> None: ...
+    calls: int
+    def __init__(self, ip: _Optional[str] = ..., port: _Optional[int] = ..., outstanding: _Optional[int] = ..., latency_ms: _Optional[float] = ..., calls: _Optional[int] = ...) -> None: ...
 
 class LoadReportAck(_message.Message):
     __slots__ = ("interval_ms",)

@@ -12,7 +12,10 @@ from collections.abc import Sequence
 
 from lookaside_server._app import DEFAULT_HOST, DEFAULT_PORT, LookasideServer, ServerConfig
 from lookaside_server._kube_cli import add_source_arguments, choose_source
+from lookaside_server._logging import configure as configure_logging
+from lookaside_server._security_cli import add_security_arguments, security_config
 from lookaside_server._static import StaticFileError
+from lookaside_server._tls import TlsError
 
 log = logging.getLogger("lookaside_server")
 DEFAULT_HTTP_PORT = 8080
@@ -48,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=(_env("LB_XDS", "1") or "1").lower() not in ("0", "false", "no", "off"),
                    help="also serve xDS (ADS) on the gRPC port for stock clients dialing "
                         "xds:///<service>.<namespace> (LB_XDS=0 or --no-xds turns it off; default on)")
+    add_security_arguments(p)
     return p
 
 
@@ -81,7 +85,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     level = getattr(logging, str(args.log_level).upper(), None)
     if not isinstance(level, int):
         parser.error(f"unknown log level {args.log_level!r}")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        security = security_config(args)
+    except ValueError as e:
+        parser.error(str(e))
+    configure_logging(level, args.log_format)
     try:
         chosen = choose_source(args)
     except ValueError as e:
@@ -93,10 +101,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                           source=chosen.source, allow_namespaces=chosen.allow_namespaces,
                           http_port=_http_port(args.http_port), http_optional=args.http_port is None,
                           http_host=args.http_host,
-                          poll_interval=args.poll_interval, grace=args.grace, xds=args.xds)
+                          poll_interval=args.poll_interval, grace=args.grace, xds=args.xds, **security)
     try:
         asyncio.run(serve(config))
-    except (StaticFileError, OSError) as e:
+    except (StaticFileError, OSError, TlsError) as e:
         log.error("cannot start: %s", e)
         sys.exit(1)
     sys.exit(0)

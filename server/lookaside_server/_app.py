@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -12,11 +13,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lookaside_grpc import protocol as pb
+from lookaside_server._access import AccessPolicy
+from lookaside_server._guard import ServerGuard
 from lookaside_server._http import HttpServer
+from lookaside_server._limits import Limits, StreamSlots
+from lookaside_server._metrics import ServerMetrics
 from lookaside_server._registry import Registry, TargetStatus
 from lookaside_server._source import EndpointSource
 from lookaside_server._static import StaticFileSource
 from lookaside_server._status import StatusServicer, add_routes
+from lookaside_server._tls import CertificateStore, TlsConfig, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +54,24 @@ class ServerConfig:
     xds: bool = True
     #: Shape of the xDS resources (``lookaside_server._xds_resources.XdsOptions``); None = the defaults.
     xds_options: object | None = field(default=None, compare=False)
+    #: TLS for the gRPC port (``_tls.TlsConfig``; with a client CA: mutual TLS); None = plaintext.
+    tls: TlsConfig | None = None
+    #: Per-namespace service rules (namespace -> services, ``*`` = all of it; see ``_access.AccessPolicy``).
+    allow_services: Mapping[str, frozenset[str]] | None = field(default=None, compare=False)
+    #: Client certificate identity globs (needs mutual TLS); None = any client.
+    allow_client_identities: tuple[str, ...] | None = None
+    #: Message size, stream and keepalive limits of the gRPC port.
+    limits: Limits = field(default_factory=Limits)
+    #: Most targets the static file source subscribes at once (None: no limit; Kubernetes has its own).
+    max_targets: int | None = None
 
     def make_source(self) -> EndpointSource:
         """The configured endpoint source; raise ValueError if none is configured."""
         if self.source is not None:
             return self.source
         if self.static_file:
-            return StaticFileSource(self.static_file, poll_interval=self.poll_interval)
+            return StaticFileSource(self.static_file, poll_interval=self.poll_interval,
+                                    max_targets=self.max_targets)
         raise ValueError("no endpoint source configured (set a static file)")
 
 
@@ -72,6 +89,17 @@ class LookasideServer:
         self.source = config.make_source()
         self.registry = Registry(self.source)
         self.health = health.aio.HealthServicer()
+        if config.allow_client_identities is not None and (config.tls is None or not config.tls.mutual):
+            raise ValueError("--allow-client-identity needs mutual TLS (--tls-cert, --tls-key and "
+                             "--tls-client-ca)")
+        #: Counters and gauges of this server (``/metrics``), in a registry of its own.
+        self.slots = StreamSlots(config.limits.max_watches, config.limits.max_watches_per_peer)
+        self.metrics = ServerMetrics(self.slots)
+        #: The one access policy every RPC goes through.
+        self.access = AccessPolicy(config.allow_namespaces, config.allow_services,
+                                   config.allow_client_identities, on_deny=self.metrics.deny)
+        #: The TLS material in use (None: plaintext; valid after start).
+        self.tls: CertificateStore | None = None
         self._server: grpc.aio.Server | None = None
         self._source_started = False
         self._http: HttpServer | None = None
@@ -91,15 +119,25 @@ class LookasideServer:
         await self.source.start(self.registry.publish)
         self._source_started = True
         try:
-            server = grpc.aio.server()
-            servicer = StatusServicer(self.registry, allow_namespaces=self.config.allow_namespaces)
+            limits = self.config.limits
+            server = grpc.aio.server(interceptors=[ServerGuard(self.access, self.slots, self.metrics)],
+                                     options=limits.server_options(),
+                                     maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
+            servicer = StatusServicer(self.registry, allow_namespaces=self.config.allow_namespaces,
+                                      access=self.access)
             pb.add_LookasideServicer_to_server(servicer, server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
             xds_services = self._add_xds(server)
             reflection.enable_server_reflection(
                 (pb.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME, *xds_services), server)
-            bound = server.add_insecure_port(_host_port(self.config.host, self.config.port))
+            address = _host_port(self.config.host, self.config.port)
+            if self.config.tls is not None:
+                credentials, self.tls = server_credentials(self.config.tls)
+                bound = server.add_secure_port(address, credentials)
+            else:
+                bound = server.add_insecure_port(address)
+            self.metrics.attach(self.registry, asyncio.get_running_loop(), self.tls)
             if bound == 0:
                 raise OSError(f"cannot bind {_host_port(self.config.host, self.config.port)}")
             if self.config.http_port is not None:
@@ -116,7 +154,8 @@ class LookasideServer:
         self.port = bound
         for service in ("", pb.SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("listening on %s", self.address)
+        log.info("listening on %s (%s)", self.address, "plaintext" if self.config.tls is None else
+                 "mutual TLS" if self.config.tls.mutual else "TLS")
         return bound
 
     def _add_xds(self, server: grpc.aio.Server) -> tuple[str, ...]:
@@ -129,13 +168,14 @@ class LookasideServer:
             log.warning("xDS is off: %s (install the xds-protos package)", e)
             return ()
         self.xds = add_xds_to_server(self.registry, server, self.config.xds_options,  # type: ignore[arg-type]
-                                     getattr(self.config, "allow_namespaces", None))
+                                     getattr(self.config, "allow_namespaces", None), access=self.access)
         return (SERVICE_NAME,)
 
     def _start_http(self) -> None:
         assert self.config.http_port is not None
         http = HttpServer(self.config.http_host or self.config.host, self.config.http_port)
         add_routes(http, self.registry, asyncio.get_running_loop(), lambda: self.address)
+        self.metrics.add_route(http)
         try:
             self.http_port = http.start()
         except OSError as e:

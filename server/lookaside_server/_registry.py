@@ -43,6 +43,12 @@ class Subscription:
         self._latest = state
         self._event.set()
 
+    def resend(self, state: TargetState) -> None:
+        """Wake the watcher to send ``state`` (the last one it got) again, e.g. with new load weights, unless
+        a newer state is already waiting (it goes out with the new weights anyway)."""
+        if self._latest is None:
+            self.offer(state)
+
     def close(self) -> None:
         """End the subscription; :meth:`next` returns None from now on."""
         self._closed = True

@@ -41,8 +41,8 @@ def select_port(endpoints: Endpoints, port: str) -> tuple[str, Endpoints]:
     if port == "":
         name = endpoints[0].port_name
         return name, tuple(e for e in endpoints if e.port_name == name)
-    if port.isdigit():
-        number = int(port)
+    if port.isascii() and port.isdigit():  # not str.isdigit alone: "²" is a digit int() refuses
+        number = int(port) if len(port.lstrip("0")) <= 5 else -1  # no such port; int() refuses > 4300 digits
         chosen = tuple(e for e in endpoints if e.port == number)
         names = {e.port_name for e in chosen}
         key = names.pop() if len(names) == 1 and "" not in names else str(number)

@@ -19,7 +19,7 @@ import yaml
 
 from lookaside_server._model import BackendEndpoint, Endpoints, Target
 from lookaside_server._names import namespace_problem, port_name_problem, service_problem
-from lookaside_server._source import EndpointSource, Publish, TargetNotFound
+from lookaside_server._source import EndpointSource, Publish, TargetNotFound, TooManyTargets
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,12 @@ class StaticFileSource(EndpointSource):
     symlink swaps and editors replacing the file are seen), then a content hash before re-parsing.
     """
 
-    def __init__(self, path: str | os.PathLike[str], poll_interval: float = 1.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], poll_interval: float = 1.0,
+                 max_targets: int | None = None) -> None:
         self.path = Path(path)
         self.poll_interval = poll_interval
+        #: Most targets subscribed at once (None: no limit); more raise TooManyTargets.
+        self.max_targets = max_targets
         self._publish: Publish | None = None
         self._contents: Contents = {}
         self._subscribed: set[Target] = set()
@@ -151,6 +154,9 @@ class StaticFileSource(EndpointSource):
         endpoints = self._contents.get(target)
         if endpoints is None:
             raise TargetNotFound(target)
+        if (self.max_targets is not None and target not in self._subscribed
+                and len(self._subscribed) >= self.max_targets):
+            raise TooManyTargets(target, self.max_targets)
         self._subscribed.add(target)
         assert self._publish is not None
         self._publish(target, endpoints)

@@ -4,9 +4,11 @@ A stock gRPC client with an xDS bootstrap pointing here dials ``xds:///<service>
 balances over the same endpoints Resolve/Watch serve (see :mod:`lookaside_server._xds_resources` for the
 names and resources). Per ADS stream:
 
-* every requested name is parsed, checked against the namespace allow-list and its target is watched in the
-  registry (``Registry.watch``); a bad, forbidden or unknown name gets no resource (the client reports it
-  missing; unknown targets are looked at again every ``retry_interval`` seconds), and is logged;
+* every requested name is parsed, checked against the access policy (namespace allow-list, service rules)
+  and its target is watched in the registry (``Registry.watch``); a bad, forbidden or unknown name gets no
+  resource (the client reports it missing; unknown targets are looked at again every ``retry_interval``
+  seconds), and is logged (a forbidden one is also counted); a client whose certificate identity is not
+  allowed is refused the whole stream (PERMISSION_DENIED, by the server interceptor);
 * a response per type lists every subscribed name of that type that exists (state of the world), with a
   per-type ``version_info`` and a nonce per response;
 * a response is sent for a new subscription and whenever the resources change (endpoint changes reach the
@@ -32,6 +34,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
+from lookaside_server._access import AccessPolicy
 from lookaside_server._model import Endpoints, Target
 from lookaside_server._registry import Registry, Subscription, TargetState
 from lookaside_server._routing import UnknownPort, eligible, select_port
@@ -60,9 +63,10 @@ CONTROL_PLANE = "lookaside-server"
 
 
 def add_xds_to_server(registry: Registry, server: grpc.aio.Server, options: XdsOptions | None = None,
-                      allow_namespaces: Collection[str] | None = None) -> AdsServicer:
+                      allow_namespaces: Collection[str] | None = None,
+                      access: AccessPolicy | None = None) -> AdsServicer:
     """Serve ADS on ``server``; return the servicer (call its ``close()`` on shutdown)."""
-    servicer = AdsServicer(registry, options, allow_namespaces)
+    servicer = AdsServicer(registry, options, allow_namespaces, access)
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
     return servicer
 
@@ -71,11 +75,13 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     """StreamAggregatedResources over the registry; DeltaAggregatedResources stays UNIMPLEMENTED."""
 
     def __init__(self, registry: Registry, options: XdsOptions | None = None,
-                 allow_namespaces: Collection[str] | None = None) -> None:
+                 allow_namespaces: Collection[str] | None = None, access: AccessPolicy | None = None) -> None:
         self.registry = registry
         self.options = options or XdsOptions()
         #: None: every namespace; else only these (as for Resolve/Watch).
         self.allow_namespaces = allow_namespaces
+        #: The server's access policy (namespace allow-list and service rules, as for Resolve/Watch).
+        self.access = access if access is not None else AccessPolicy(allow_namespaces)
         self._streams: set[_AdsStream] = set()
         self._ids = itertools.count(1)
         self._closed = False
@@ -110,7 +116,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     def allowed(self, namespace: str) -> bool:
         """Whether ``namespace`` may be served (the same allow-list as Resolve/Watch)."""
-        return self.allow_namespaces is None or namespace in self.allow_namespaces
+        return self.access.allow_namespaces is None or namespace in self.access.allow_namespaces
 
 
 @dataclass
@@ -256,9 +262,9 @@ class _AdsStream:
         except BadName as e:
             log.warning("node %r asked for xDS name %s; sending no resource for it", self.node, e)
             return _Name(name, None, "invalid")
-        if not self.servicer.allowed(parsed.target.namespace):
-            log.warning("node %r asked for %r: namespace %r is not allowed; sending no resource for it",
-                        self.node, name, parsed.target.namespace)
+        if (denial := self.servicer.access.target_denial(parsed.target)) is not None:
+            log.warning("node %r asked for %r: %s; sending no resource for it", self.node, name,
+                        denial.message)
             return _Name(name, parsed, "denied")
         if await self._watch(parsed.target):
             return _Name(name, parsed, "ok")

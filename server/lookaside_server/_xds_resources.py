@@ -54,8 +54,8 @@ def parse_name(name: str) -> XdsName:
     if sep:
         if not port:
             raise BadName(f"{name!r}: empty port after ':'")
-        if port.isdigit():
-            if not 0 < int(port) < 65536:
+        if port.isascii() and port.isdigit():  # "²" is a digit int() refuses
+            if len(port.lstrip("0")) > 5 or not 0 < int(port) < 65536:
                 raise BadName(f"{name!r}: port {port} is out of range")
             port = str(int(port))
         elif problem := port_name_problem(port):

@@ -43,13 +43,14 @@ exit codes:
   {EXIT_USAGE}  usage error (bad flags or arguments)
   {EXIT_NOT_FOUND}  NOT_FOUND: the server does not know the target (check the Service name and namespace)
   {EXIT_INVALID_ARGUMENT}  INVALID_ARGUMENT: malformed service/namespace, unknown --port or --router value
-  {EXIT_PERMISSION_DENIED}  PERMISSION_DENIED: the server is not allowed to serve that namespace
+  {EXIT_PERMISSION_DENIED}  PERMISSION_DENIED: access rules refuse that namespace, Service or client
   {EXIT_UNAVAILABLE}  UNAVAILABLE: server unreachable (check --server), or the target has no ready endpoint
   {EXIT_DEADLINE}  DEADLINE_EXCEEDED: no answer in time (watch: --max-updates not reached by --timeout)
   {EXIT_UNIMPLEMENTED}  UNIMPLEMENTED: the server is too old for this command
 
 environment:
   LOOKASIDE_ADDR  default for --server (else {DEFAULT_SERVER})
+  LOOKASIDE_TLS_CA, LOOKASIDE_TLS_CERT, LOOKASIDE_TLS_KEY, LOOKASIDE_TLS_SERVER_NAME  defaults for --tls-*
 """
 
 _ROUTERS = {"round_robin": pb.ROUNDROBIN, "random": pb.RANDOM}
@@ -91,19 +92,39 @@ def parse_target(text: str) -> TargetArg:
 # --- connection ----------------------------------------------------------------------------------------
 
 
+def _read_pem(path: str | None, flag: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise CliError(EXIT_USAGE, f"{flag} {path}: {e.strerror or e}") from None
+
+
 def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     """Channel credentials for the lookaside server; None means plaintext.
 
-    TLS goes here (``--tls-ca``/``--tls-cert``/``--tls-key`` -> ``grpc.ssl_channel_credentials``).
+    Any of ``--tls-ca``/``--tls-cert``/``--tls-key``/``--tls-server-name`` turns TLS on
+    (``grpc.ssl_channel_credentials``; without ``--tls-ca`` the system roots); ``--tls-cert`` with
+    ``--tls-key`` presents a client certificate (mutual TLS).
     """
-    return None
+    ca, cert, key = (getattr(args, n, None) for n in ("tls_ca", "tls_cert", "tls_key"))
+    if not (ca or cert or key or getattr(args, "tls_server_name", None)):
+        return None
+    if bool(cert) != bool(key):
+        raise CliError(EXIT_USAGE, "a client certificate needs both --tls-cert and --tls-key")
+    return grpc.ssl_channel_credentials(_read_pem(ca, "--tls-ca"), _read_pem(key, "--tls-key"),
+                                        _read_pem(cert, "--tls-cert"))
 
 
 def connect(args: argparse.Namespace) -> grpc.Channel:
     """A channel to ``--server``."""
     creds = _credentials(args)
-    if creds is not None:  # pragma: no cover - TLS comes later
-        return grpc.secure_channel(args.server, creds)
+    if creds is not None:
+        name = getattr(args, "tls_server_name", None)
+        options = [("grpc.ssl_target_name_override", name), ("grpc.default_authority", name)] if name else []
+        return grpc.secure_channel(args.server, creds, options=options)
     return grpc.insecure_channel(args.server)
 
 
@@ -443,6 +464,14 @@ def _common_flags(with_defaults: bool) -> argparse.ArgumentParser:
     common.add_argument(
         "--json", action="store_true", default=default(False), help="machine-readable JSON output"
     )
+    tls = [("--tls-ca", "LOOKASIDE_TLS_CA", "CA bundle to verify the server (default: system roots)"),
+           ("--tls-cert", "LOOKASIDE_TLS_CERT", "client certificate for mutual TLS (with --tls-key)"),
+           ("--tls-key", "LOOKASIDE_TLS_KEY", "private key of --tls-cert"),
+           ("--tls-server-name", "LOOKASIDE_TLS_SERVER_NAME",
+            "name the server certificate must carry, if not the --server host")]
+    for flag, env, text in tls:
+        common.add_argument(flag, default=default(os.environ.get(env) or None),
+                            help=f"{text}; any --tls-* flag turns TLS on ({env})")
     common.add_argument(
         "--rpc-timeout",
         type=_positive_float,

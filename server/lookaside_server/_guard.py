@@ -1,0 +1,172 @@
+"""The server interceptor every RPC passes: log context, client identity rule, stream slots and metrics.
+
+It wraps each known method's handler (unknown methods are left to grpc's UNIMPLEMENTED and not counted, so
+metric labels stay bounded), so the checks live in one place instead of in every servicer method:
+
+1. binds the peer to the log context (:mod:`lookaside_server._logging`) and routes limit hits to the
+   server's metrics;
+2. the identity rule of the :class:`~lookaside_server._access.AccessPolicy` (PERMISSION_DENIED);
+3. for the long-lived streams (``Watch``, xDS ``StreamAggregatedResources``) a slot of the
+   :class:`~lookaside_server._limits.StreamSlots` (RESOURCE_EXHAUSTED when the overall or per-peer limit is
+   reached), released when the stream ends;
+4. counts the RPC by final status code, and times unary ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from lookaside_server._access import AccessPolicy
+from lookaside_server._errors import abort
+from lookaside_server._limits import StreamSlots, exhausted, peer_ip, set_recorder
+from lookaside_server._logging import bind_peer
+from lookaside_server._metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+#: Long-lived streams that take a slot, and their kind (metric label).
+STREAM_KINDS = {
+    "/lookaside.Lookaside/Watch": "watch",
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources": "xds",
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources": "xds",
+}
+
+
+def _split(method: str) -> tuple[str, str]:
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service, name
+
+
+def _code_name(code: Any) -> str:
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for c in grpc.StatusCode:
+            if c.value[0] == code:
+                return c.name
+    return "UNKNOWN"
+
+
+def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+    """The status the RPC ends with: what the handler set/aborted with, else from the exception."""
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001
+        code = None
+    if code is not None:
+        return _code_name(code)
+    if exc is None:
+        return "OK"
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    return "UNKNOWN"
+
+
+class ServerGuard(grpc.aio.ServerInterceptor):
+    """See the module docstring."""
+
+    def __init__(self, access: AccessPolicy, slots: StreamSlots,
+                 metrics: ServerMetrics | None = None) -> None:
+        self.access = access
+        self.slots = slots
+        self.metrics = metrics
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        service, name = _split(method)
+        kind = STREAM_KINDS.get(method)
+        for attr in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            inner = getattr(handler, attr, None)
+            if inner is None:
+                continue
+            unary_response = attr in ("unary_unary", "stream_unary")
+            if inspect.iscoroutinefunction(inner):
+                wrapped: Any = self._wrap_coroutine(inner, service, name, kind, unary_response)
+            elif inspect.isasyncgenfunction(inner):
+                wrapped = self._wrap_generator(inner, service, name, kind)
+            else:
+                return handler  # a sync handler: served as is
+            return handler._replace(**{attr: wrapped})
+        return handler
+
+    # --- the checks --------------------------------------------------------------------------------------
+
+    async def _enter(self, context: grpc.aio.ServicerContext, service: str, kind: str | None) -> str | None:
+        """Bind the log context, apply the identity rule and take a stream slot; return the slot's peer."""
+        peer = context.peer()
+        bind_peer(peer)
+        set_recorder(self.metrics.limit_hit if self.metrics is not None else None)
+        denial = self.access.identity_denial(context, service)
+        if denial is not None:
+            await abort(context, grpc.StatusCode.PERMISSION_DENIED, denial.message)
+        if kind is None:
+            return None
+        ip = peer_ip(peer)
+        refused = self.slots.acquire(ip, kind)
+        if refused is not None:
+            await exhausted(context, *refused)
+        return ip
+
+    def _done(self, service: str, name: str, context: grpc.aio.ServicerContext, exc: BaseException | None,
+              started: float | None) -> None:
+        if self.metrics is None:
+            return
+        code = _final_code(context, exc)
+        seconds = time.perf_counter() - started if started is not None else None
+        try:
+            self.metrics.handled(service, name, code, seconds)
+        except Exception:  # noqa: BLE001
+            log.exception("counting an RPC failed")
+
+    # --- wrappers ----------------------------------------------------------------------------------------
+
+    def _wrap_coroutine(self, inner: Callable[..., Awaitable[Any]], service: str, name: str,
+                        kind: str | None, unary_response: bool) -> Callable[..., Awaitable[Any]]:
+        async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            exc: BaseException | None = None
+            ip: str | None = None
+            try:
+                ip = await self._enter(context, service, kind)
+                return await inner(request, context)
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                if ip is not None and kind is not None:
+                    self.slots.release(ip, kind)
+                self._done(service, name, context, exc, started if unary_response else None)
+
+        return behaviour
+
+    def _wrap_generator(self, inner: Callable[..., AsyncIterator[Any]], service: str, name: str,
+                        kind: str | None) -> Callable[..., AsyncIterator[Any]]:
+        async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            exc: BaseException | None = None
+            ip: str | None = None
+            try:
+                ip = await self._enter(context, service, kind)
+                async for response in inner(request, context):
+                    yield response
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                if ip is not None and kind is not None:
+                    self.slots.release(ip, kind)
+                self._done(service, name, context, exc, None)
+
+        return behaviour

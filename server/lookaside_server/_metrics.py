@@ -1,0 +1,203 @@
+"""Prometheus metrics of one server (``/metrics`` on the HTTP listener), in a registry of its own.
+
+Counted as things happen (by the server interceptor, the access policy and the limits):
+
+* ``lookaside_rpcs_total{grpc_service,grpc_method,grpc_code}``: finished RPCs by status code;
+* ``lookaside_rpc_duration_seconds{grpc_service,grpc_method}``: latency of unary RPCs (Resolve, Status,
+  ReportLoad, health checks);
+* ``lookaside_access_denied_total{reason}``: denials by ``namespace``, ``service`` or ``identity``;
+* ``lookaside_limit_hits_total{limit}``: ``max_watches``, ``max_watches_per_peer``, ``max_targets``
+  (grpc refuses oversize messages and RPCs above ``--max-concurrent-rpcs`` itself: not counted here).
+
+Read at scrape time (no double bookkeeping; series of forgotten targets simply disappear):
+
+* ``lookaside_streams{kind}``: open Watch (``watch``) and xDS (``xds``) streams;
+* ``lookaside_targets``: targets tracked (subscribed in the source);
+* ``lookaside_target_endpoints{target}``, ``lookaside_target_ready_endpoints{target}``,
+  ``lookaside_target_watchers{target}``, ``lookaside_target_version{target}``;
+* ``lookaside_kubernetes_watch_restarts_total{target}``, ``lookaside_kubernetes_watch_errors_total{target}``
+  (Kubernetes sources: from the source's per-target watch state);
+* ``lookaside_tls_reloads_total``, ``lookaside_tls_reload_errors_total`` (with TLS);
+* plus the ``process_*``, ``python_info`` and ``python_gc_*`` collectors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    exposition,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from lookaside_server._http import HttpRequest, HttpResponse, HttpServer, LoopBridge
+from lookaside_server._limits import MAX_TARGETS, MAX_WATCHES, MAX_WATCHES_PER_PEER, StreamSlots
+from lookaside_server._registry import Registry
+
+log = logging.getLogger(__name__)
+
+#: The classic text format every Prometheus version reads (newer clients default to announcing 1.0.0).
+CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
+
+#: Resolve is an in-memory pick: most answers take well under a millisecond.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0)
+STREAM_KINDS = ("watch", "xds")
+
+
+@dataclass(frozen=True, slots=True)
+class _TargetRow:
+    name: str
+    endpoints: int
+    ready: int
+    watchers: int
+    version: int
+    described: dict[str, Any]
+
+
+class _RegistryCollector(Collector):
+    """Reads the registry (on the server's loop) and the source's per-target state at scrape time."""
+
+    def __init__(self, registry: Registry, bridge: LoopBridge, tls: Any = None) -> None:
+        self.registry = registry
+        self.bridge = bridge
+        self.tls = tls
+
+    def describe(self) -> list[Metric]:
+        return []  # never collect at registration (that would call the loop from itself)
+
+    def _rows(self) -> list[_TargetRow]:
+        rows = []
+        for state, watchers in self.registry.states():
+            eps = state.endpoints or ()
+            try:
+                described = dict(self.registry.source.describe(state.target))
+            except Exception:  # noqa: BLE001 - a misbehaving source must not break the scrape
+                described = {}
+            rows.append(_TargetRow(str(state.target), len(eps), sum(1 for e in eps if e.ready), watchers,
+                                   state.version, described))
+        return rows
+
+    def collect(self) -> Iterator[Metric]:
+        async def take() -> list[_TargetRow]:
+            return self._rows()
+
+        try:
+            rows = self.bridge.call(take)
+        except (TimeoutError, RuntimeError) as e:
+            log.warning("metrics: cannot read the registry: %s", e)
+            rows = None
+        if rows is not None:
+            yield GaugeMetricFamily("lookaside_targets", "Targets tracked (subscribed in the source).",
+                                    value=len(rows))
+            families = [
+                (GaugeMetricFamily, "lookaside_target_endpoints", "Endpoints of a target (any state).",
+                 lambda r: r.endpoints),
+                (GaugeMetricFamily, "lookaside_target_ready_endpoints", "Ready endpoints of a target.",
+                 lambda r: r.ready),
+                (GaugeMetricFamily, "lookaside_target_watchers",
+                 "Watch/xDS subscriptions of a target.", lambda r: r.watchers),
+                (GaugeMetricFamily, "lookaside_target_version", "Version of a target's endpoint set.",
+                 lambda r: r.version),
+            ]
+            for kind, name, doc, value in families:
+                fam = kind(name, doc, labels=["target"])
+                for r in rows:
+                    fam.add_metric([r.name], value(r))
+                yield fam
+            for key, name, doc in (
+                ("restarts", "lookaside_kubernetes_watch_restarts",
+                 "Kubernetes WATCH requests of a target resumed or restarted."),
+                ("errors", "lookaside_kubernetes_watch_errors",
+                 "Errors talking to the Kubernetes API for a target."),
+            ):
+                cfam = CounterMetricFamily(name, doc, labels=["target"])
+                for r in rows:
+                    if isinstance(r.described.get(key), int | float):
+                        cfam.add_metric([r.name], float(r.described[key]))
+                yield cfam
+        if self.tls is not None:
+            yield CounterMetricFamily("lookaside_tls_reloads", "TLS certificate reloads (rotations).",
+                                      value=self.tls.reloads)
+            yield CounterMetricFamily("lookaside_tls_reload_errors", "TLS file changes not usable.",
+                                      value=self.tls.reload_errors)
+
+
+class ServerMetrics:
+    """The metrics of one server, in a dedicated :class:`CollectorRegistry`."""
+
+    def __init__(self, slots: StreamSlots | None = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.rpcs = Counter("lookaside_rpcs", "Finished RPCs by service, method and status code.",
+                            ["grpc_service", "grpc_method", "grpc_code"], registry=r)
+        self.duration = Histogram("lookaside_rpc_duration_seconds", "Latency of unary RPCs (Resolve, ...).",
+                                  ["grpc_service", "grpc_method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.denied = Counter("lookaside_access_denied", "Requests refused by the access policy, by reason.",
+                              ["reason"], registry=r)
+        self.limit_hits = Counter("lookaside_limit_hits", "Requests refused because a limit was reached.",
+                                  ["limit"], registry=r)
+        for reason in ("namespace", "service", "identity"):
+            self.denied.labels(reason)
+        for limit in (MAX_WATCHES, MAX_WATCHES_PER_PEER, MAX_TARGETS):
+            self.limit_hits.labels(limit)
+        self.streams = Gauge("lookaside_streams", "Open long-lived streams (Watch, xDS).", ["kind"],
+                             registry=r)
+        for kind in STREAM_KINDS:
+            self.streams.labels(kind).set_function(
+                (lambda k: lambda: slots.by_kind[k] if slots is not None else 0)(kind))
+        self._collector: _RegistryCollector | None = None
+
+    def deny(self, reason: str) -> None:
+        """Count a denial."""
+        self.denied.labels(reason).inc()
+
+    def limit_hit(self, limit: str) -> None:
+        """Count a limit hit."""
+        self.limit_hits.labels(limit).inc()
+
+    def handled(self, service: str, method: str, code: str, seconds: float | None) -> None:
+        """Count a finished RPC (and its latency, for unary ones)."""
+        self.rpcs.labels(service, method, code).inc()
+        if seconds is not None:
+            self.duration.labels(service, method).observe(seconds)
+
+    def attach(self, registry: Registry, loop: asyncio.AbstractEventLoop, tls: Any = None,
+               timeout: float = 5.0) -> None:
+        """Add the scrape-time collector over ``registry`` (read on ``loop``) and the TLS store."""
+        if self._collector is not None:
+            self.registry.unregister(self._collector)
+        self._collector = _RegistryCollector(registry, LoopBridge(loop, timeout), tls)
+        self.registry.register(self._collector)
+
+    def exposition(self) -> bytes:
+        """The text exposition format of every metric."""
+        return generate_latest(self.registry)
+
+    def add_route(self, http: HttpServer, path: str = "/metrics") -> None:
+        """Serve the metrics at ``path`` on ``http``."""
+        def handler(req: HttpRequest) -> HttpResponse:
+            return HttpResponse(200, self.exposition(), CONTENT_TYPE)
+
+        http.route(path, handler)
+
+
+def recorder(metrics: ServerMetrics | None) -> Callable[[str], None] | None:
+    """The limit-hit recorder for ``metrics``."""
+    return metrics.limit_hit if metrics is not None else None

@@ -1,0 +1,205 @@
+"""/metrics on the HTTP listener (a registry per server) and structured JSON logs with target and peer."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from _server_helpers import endpoints, wait_until, write_static
+from prometheus_client.parser import text_string_to_metric_families
+
+from lookaside_grpc import protocol as pb
+from lookaside_server import LookasideServer, ServerConfig, StaticFileSource, Target
+from lookaside_server._logging import make_handler
+
+T = "default/greet"
+GREET = pb.Request(router=pb.ROUNDROBIN, service="greet", namespace="default")
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+class DescribedSource(StaticFileSource):
+    """A static source reporting Kubernetes-like watch health per target."""
+
+    def describe(self, target: Target) -> dict[str, str | int | float]:
+        return {"restarts": 3, "errors": 2, "last_error": "boom"}
+
+
+@asynccontextmanager
+async def served(tmp_path: Path, data: Any = None, **config: Any
+                 ) -> AsyncIterator[tuple[LookasideServer, grpc.aio.Channel]]:
+    path = tmp_path / "endpoints.json"
+    write_static(path, data or {T: endpoints(2, ready=True), "default/echo": endpoints(1, 50061)})
+    if config.pop("described", False):
+        config["source"] = DescribedSource(path, poll_interval=0.05)
+    server = LookasideServer(ServerConfig(host="127.0.0.1", port=0, static_file=str(path), http_port=0,
+                                          http_host="127.0.0.1", grace=0.5, **config))
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield server, channel
+    finally:
+        await channel.close()
+        await server.stop(0.5)
+
+
+async def scrape(server: LookasideServer) -> tuple[str, Samples]:
+    """GET /metrics (from a thread: the scrape reads the registry on the server's loop)."""
+    def get() -> tuple[str, str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10) as resp:
+            return resp.headers["Content-Type"], resp.read().decode()
+
+    content_type, text = await asyncio.to_thread(get)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return text, samples
+
+
+def rpc(method: str, code: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return ("lookaside_rpcs_total", (("grpc_code", code), ("grpc_method", method),
+                                     ("grpc_service", "lookaside.Lookaside")))
+
+
+async def test_metrics_after_some_calls(tmp_path: Path) -> None:
+    async with served(tmp_path, described=True) as (server, channel):
+        stub = pb.LookasideStub(channel)
+        for _ in range(3):
+            await stub.Resolve(GREET, timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Resolve(pb.Request(service="nope", namespace="default"), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Resolve(pb.Request(service="Bad!", namespace="default"), timeout=5)
+        watch = stub.Watch(pb.WatchRequest(service="echo", namespace="default"), timeout=30)
+        await asyncio.wait_for(watch.read(), 10)
+
+        text, samples = await scrape(server)
+        assert samples[rpc("Resolve", "OK")] == 3
+        assert samples[rpc("Resolve", "NOT_FOUND")] == 1
+        assert samples[rpc("Resolve", "INVALID_ARGUMENT")] == 1
+        hist = ("lookaside_rpc_duration_seconds_count", (("grpc_method", "Resolve"),
+                                                        ("grpc_service", "lookaside.Lookaside")))
+        assert samples[hist] == 5
+        assert 0 < samples[(hist[0].replace("_count", "_sum"), hist[1])] < 5
+        assert samples[("lookaside_streams", (("kind", "watch"),))] == 1
+        assert samples[("lookaside_streams", (("kind", "xds"),))] == 0
+        assert samples[("lookaside_targets", ())] == 2
+        assert samples[("lookaside_target_endpoints", (("target", "default/greet"),))] == 2
+        assert samples[("lookaside_target_ready_endpoints", (("target", "default/greet"),))] == 2
+        assert samples[("lookaside_target_watchers", (("target", "default/echo"),))] == 1
+        assert samples[("lookaside_target_version", (("target", "default/echo"),))] == 1
+        assert samples[("lookaside_kubernetes_watch_restarts_total", (("target", "default/greet"),))] == 3
+        assert samples[("lookaside_kubernetes_watch_errors_total", (("target", "default/echo"),))] == 2
+        for name in ("lookaside_access_denied_total", "lookaside_limit_hits_total", "python_info",
+                     "process_cpu_seconds_total", "python_gc_objects_collected_total"):
+            assert name in text
+
+        # The Watch ends: its stream and watcher series drop back; then the target is forgotten.
+        watch.cancel()
+
+        async def watch_gone() -> bool:
+            return server.slots.total == 0
+
+        await wait_until(watch_gone, what="the Watch stream to end")
+        _, samples = await scrape(server)
+        assert samples[("lookaside_streams", (("kind", "watch"),))] == 0
+        assert samples[rpc("Watch", "CANCELLED")] == 1
+        await server.registry.expire_idle(0.0)
+        _, samples = await scrape(server)
+        assert samples[("lookaside_targets", ())] == 0
+        assert not [k for k in samples if k[0] == "lookaside_target_endpoints"]  # series removed
+
+
+async def test_two_servers_in_one_process_have_their_own_metrics(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with served(tmp_path / "a") as (a, ch_a), served(tmp_path / "b") as (b, _ch_b):
+        await pb.LookasideStub(ch_a).Resolve(GREET, timeout=5)
+        _, sa = await scrape(a)
+        _, sb = await scrape(b)
+        assert sa[rpc("Resolve", "OK")] == 1 and rpc("Resolve", "OK") not in sb
+        assert sa[("lookaside_targets", ())] == 1 and sb[("lookaside_targets", ())] == 0
+
+
+async def test_unknown_methods_are_not_counted(tmp_path: Path) -> None:
+    async with served(tmp_path) as (server, channel):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await channel.unary_unary("/no.Such/Method")(b"", timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        _, samples = await scrape(server)
+        counted = [k for k in samples if k[0] == "lookaside_rpcs_total" and ("grpc_method", "Method") in k[1]]
+        assert not counted
+
+
+async def test_json_logs_carry_target_and_peer(tmp_path: Path) -> None:
+    stream = io.StringIO()
+    handler = make_handler("json", stream)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        async with served(tmp_path, allow_namespaces=frozenset({"default"})) as (_server, channel):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await pb.LookasideStub(channel).Resolve(pb.Request(service="api", namespace="team-a"),
+                                                        timeout=5)
+            await pb.LookasideStub(channel).Resolve(GREET, timeout=5)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert lines and all({"time", "level", "logger", "message"} <= set(rec) for rec in lines)
+    denied = [r for r in lines if r["message"].startswith("access denied")]
+    assert len(denied) == 1
+    assert denied[0]["target"] == "team-a/api" and denied[0]["peer"].startswith("ipv4:127.0.0.1:")
+    assert denied[0]["level"] == "WARNING" and denied[0]["logger"] == "lookaside_server._access"
+    subscribed = [r for r in lines if r["message"] == "subscribed target default/greet"]
+    assert subscribed and subscribed[0]["target"] == "default/greet" and "peer" in subscribed[0]
+    started = [r for r in lines if r["message"].startswith("listening on")]
+    assert started and "target" not in started[0] and "peer" not in started[0]
+
+
+def test_cli_log_format_json(tmp_path: Path) -> None:
+    path = tmp_path / "e.json"
+    write_static(path, {T: endpoints(1)})
+    env = {**os.environ, "LB_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lookaside_server", "--host", "127.0.0.1", "--port", "0",
+                             "--http-port", "-1", "--static-file", str(path)],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        lines = []
+        assert proc.stderr is not None
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(json.loads(line))
+            if lines[-1]["message"].startswith("listening on"):
+                break
+        assert lines and lines[-1]["message"].startswith("listening on 127.0.0.1:")
+        port = int(lines[-1]["message"].split()[2].rsplit(":", 1)[1])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:  # answered: the SIGTERM handler is installed
+            assert pb.LookasideStub(ch).Resolve(GREET, timeout=10).port == 50051
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    for line in (rest or "").splitlines():
+        assert json.loads(line)["logger"]
