@@ -17,6 +17,7 @@ from lookaside_server._access import AccessPolicy
 from lookaside_server._guard import ServerGuard
 from lookaside_server._http import HttpServer
 from lookaside_server._limits import Limits, StreamSlots
+from lookaside_server._load import LoadBoard
 from lookaside_server._metrics import ServerMetrics
 from lookaside_server._registry import Registry, TargetStatus
 from lookaside_server._source import EndpointSource
@@ -127,7 +128,7 @@ class LookasideServer:
                                       access=self.access)
             pb.add_LookasideServicer_to_server(servicer, server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-            xds_services = self._add_xds(server)
+            xds_services = self._add_xds(server, servicer.load)
             reflection.enable_server_reflection(
                 (pb.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME, *xds_services), server)
@@ -158,8 +159,9 @@ class LookasideServer:
                  "mutual TLS" if self.config.tls.mutual else "TLS")
         return bound
 
-    def _add_xds(self, server: grpc.aio.Server) -> tuple[str, ...]:
-        """Serve ADS on ``server`` if enabled; return the service names to list in reflection."""
+    def _add_xds(self, server: grpc.aio.Server, load: LoadBoard | None = None) -> tuple[str, ...]:
+        """Serve ADS on ``server`` if enabled (locality weights from ``load``, the client load reports);
+        return the service names to list in reflection."""
         if not self.config.xds:
             return ()
         try:
@@ -168,7 +170,8 @@ class LookasideServer:
             log.warning("xDS is off: %s (install the xds-protos package)", e)
             return ()
         self.xds = add_xds_to_server(self.registry, server, self.config.xds_options,  # type: ignore[arg-type]
-                                     getattr(self.config, "allow_namespaces", None), access=self.access)
+                                     getattr(self.config, "allow_namespaces", None), access=self.access,
+                                     load=load)
         return (SERVICE_NAME,)
 
     def _start_http(self) -> None:

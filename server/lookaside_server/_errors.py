@@ -9,9 +9,10 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-#: Longest status message sent, in UTF-8 bytes. Messages quote what the client sent (names, ports): unclipped,
-#: a long one made the trailers exceed the client's 16 KiB metadata limit (it saw RESOURCE_EXHAUSTED instead of
-#: the real status) and let one 4 MB request make the server send ~16 MB of trailers.
+#: Longest status message sent, in UTF-8 bytes. Messages quote what the client sent (names, ports):
+#: unclipped, a long one made the trailers exceed the client's 16 KiB metadata limit (it saw
+#: RESOURCE_EXHAUSTED instead of the real status) and let one 4 MB request make the server send ~16 MB of
+#: trailers.
 MAX_MESSAGE_BYTES = 1024
 
 

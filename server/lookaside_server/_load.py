@@ -10,7 +10,8 @@ mean of the known ones); its weight is proportional to 1 / cost, scaled so the c
 change meaningfully (:data:`CHANGE_THRESHOLD`), at most once per :data:`MIN_PUSH_INTERVAL` per target.
 Everything runs on the server's event loop (no locks).
 
-``weights(target)`` is the published view; the xDS control plane can use it for its locality weights.
+``weights(target)`` is the published view; the xDS control plane (``_xds``) serves it as the locality
+weights of each ClusterLoadAssignment and, like Watch, republishes on every ``listen`` callback.
 """
 
 from __future__ import annotations

@@ -12,8 +12,10 @@ names and resources). Per ADS stream:
 * a response per type lists every subscribed name of that type that exists (state of the world), with a
   per-type ``version_info`` and a nonce per response;
 * a response is sent for a new subscription and whenever the resources change (endpoint changes reach the
-  ClusterLoadAssignment); an ACK or a NACK is never answered (a NACK is logged with its error detail and the
-  same resources are not sent again);
+  ClusterLoadAssignment, and so do meaningful changes of the load weights clients report with ReportLoad:
+  the locality weights follow ``LoadBoard.weights``, pushed at most once per ``_load.MIN_PUSH_INTERVAL`` per
+  target, through the same ``LoadBoard.listen``/``Subscription.resend`` hook as Watch); an ACK or a NACK is
+  never answered (a NACK is logged with its error detail and the same resources are not sent again);
 * the node id comes only with the stream's first request and is remembered for the stream.
 
 Once a name has been served on a stream its Listener and Cluster stay for the stream's life; if its target
@@ -26,8 +28,9 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -56,6 +59,9 @@ from lookaside_server._xds_resources import (
     route_configuration,
 )
 
+if TYPE_CHECKING:
+    from lookaside_server._load import LoadBoard
+
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "envoy.service.discovery.v3.AggregatedDiscoveryService"
@@ -64,9 +70,10 @@ CONTROL_PLANE = "lookaside-server"
 
 def add_xds_to_server(registry: Registry, server: grpc.aio.Server, options: XdsOptions | None = None,
                       allow_namespaces: Collection[str] | None = None,
-                      access: AccessPolicy | None = None) -> AdsServicer:
-    """Serve ADS on ``server``; return the servicer (call its ``close()`` on shutdown)."""
-    servicer = AdsServicer(registry, options, allow_namespaces, access)
+                      access: AccessPolicy | None = None, load: LoadBoard | None = None) -> AdsServicer:
+    """Serve ADS on ``server``; return the servicer (call its ``close()`` on shutdown). ``load``: the
+    Lookaside servicer's load board, whose weights become the locality weights (None: ``options.weight``)."""
+    servicer = AdsServicer(registry, options, allow_namespaces, access, load)
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
     return servicer
 
@@ -75,9 +82,12 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     """StreamAggregatedResources over the registry; DeltaAggregatedResources stays UNIMPLEMENTED."""
 
     def __init__(self, registry: Registry, options: XdsOptions | None = None,
-                 allow_namespaces: Collection[str] | None = None, access: AccessPolicy | None = None) -> None:
+                 allow_namespaces: Collection[str] | None = None, access: AccessPolicy | None = None,
+                 load: LoadBoard | None = None) -> None:
         self.registry = registry
         self.options = options or XdsOptions()
+        #: Client load reports aggregated per target (ReportLoad); their weights weight the localities.
+        self.load = load if self.options.load_weights else None
         #: None: every namespace; else only these (as for Resolve/Watch).
         self.allow_namespaces = allow_namespaces
         #: The server's access policy (namespace allow-list and service rules, as for Resolve/Watch).
@@ -151,6 +161,8 @@ class _Watched:
     sub: Subscription
     state: TargetState
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    #: Registered with the load board: resend the current state when the target's load weights change.
+    on_weights: Callable[[], None] | None = field(default=None, repr=False)
 
 
 class _AdsStream:
@@ -295,11 +307,22 @@ class _AdsStream:
             return False
         watched = _Watched(sub, state)
         watched.task = asyncio.create_task(self._follow(watched), name=f"ads-{self.id}-{target}")
+        load = self.servicer.load
+        if load is not None:
+            # As Watch does: the same state again, so the EDS answer is rebuilt with the new weights (and
+            # sent only if it differs from the last one). LoadBoard rate-limits these per target.
+            def weights_changed() -> None:
+                watched.sub.resend(watched.state)
+
+            watched.on_weights = weights_changed
+            load.listen(target, weights_changed)
         self._targets[target] = watched
         return True
 
     def _unwatch(self, target: Target) -> None:
         watched = self._targets.pop(target)
+        if watched.on_weights is not None and self.servicer.load is not None:
+            self.servicer.load.unlisten(target, watched.on_weights)
         if watched.task is not None:
             watched.task.cancel()
         self.servicer.registry.leave(watched.sub)
@@ -346,7 +369,9 @@ class _AdsStream:
             msg = cluster(n.name, options)
         else:
             assert type_url == ENDPOINTS
-            msg = load_assignment(n.name, endpoints, options)
+            load = self.servicer.load
+            weights = load.weights(n.parsed.target) if load is not None and n.parsed is not None else None
+            msg = load_assignment(n.name, endpoints, options, weights)
         return msg.SerializeToString(deterministic=True)
 
     def _response(self, type_url: str) -> discovery_pb2.DiscoveryResponse | None:

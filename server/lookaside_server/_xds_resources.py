@@ -9,7 +9,7 @@ its ClusterLoadAssignment all carry that same name, so one name maps to one (tar
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
@@ -108,8 +108,12 @@ class XdsOptions:
     #: Outlier detection for every Cluster; None = none.
     outlier_detection: outlier_detection_pb2.OutlierDetection | None = field(
         default_factory=_default_outlier_detection)
-    #: Weight of each endpoint (its locality's load_balancing_weight, >= 1).
+    #: Weight of each endpoint (its locality's load_balancing_weight, >= 1) when the target has no load
+    #: weights (or ``load_weights`` is off).
     weight: Callable[[BackendEndpoint], int] = weight_one
+    #: Use the weights the server derives from client load reports (ReportLoad, ``_load.LoadBoard``) as the
+    #: locality weights of targets that have them; a meaningful change pushes a new ClusterLoadAssignment.
+    load_weights: bool = True
     #: Seconds between new looks at subscribed names whose target does not exist (yet).
     retry_interval: float = 5.0
 
@@ -167,26 +171,46 @@ def cluster(name: str, options: XdsOptions) -> cluster_pb2.Cluster:
     return out
 
 
-def load_assignment(name: str, endpoints: Endpoints,
-                    options: XdsOptions) -> endpoint_pb2.ClusterLoadAssignment:
-    """The endpoints as ONE LOCALITY EACH, weighted by ``options.weight``.
+def endpoint_weights(endpoints: Endpoints, options: XdsOptions,
+                     load: Mapping[tuple[str, int], int] | None = None) -> list[int]:
+    """The locality weight of each endpoint, every one an integer >= 1.
+
+    With ``load`` (the published load weights of the target by ``(ip, port)``, see ``_load.LoadBoard``):
+    those weights; an endpoint nobody reported on yet (a new pod) gets the mean of the known ones, as the
+    client's weighted policy counts it, so it is neither starved nor flooded. Without load weights:
+    ``options.weight`` (1 each by default).
+    """
+    if load and options.load_weights:
+        known = [load[(e.ip, e.port)] for e in endpoints if (e.ip, e.port) in load]
+        if known:
+            mean = max(1, round(sum(known) / len(known)))
+            return [max(1, int(load.get((e.ip, e.port), mean))) for e in endpoints]
+    return [max(1, int(options.weight(e))) for e in endpoints]
+
+
+def load_assignment(name: str, endpoints: Endpoints, options: XdsOptions,
+                    load: Mapping[tuple[str, int], int] | None = None
+                    ) -> endpoint_pb2.ClusterLoadAssignment:
+    """The endpoints as ONE LOCALITY EACH, weighted by :func:`endpoint_weights` (the load weights of the
+    target when clients report load, else ``options.weight``).
 
     gRPC's ROUND_ROBIN ignores per-endpoint weights but honours locality weights (weighted_target), so a
     locality per endpoint is how endpoint weights take effect; a locality without a weight would be dropped.
     The sub-zone is ``ip:port`` so localities are distinct; the zone is the endpoint's topology zone.
     """
+    weights = endpoint_weights(endpoints, options, load)
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=name,
         endpoints=[endpoint_components_pb2.LocalityLbEndpoints(
             locality=base_pb2.Locality(zone=e.zone, sub_zone=_host_port(e)),
-            load_balancing_weight=wrappers_pb2.UInt32Value(value=max(1, int(options.weight(e)))),
+            load_balancing_weight=wrappers_pb2.UInt32Value(value=w),
             priority=0,
             lb_endpoints=[endpoint_components_pb2.LbEndpoint(
                 endpoint=endpoint_components_pb2.Endpoint(address=address_pb2.Address(
                     socket_address=address_pb2.SocketAddress(address=e.ip, port_value=e.port))),
                 health_status=health_check_pb2.HEALTHY,
             )],
-        ) for e in endpoints],
+        ) for e, w in zip(endpoints, weights, strict=True)],
     )
 
 
