@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redial-every", type=int, help="round_robin_redial: re-dial every K calls")
     p.add_argument("--batch", type=int, help="lookaside_per_call_batched: picks per Resolve")
     p.add_argument("--modes", type=_csv, help="comma-separated modes (default: all registered)")
-    p.add_argument("--scenarios", type=_csv, help="comma-separated of steady,single,churn,small,slow")
+    p.add_argument(
+        "--scenarios",
+        type=_csv,
+        help="comma-separated of steady,single,churn,churn_k8s,small,slow (default: all)",
+    )
     p.add_argument("--small-clients", type=int, help="number of short-lived clients")
     p.add_argument("--churn-duration", type=float, help="seconds per churn run")
     p.add_argument("--slow-calls", type=int, help="calls per slow-backend run")
@@ -63,12 +67,27 @@ def main(argv: list[str] | None = None) -> int:
         v = getattr(args, attr)
         if v is not None:
             setattr(s, attr, v)
+    if (
+        args.modes is not None
+    ):  # the chosen modes run in every scenario that fits them (not --quick's subsets)
+        for attr in (
+            "steady_modes",
+            "single_modes",
+            "churn_modes",
+            "churn_k8s_modes",
+            "small_modes",
+            "slow_modes",
+        ):
+            setattr(s, attr, None)
     if args.churn_duration is not None:
         s.churn_change_at = min(s.churn_change_at, s.churn_duration / 3)
         s.churn_grace = min(s.churn_grace, s.churn_duration / 3)
     unknown = [m for m in s.modes if m not in MODES]
     if unknown:
         parser.error(f"unknown modes {unknown}; known: {list(MODES)}")
+    bad = [x for x in s.scenarios if x not in _runner.SCENARIOS]
+    if bad:
+        parser.error(f"unknown scenarios {bad}; known: {_runner.SCENARIOS}")
     if s.backends < 2:
         parser.error("--backends must be at least 2")
     s.out = s.out.resolve()

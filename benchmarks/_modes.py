@@ -37,6 +37,7 @@ class Ctx:
     batch: int = 16
     policy: str = "round_robin"
     local_pool: bool = False  # give each round_robin channel its own connections
+    xds_target: str = "xds:///greet.default"  # stock grpc xDS modes (bootstrap from the process env)
 
     def resolve(self) -> list[str]:
         """Current backend addresses: the static file (as headless-Service DNS would), else ``backends``."""
@@ -61,6 +62,7 @@ class Mode:
     make: Callable[[Ctx], Any]  # sync: -> Caller; aio: async -> AioCaller
     needs_lookaside: bool = False
     needs_aio_lookaside: bool = False
+    xds: bool = False  # the client process gets GRPC_XDS_BOOTSTRAP_CONFIG pointing at the lookaside (ADS)
     description: str = ""
 
 
@@ -365,6 +367,121 @@ register(
     "aio_lookaside_watch",
     aio_channel_mode(
         _aio_lookaside("watch"), needs_aio_lookaside=True, description="grpc.aio lookaside Watch mode"
+    ),
+)
+
+
+# ------------------------------------------------------------------------------------------ interceptors
+
+
+def _routes(ctx: Ctx) -> dict[str, Any]:
+    import lookaside_grpc
+
+    return {"greet.GreetService": lookaside_grpc.Target(ctx.service, ctx.namespace)}
+
+
+class InterceptorCaller(Caller):
+    """An application's existing channel (to one backend) wrapped by ``grpc.intercept_channel``."""
+
+    def __init__(self, ctx: Ctx, mode: str) -> None:
+        import lookaside_grpc
+
+        self.interceptor = lookaside_grpc.LookasideInterceptor(
+            lookaside=ctx.lookaside, routes=_routes(ctx), mode=mode, policy=ctx.policy
+        )
+        self.original = grpc.insecure_channel(ctx.backends[0])
+        super().__init__(grpc.intercept_channel(self.original, self.interceptor))
+
+    def close(self) -> None:
+        self.interceptor.close()
+        self.channel.close()
+
+    def info(self) -> dict[str, Any]:
+        st = self.interceptor.stats()
+        return {"fallbacks": dict(st.fallbacks), "retries": st.retries, "resolves": st.resolves}
+
+
+class AioInterceptorCaller(AioCaller):
+    def __init__(self, ctx: Ctx, mode: str) -> None:
+        import lookaside_grpc.aio
+
+        self.interceptor = lookaside_grpc.aio.LookasideInterceptor(
+            lookaside=ctx.lookaside, routes=_routes(ctx), mode=mode, policy=ctx.policy
+        )
+        super().__init__(
+            grpc.aio.insecure_channel(ctx.backends[0], interceptors=self.interceptor.interceptors)
+        )
+
+    async def close(self) -> None:
+        await self.interceptor.close()
+        await self.channel.close()
+
+    def info(self) -> dict[str, Any]:
+        st = self.interceptor.stats()
+        return {"fallbacks": dict(st.fallbacks), "retries": st.retries, "resolves": st.resolves}
+
+
+async def _aio_interceptor(ctx: Ctx) -> AioInterceptorCaller:
+    return AioInterceptorCaller(ctx, "watch")
+
+
+for _mode in ("watch", "per_call"):
+    register(
+        f"interceptor_{_mode}",
+        Mode(
+            "sync",
+            lambda ctx, _m=_mode: InterceptorCaller(ctx, _m),
+            needs_lookaside=True,
+            description=f"grpc.intercept_channel(one-backend channel, LookasideInterceptor(mode={_mode!r}))",
+        ),
+    )
+register(
+    "aio_interceptor_watch",
+    Mode(
+        "aio",
+        _aio_interceptor,
+        needs_aio_lookaside=True,
+        description="grpc.aio channel with lookaside_grpc.aio.LookasideInterceptor(...).interceptors",
+    ),
+)
+
+# ------------------------------------------------------------------------------------------ stock xDS
+
+
+def _xds_options(ctx: Ctx) -> list[tuple[str, Any]]:
+    return [("grpc.use_local_subchannel_pool", 1)] if ctx.local_pool else []
+
+
+def _xds(ctx: Ctx) -> grpc.Channel:
+    """Stock grpc, no lookaside_grpc code: ``xds:///greet.default`` with the lookaside as ADS server."""
+    ch = grpc.insecure_channel(ctx.xds_target, options=_xds_options(ctx))
+    if not ctx.local_pool:  # steady state: blocking dial like round_robin (small clients: first call waits)
+        try:
+            grpc.channel_ready_future(ch).result(timeout=DIAL_TIMEOUT)
+        except BaseException:
+            ch.close()
+            raise
+    return ch
+
+
+async def _aio_xds(ctx: Ctx) -> Any:
+    import asyncio
+
+    ch = grpc.aio.insecure_channel(ctx.xds_target, options=_xds_options(ctx))
+    await asyncio.wait_for(ch.channel_ready(), DIAL_TIMEOUT)
+    return ch
+
+
+register(
+    "xds",
+    channel_mode(
+        _xds, needs_lookaside=True, xds=True, description="stock grpc xds:/// channel, lookaside ADS"
+    ),
+)
+register(
+    "aio_xds",
+    aio_channel_mode(
+        _aio_xds, needs_lookaside=True, xds=True, description="stock grpc.aio xds:/// channel, lookaside ADS"
     ),
 )
 

@@ -20,7 +20,7 @@ pytest.importorskip("numpy")
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TIME_BOUND = 50.0
+TIME_BOUND = 55.0
 
 
 def _lookaside_available() -> bool:
@@ -37,7 +37,10 @@ def _lookaside_available() -> bool:
 
 @pytest.mark.timeout(70)
 def test_benchmark_harness_tiny_run(tmp_path: Path) -> None:
-    modes = ["round_robin", "round_robin_redial"] + (["lookaside_watch"] if _lookaside_available() else [])
+    lookaside = _lookaside_available()
+    modes = ["round_robin", "round_robin_redial"] + (
+        ["lookaside_watch", "interceptor_watch", "xds"] if lookaside else []
+    )
     out = tmp_path / "results"
     argv = [
         sys.executable,
@@ -61,11 +64,11 @@ def test_benchmark_harness_tiny_run(tmp_path: Path) -> None:
         "--modes",
         ",".join(modes),
         "--scenarios",
-        "steady,single,churn,small,slow",
+        "steady,single,churn,churn_k8s,small,slow",
         "--small-clients",
         "6",
         "--churn-duration",
-        "1.5",
+        "1.2",
         "--slow-calls",
         "200",
         "--out",
@@ -95,7 +98,7 @@ def test_benchmark_harness_tiny_run(tmp_path: Path) -> None:
         assert key in data["machine"]
     assert set(data["modes"]) == set(modes)
     summary = data["summary"]
-    for key in ("steady", "single_process", "churn", "small_clients", "slow_backend"):
+    for key in ("steady", "single_process", "churn", "churn_k8s", "small_clients", "slow_backend", "targets"):
         assert key in summary, key
     for variant in ("steady", "single_process"):
         assert set(summary[variant]) == set(modes)
@@ -119,13 +122,27 @@ def test_benchmark_harness_tiny_run(tmp_path: Path) -> None:
     assert summary["churn"]["round_robin"]["first_call_to_new_s"] is None  # never re-resolves
     for mode, v in summary["churn"].items():
         assert {"first_call_to_new_s", "last_call_to_removed_s", "failed"} <= set(v), mode
+    if lookaside:
+        for mode in ("lookaside_watch", "interceptor_watch", "xds"):  # they follow the change, also via k8s
+            assert summary["churn"][mode]["first_call_to_new_s"] is not None, mode
+            assert summary["churn_k8s"][mode]["first_call_to_new_s"] is not None, mode
+            assert summary["steady"][mode]["failed"] == 0, mode
+        assert set(summary["churn_k8s"]) == {"lookaside_watch", "interceptor_watch", "xds"}
+        assert "xds" in summary["small_clients"] and "interceptor_watch" in summary["slow_backend"]
+        assert any(t["target"].startswith("`lookaside_watch`") for t in summary["targets"])
+        # the interceptor balanced its calls (did not fall back to its original one-backend channel)
+        for run in data["runs"]:
+            if run["mode"] == "interceptor_watch" and run["scenario"] == "steady":
+                assert not run["info"]["fallbacks"], run["info"]
     assert "round_robin" in summary["small_clients"]
     assert summary["small_clients"]["round_robin"]["clients"] == 6
     assert "round_robin" in summary["slow_backend"]
 
     md = (out / "results.md").read_text()
     assert "## Steady state" in md and "| mode |" in md and "|---|" in md
-    for section in ("## Endpoint churn", "## Many small clients", "## One slow backend"):
+    for section in ("## Endpoint churn", "## Many small clients", "## One slow backend") + (
+        ("## Targets", "## Endpoint churn through Kubernetes") if lookaside else ()
+    ):
         assert section in md
     for name in ("throughput", "latency", "spread"):
         png = out / f"{name}.png"
