@@ -21,16 +21,14 @@ from lookaside_grpc._balancer import (
     DEFAULT_MAX_STALENESS,
     AioBalancer,
     Options,
-    balancer_key,
     make_target,
 )
-from lookaside_grpc._channel import _MultiCallable
+from lookaside_grpc._channel import ChannelCommon, _MultiCallable
 from lookaside_grpc._errors import PickError, aio_error
 from lookaside_grpc._health import AdaptiveThrottle
 from lookaside_grpc._policies import RoutingPolicy
 from lookaside_grpc._resolvers import WATCH, Mode
-from lookaside_grpc._retry import AioUnaryStreamCall, AioUnaryUnaryCall
-from lookaside_grpc._stats import Stats
+from lookaside_grpc._retry import AioUnaryStreamCall, AioUnaryUnaryCall, remaining
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +39,19 @@ class _Deferred:
     """A call waiting for its pick: every grpc.aio call method awaits the pick, then delegates."""
 
     def __init__(
-        self, multi: _AioMultiCallable, request: Any, timeout: float | None, kwargs: dict[str, Any]
+        self, multi: _AioMultiCallable, request: Any, timeout: float | None, args: tuple[Any, ...]
     ) -> None:
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._call: Any = None
         self._callbacks: list[DoneCallback] = []
         self._task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(
-            self._start(multi, request, timeout, kwargs)
+            self._start(multi, request, timeout, args)
         )
         self._task.add_done_callback(self._started)
 
     @staticmethod
     async def _start(
-        multi: _AioMultiCallable, request: Any, timeout: float | None, kwargs: dict[str, Any]
+        multi: _AioMultiCallable, request: Any, timeout: float | None, args: tuple[Any, ...]
     ) -> Any:
         start = time.monotonic()
         try:
@@ -63,14 +61,9 @@ class _Deferred:
         if timeout is not None:
             timeout = max(0.0, timeout - (time.monotonic() - start))
         slot, mc = multi._entry(ep.address)
-        try:
-            call = mc(request, timeout=timeout, **kwargs)
-        except BaseException:
-            slot.release()
-            raise
-        call.add_done_callback(multi._done_callback(slot))
+        call = multi._track(slot, mc, request, timeout, *args)
         wrap = multi._wrap
-        return call if wrap is None else wrap(multi, slot, call, request, tuple(kwargs.values()))
+        return call if wrap is None else wrap(multi, slot, call, request, args)
 
     def _started(self, task: asyncio.Task[Any]) -> None:
         if not task.cancelled() and task.exception() is None:
@@ -95,7 +88,7 @@ class _Deferred:
     def time_remaining(self) -> float | None:
         if self._call is not None:
             return self._call.time_remaining()  # type: ignore[no-any-return]
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+        return remaining(self._deadline)
 
     def cancel(self) -> bool:
         if self._call is not None:
@@ -187,136 +180,89 @@ class _AioMultiCallable(_MultiCallable):
     #: The call wrapper carrying the one retry (unary-unary, unary-stream), or None: the real call as is.
     _wrap: Any = None
 
-    def _invoke(
-        self,
-        request: Any,
-        timeout: float | None,
-        metadata: Any,
-        credentials: grpc.CallCredentials | None,
-        wait_for_ready: bool | None,
-        compression: grpc.Compression | None,
-    ) -> Any:
+    def _invoke(self, request: Any, timeout: float | None, args: tuple[Any, ...]) -> Any:
         ep = self._resolver.pick_nowait(self._policy)
         if ep is None:
-            kwargs = {
-                "metadata": metadata,
-                "credentials": credentials,
-                "wait_for_ready": wait_for_ready,
-                "compression": compression,
-            }
-            return self._deferred(self, request, timeout, kwargs)
+            return self._deferred(self, request, timeout, args)
+        # counted, started, wrapped for the retry where the shape has one (as _Deferred._start, inline here)
         slot, mc = self._entry(ep.address)
-        try:
-            call = mc(
-                request,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
-        except BaseException:
-            slot.release()
-            raise
-        call.add_done_callback(slot.release if self._observe is None else self._done_callback(slot))
+        call = self._track(slot, mc, request, timeout, *args)
         wrap = self._wrap
-        if wrap is None:
-            return call
-        return wrap(self, slot, call, request, (metadata, credentials, wait_for_ready, compression))
+        return call if wrap is None else wrap(self, slot, call, request, args)
 
 
-class _UnaryUnary(_AioMultiCallable, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
+class _UnaryRequest(_AioMultiCallable):
+    """``__call__`` of the unary-request shapes, as grpc.aio spells it (keyword-only options)."""
+
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        return self._invoke(request, timeout, (metadata, credentials, wait_for_ready, compression))
+
+
+class _StreamRequest(_AioMultiCallable):
+    """``__call__`` of the stream-request shapes, as grpc.aio spells it."""
+
+    __slots__ = ()
+
+    def __call__(
+        self,
+        request_iterator: Any = None,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        return self._invoke(request_iterator, timeout, (metadata, credentials, wait_for_ready, compression))
+
+
+class _UnaryUnary(_UnaryRequest, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
     __slots__ = ()
     _deferred = _DeferredUnaryUnaryCall
     _wrap = AioUnaryUnaryCall
 
-    def __call__(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
 
-
-class _UnaryStream(_AioMultiCallable, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
+class _UnaryStream(_UnaryRequest, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
     __slots__ = ()
     _deferred = _DeferredUnaryStreamCall
     _wrap = AioUnaryStreamCall
 
-    def __call__(
-        self,
-        request: Any,
-        *,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
 
-
-class _StreamUnary(_AioMultiCallable, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[misc]
+class _StreamUnary(_StreamRequest, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[misc]
     __slots__ = ()
     _deferred = _DeferredStreamUnaryCall
 
-    def __call__(
-        self,
-        request_iterator: Any = None,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self._invoke(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
 
-
-class _StreamStream(_AioMultiCallable, grpc.aio.StreamStreamMultiCallable):  # type: ignore[misc]
+class _StreamStream(_StreamRequest, grpc.aio.StreamStreamMultiCallable):  # type: ignore[misc]
     __slots__ = ()
     _deferred = _DeferredStreamStreamCall
 
-    def __call__(
-        self,
-        request_iterator: Any = None,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self._invoke(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
 
-
-class Channel(grpc.aio.Channel):
+class Channel(ChannelCommon, grpc.aio.Channel):
     """A ``grpc.aio.Channel`` balancing every call over the pods of one Kubernetes Service.
 
     Build it with :func:`lookaside_grpc.aio.channel`; use it in the event loop that makes the calls.
     """
 
+    _shapes = {
+        "unary_unary": _UnaryUnary,
+        "unary_stream": _UnaryStream,
+        "stream_unary": _StreamUnary,
+        "stream_stream": _StreamStream,
+    }
+
     def __init__(self, balancer: AioBalancer) -> None:
-        self._balancer = balancer
-        self._closed = False
-
-    @property
-    def target(self) -> str:
-        """``service.namespace[:port]``."""
-        return str(self._balancer.target)
-
-    @property
-    def mode(self) -> Mode:
-        """``watch`` or ``per_call``."""
-        return self._balancer.mode
-
-    @property
-    def policy(self) -> RoutingPolicy:
-        """The routing policy picking backends."""
-        return self._balancer.policy
+        super().__init__(balancer)
 
     async def __aenter__(self) -> Channel:
         return self
@@ -327,19 +273,12 @@ class Channel(grpc.aio.Channel):
     async def close(self, grace: float | None = None) -> None:
         """Release the balancer; the last user stops the watch task and closes every pooled channel (with
         ``grace``) and the lookaside channel."""
-        if self._closed:
-            return
-        self._closed = True
-        if _balancer.release(self._balancer):
+        if self._release():
             await self._balancer.aclose(grace)
-
-    def stats(self) -> Stats:
-        """Counters of this channel's balancer."""
-        return self._balancer.stats()
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         """State of the lookaside channel (the per-backend channels come and go)."""
-        return self._balancer.lookaside_channel.get_state(try_to_connect)
+        return self._balancer.lookaside_channel.get_state(try_to_connect)  # type: ignore[no-any-return]
 
     async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
         await self._balancer.lookaside_channel.wait_for_state_change(last_observed_state)
@@ -347,70 +286,6 @@ class Channel(grpc.aio.Channel):
     async def channel_ready(self) -> None:
         """Wait until the lookaside channel is READY."""
         await self._balancer.lookaside_channel.channel_ready()
-
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None = None,
-        response_deserializer: Callable[[bytes], Any] | None = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return _UnaryUnary(
-            self._balancer,
-            "unary_unary",
-            method,
-            request_serializer,
-            response_deserializer,
-            bool(_registered_method),
-        )
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None = None,
-        response_deserializer: Callable[[bytes], Any] | None = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return _UnaryStream(
-            self._balancer,
-            "unary_stream",
-            method,
-            request_serializer,
-            response_deserializer,
-            bool(_registered_method),
-        )
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None = None,
-        response_deserializer: Callable[[bytes], Any] | None = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return _StreamUnary(
-            self._balancer,
-            "stream_unary",
-            method,
-            request_serializer,
-            response_deserializer,
-            bool(_registered_method),
-        )
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None = None,
-        response_deserializer: Callable[[bytes], Any] | None = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return _StreamStream(
-            self._balancer,
-            "stream_stream",
-            method,
-            request_serializer,
-            response_deserializer,
-            bool(_registered_method),
-        )
 
 
 def channel(
@@ -443,17 +318,16 @@ def channel(
     try:
         loop: object = asyncio.get_running_loop()
     except RuntimeError:
-        loop = None  # no sharing outside a running loop
-    settings: dict[str, Any] = dict(
+        loop = None
+    settings = _balancer.settings(
         credentials=credentials,
-        options=tuple(options),
+        options=options,
         lookaside_credentials=lookaside_credentials,
         init_timeout=init_timeout,
         max_staleness=max_staleness,
         pick_cache_ttl=pick_cache_ttl,
         throttle=throttle,
+        tls_server_name=tls_server_name,
     )
-    if tls_server_name is not None:  # only when given: keeps the key shared with interceptors' balancers
-        settings["tls_server_name"] = tls_server_name
-    key = balancer_key("aio", target, mode, policy, loop=loop, **settings) if loop is not None else object()
-    return Channel(_balancer.acquire(key, lambda: AioBalancer(target, mode=mode, policy=policy, **settings)))
+    share = loop is not None  # no sharing outside a running loop
+    return Channel(_balancer.shared("aio", AioBalancer, target, mode, policy, settings, loop, share=share))

@@ -9,22 +9,20 @@ the unary-unary one, so ``interceptors=[LookasideInterceptor(...)]`` balances un
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from lookaside_grpc._balancer import DEFAULT_MAX_STALENESS, AioBalancer, Options
+from lookaside_grpc._balancer import AioBalancer
 from lookaside_grpc._errors import PickError
-from lookaside_grpc._health import AdaptiveThrottle, retryable
+from lookaside_grpc._health import retryable
 from lookaside_grpc._interceptor import _multi
-from lookaside_grpc._policies import RoutingPolicy
 from lookaside_grpc._pool import Slot
-from lookaside_grpc._resolvers import WATCH, Mode
-from lookaside_grpc._routing import DEFAULT_ROUTE_WAIT, RouterCore, Target
-from lookaside_grpc._stats import Stats
+from lookaside_grpc._routing import InterceptorCommon, RouterCore, Target
 
 
 def _loop_key() -> object:
@@ -56,19 +54,10 @@ async def _start(
 
 
 def _call(multi: Any, slot: Slot[Any], mc: Any, request: Any, timeout: float | None, details: Any) -> Any:
-    try:
-        call = mc(
-            request,
-            timeout=timeout,
-            metadata=details.metadata,
-            credentials=details.credentials,
-            wait_for_ready=details.wait_for_ready,
-        )
-    except BaseException:
-        slot.release()
-        raise
-    call.add_done_callback(multi._done_callback(slot))
-    return call
+    # grpc.aio does not show compression to interceptors: the channel's default applies
+    return multi._track(
+        slot, mc, request, timeout, details.metadata, details.credentials, details.wait_for_ready, None
+    )
 
 
 class _Shape:
@@ -89,52 +78,45 @@ class _UnaryUnary(_Shape, grpc.aio.UnaryUnaryClientInterceptor):
         except grpc.aio.AioRpcError as e:
             if not retryable(e):
                 return call  # the error reaches the caller when it awaits the call
-            nxt = multi._next_attempt(slot.address, deadline)
-            if nxt is None:
-                return call
-            slot2, mc2 = nxt
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            return _call(multi, slot2, mc2, request, remaining, client_call_details)
+            d = client_call_details
+            retry = multi._retry_call(
+                slot.address, deadline, request, (d.metadata, d.credentials, d.wait_for_ready, None)
+            )
+            return call if retry is None else retry[1]
         except asyncio.CancelledError:
             call.cancel()
             raise
-        if multi._probation:
-            multi._balancer.ejector.succeeded(slot.address)
+        multi._succeeded(slot.address)
         return call
 
 
-class _UnaryStream(_Shape, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        started = await _start(self._core, client_call_details, "unary_stream")
+def _passthrough(kind: str) -> Callable[..., Any]:
+    """The ``intercept_*`` method of the shapes without a retry: the balanced call as is."""
+
+    async def intercept(self: _Shape, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        started = await _start(self._core, client_call_details, kind)
         if started is None:
             return await continuation(client_call_details, request)
         multi, slot, mc, timeout = started
         return _call(multi, slot, mc, request, timeout, client_call_details)
 
+    intercept.__name__ = intercept.__qualname__ = f"intercept_{kind}"
+    return intercept
+
+
+class _UnaryStream(_Shape, grpc.aio.UnaryStreamClientInterceptor):
+    intercept_unary_stream = _passthrough("unary_stream")
+
 
 class _StreamUnary(_Shape, grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        started = await _start(self._core, client_call_details, "stream_unary")
-        if started is None:
-            return await continuation(client_call_details, request_iterator)
-        multi, slot, mc, timeout = started
-        return _call(multi, slot, mc, request_iterator, timeout, client_call_details)
+    intercept_stream_unary = _passthrough("stream_unary")
 
 
 class _StreamStream(_Shape, grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        started = await _start(self._core, client_call_details, "stream_stream")
-        if started is None:
-            return await continuation(client_call_details, request_iterator)
-        multi, slot, mc, timeout = started
-        return _call(multi, slot, mc, request_iterator, timeout, client_call_details)
+    intercept_stream_stream = _passthrough("stream_stream")
 
 
-class LookasideInterceptor(_UnaryUnary):
+class LookasideInterceptor(InterceptorCommon, _UnaryUnary):
     """grpc.aio lookaside interceptor; same arguments and behaviour as the sync
     :class:`lookaside_grpc.LookasideInterceptor` (grpc.aio does not show compression to interceptors, so the
     channel's default compression applies to balanced calls).
@@ -143,50 +125,15 @@ class LookasideInterceptor(_UnaryUnary):
     four call shapes. Balancers are made per running event loop; ``await close()`` releases them.
     """
 
-    def __init__(
-        self,
-        lookaside: str = "127.0.0.1:50055",
-        routes: Mapping[str, Target | str] | None = None,
-        *,
-        mode: Mode = WATCH,
-        policy: str | RoutingPolicy = "round_robin",
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Options = (),
-        lookaside_credentials: grpc.ChannelCredentials | None = None,
-        batch: int = 1,
-        route_wait: float = DEFAULT_ROUTE_WAIT,
-        max_staleness: float | None = DEFAULT_MAX_STALENESS,
-        pick_cache_ttl: float = 0.0,
-        throttle: bool | AdaptiveThrottle = True,
-    ) -> None:
-        core = RouterCore(
-            "aio",
-            lookaside,
-            routes or {},
-            mode=mode,
-            policy=policy,
-            credentials=credentials,
-            options=options,
-            lookaside_credentials=lookaside_credentials,
-            batch=batch,
-            route_wait=route_wait,
-            max_staleness=max_staleness,
-            pick_cache_ttl=pick_cache_ttl,
-            throttle=throttle,
-            balancer_factory=AioBalancer,
-            loop_key=_loop_key,
-        )
-        super().__init__(core)
-        #: One interceptor per call shape, for ``grpc.aio.*_channel(interceptors=...)``.
-        self.interceptors: list[Any] = [self, _UnaryStream(core), _StreamUnary(core), _StreamStream(core)]
+    _kind = "aio"
+    _balancer_factory = AioBalancer
+    _loop_key = staticmethod(_loop_key)
 
-    @property
-    def routes(self) -> dict[str, Target]:
-        return dict(self._core.routes)
-
-    def stats(self) -> Stats:
-        """Counters: the interceptor's own fallbacks plus those of the balancers it uses."""
-        return self._core.stats()
+    @functools.cached_property
+    def interceptors(self) -> list[Any]:
+        """One interceptor per call shape, for ``grpc.aio.*_channel(interceptors=...)``."""
+        core = self._core
+        return [self, _UnaryStream(core), _StreamUnary(core), _StreamStream(core)]
 
     async def close(self, grace: float | None = None) -> None:
         """Release the balancers; the last user of each closes it."""

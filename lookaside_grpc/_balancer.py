@@ -123,6 +123,50 @@ def release(balancer: Any) -> bool:
         return True
 
 
+def settings(
+    *,
+    credentials: grpc.ChannelCredentials | None,
+    options: Options,
+    lookaside_credentials: grpc.ChannelCredentials | None,
+    init_timeout: float,
+    max_staleness: float | None,
+    pick_cache_ttl: float,
+    throttle: bool | AdaptiveThrottle,
+    tls_server_name: str | None = None,
+) -> dict[str, Any]:
+    """The balancer settings of a channel or interceptor (the sharing key is built from them)."""
+    out: dict[str, Any] = dict(
+        credentials=credentials,
+        options=tuple(options),
+        lookaside_credentials=lookaside_credentials,
+        init_timeout=init_timeout,
+        max_staleness=max_staleness,
+        pick_cache_ttl=pick_cache_ttl,
+        throttle=throttle,
+    )
+    if tls_server_name is not None:  # only when given: keeps the key shared with interceptors' balancers
+        out["tls_server_name"] = tls_server_name
+    return out
+
+
+def shared(
+    kind: str,
+    factory: Callable[..., Any],
+    target: Target,
+    mode: Mode,
+    policy: str | RoutingPolicy,
+    settings: dict[str, Any],
+    loop: object = None,
+    share: bool = True,
+) -> Any:
+    """The balancer for these settings, shared by every channel and interceptor asking for the same ones
+    (aio ones per event loop ``loop``; none when not ``share``), with one more reference (give it back
+    with :func:`release`)."""
+    extra = {"loop": loop} if loop is not None else {}
+    key = balancer_key(kind, target, mode, policy, **extra, **settings) if share else object()
+    return acquire(key, lambda: factory(target, mode=mode, policy=policy, **settings))
+
+
 #: The channel arguments naming the TLS server (and the :authority) of backends dialled by IP.
 TLS_NAME_OPTIONS = ("grpc.ssl_target_name_override", "grpc.default_authority")
 
@@ -142,36 +186,42 @@ def backend_options(
     return opts + tuple((key, name) for key in TLS_NAME_OPTIONS if key not in given)
 
 
-def _sync_channel(
-    address: str, credentials: grpc.ChannelCredentials | None, options: Options
-) -> grpc.Channel:
+def _open_channel(
+    grpc_module: Any, address: str, credentials: grpc.ChannelCredentials | None, options: Options
+) -> Any:
+    """A ``grpc`` or ``grpc.aio`` (``grpc_module``) channel to ``address``, secure when given credentials."""
     if credentials is None:
-        return grpc.insecure_channel(address, options=list(options))
-    return grpc.secure_channel(address, credentials, options=list(options))
-
-
-def _aio_channel(
-    address: str, credentials: grpc.ChannelCredentials | None, options: Options
-) -> grpc.aio.Channel:
-    if credentials is None:
-        return grpc.aio.insecure_channel(address, options=list(options))
-    return grpc.aio.secure_channel(address, credentials, options=list(options))
-
-
-def _close_in_background(channel: grpc.Channel) -> None:
-    # A retired channel may be closed from a gRPC callback thread: never block it.
-    threading.Thread(target=channel.close, name="lookaside-close", daemon=True).start()
+        return grpc_module.insecure_channel(address, options=list(options))
+    return grpc_module.secure_channel(address, credentials, options=list(options))
 
 
 class _BalancerBase:
-    """What the sync and aio balancers share: target, policy, the pool's retirement rule, ejection, stats."""
+    """What the sync and aio balancers share: construction (pool, lookaside channel, resolver, ejector), the
+    pool's retirement rule, load reports, ejection and stats. Subclasses name their ``grpc`` module, their
+    resolver classes and how a retired backend channel is closed."""
 
-    pool: ChannelPool[Any]
-    resolver: Any
-    mode: Mode
+    #: ``grpc`` or ``grpc.aio``: the module the pooled and lookaside channels come from.
+    _grpc: Any
+    _watch_resolver: Callable[..., Any]
+    _per_call_resolver: Callable[..., Any]
 
-    def __init__(self, target: Target, policy: str | RoutingPolicy) -> None:
+    def __init__(
+        self,
+        target: Target,
+        *,
+        mode: Mode = WATCH,
+        policy: str | RoutingPolicy = "round_robin",
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Options = (),
+        lookaside_credentials: grpc.ChannelCredentials | None = None,
+        init_timeout: float = DEFAULT_INIT_TIMEOUT,
+        max_staleness: float | None = DEFAULT_MAX_STALENESS,
+        pick_cache_ttl: float = 0.0,
+        throttle: bool | AdaptiveThrottle = True,
+        tls_server_name: str | None = None,
+    ) -> None:
         self.target = target
+        self.mode = mode
         self.policy = resolve_policy(policy)
         self.counters = Counters()
         self._key: object = None
@@ -186,14 +236,31 @@ class _BalancerBase:
         #: Load reports sent / failed (for tests and debugging).
         self.reports_sent = 0
         self.reports_failed = 0
-
-    def _resolver_kwargs(
-        self, max_staleness: float | None, pick_cache_ttl: float, throttle: bool | AdaptiveThrottle
-    ) -> dict[str, Any]:
+        mod = self._grpc
+        opts = backend_options(target, credentials, options, tls_server_name)
+        self.pool: ChannelPool[Any] = ChannelPool(
+            lambda address: _open_channel(mod, address, credentials, opts), self._close_retired
+        )
+        self.lookaside_channel = _open_channel(
+            mod, target.lookaside, lookaside_credentials, LOOKASIDE_CHANNEL_OPTIONS
+        )
+        self._stub = stub = protocol.LookasideStub(self.lookaside_channel)
         kw: dict[str, Any] = {"max_staleness": max_staleness, "counters": self.counters}
-        if self.mode != WATCH:
+        if mode == WATCH:
+            self.resolver = self._watch_resolver(target, stub, self._on_change, init_timeout, **kw)
+        else:
             kw.update(pick_cache_ttl=pick_cache_ttl, throttle=throttle)
-        return kw
+            self.resolver = self._per_call_resolver(target, stub, init_timeout, **kw)
+        self._setup_load()
+        self.ejector = Ejector(
+            self.resolver.population, self.resolver.set_ejected, self.counters, on_eject=self._on_eject
+        )
+        #: Restored addresses awaiting a success (tested per call: an empty dict is falsy).
+        self.probation = self.ejector.probation
+        track(self)
+
+    def _close_retired(self, channel: Any) -> None:
+        raise NotImplementedError
 
     def _setup_load(self) -> None:
         """Wire the policy to the pool (in-flight counts) and decide on call timing and load reports."""
@@ -240,6 +307,13 @@ class _BalancerBase:
             endpoints=loads,
         )
 
+    def _report_failed(self, err: Exception) -> None:
+        """Log a failed load report (from its ``except`` clause); the report loop goes on."""
+        if isinstance(err, grpc.RpcError):
+            log.debug("%s: load report failed: %s", self.target, err)
+        else:
+            log.exception("%s: load report failed", self.target)
+
     def _report_done(self, ack: protocol.LoadReportAck | None) -> None:
         if ack is None:
             self.reports_failed += 1
@@ -247,15 +321,6 @@ class _BalancerBase:
         self.reports_sent += 1
         if ack.interval_ms:
             self.report_interval = min(60.0, max(0.05, ack.interval_ms / 1000.0))
-
-    def _setup_ejector(self) -> None:
-        self._setup_load()
-        self.ejector = Ejector(
-            self.resolver.population, self.resolver.set_ejected, self.counters, on_eject=self._on_eject
-        )
-        #: Restored addresses awaiting a success (tested per call: an empty dict is falsy).
-        self.probation = self.ejector.probation
-        track(self)
 
     def _on_eject(self, address: str) -> None:
         # A fresh channel (and connection, without inherited reconnect backoff) once the address is back.
@@ -295,64 +360,36 @@ class _BalancerBase:
 
 
 class Balancer(_BalancerBase):
-    """Sync core for one target; ``pick(timeout)`` returns an endpoint or raises PickError."""
+    """Sync core for one target: blocking channels, a watch thread, a load report thread."""
 
-    def __init__(
-        self,
-        target: Target,
-        *,
-        mode: Mode = WATCH,
-        policy: str | RoutingPolicy = "round_robin",
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Options = (),
-        lookaside_credentials: grpc.ChannelCredentials | None = None,
-        init_timeout: float = DEFAULT_INIT_TIMEOUT,
-        max_staleness: float | None = DEFAULT_MAX_STALENESS,
-        pick_cache_ttl: float = 0.0,
-        throttle: bool | AdaptiveThrottle = True,
-        tls_server_name: str | None = None,
-    ) -> None:
-        super().__init__(target, policy)
-        self.mode = mode
-        opts = backend_options(target, credentials, options, tls_server_name)
-        self.pool: ChannelPool[grpc.Channel] = ChannelPool(
-            lambda address: _sync_channel(address, credentials, opts), _close_in_background
-        )
-        self.lookaside_channel = _sync_channel(
-            target.lookaside, lookaside_credentials, LOOKASIDE_CHANNEL_OPTIONS
-        )
-        stub = protocol.LookasideStub(self.lookaside_channel)
-        kw = self._resolver_kwargs(max_staleness, pick_cache_ttl, throttle)
-        self.resolver: SyncResolver = (
-            WatchResolver(target, stub, self._on_change, init_timeout, **kw)
-            if mode == WATCH
-            else PerCallResolver(target, stub, init_timeout, **kw)
-        )
-        self._setup_ejector()
-        self._stub = stub
+    _grpc = grpc
+    _watch_resolver = WatchResolver
+    _per_call_resolver = PerCallResolver
+    resolver: SyncResolver
+
+    def __init__(self, target: Target, **kwargs: Any) -> None:
+        """Arguments as :class:`_BalancerBase`."""
         self._report_stop = threading.Event()
         self._reporter: threading.Thread | None = None
+        super().__init__(target, **kwargs)
         if self.reports_load:
             self._reporter = threading.Thread(
                 target=self._report_loop, name=f"lookaside-load-{target}", daemon=True
             )
             self._reporter.start()
 
+    def _close_retired(self, channel: grpc.Channel) -> None:
+        # A retired channel may be closed from a gRPC callback thread: never block it.
+        threading.Thread(target=channel.close, name="lookaside-close", daemon=True).start()
+
     def _report_loop(self) -> None:
         while not self._report_stop.wait(self.report_interval):
             try:
                 ack = self._stub.ReportLoad(self.load_report(), timeout=max(0.5, self.report_interval))
-            except grpc.RpcError as e:
-                log.debug("%s: load report failed: %s", self.target, e)
-                ack = None
-            except Exception:  # keep reporting whatever happens
-                log.exception("%s: load report failed", self.target)
+            except Exception as e:  # keep reporting whatever happens
+                self._report_failed(e)
                 ack = None
             self._report_done(ack)
-
-    def pick(self, timeout: float | None = None) -> Endpoint:
-        """An endpoint for one call, waiting at most ``timeout`` for a set (or a Resolve)."""
-        return self.resolver.pick_nowait(self.policy) or self.resolver.pick(self.policy, timeout)
 
     def close(self) -> None:
         """Stop the resolver (joining its thread), then close the pooled and the lookaside channels."""
@@ -367,44 +404,19 @@ class Balancer(_BalancerBase):
 
 
 class AioBalancer(_BalancerBase):
-    """Aio core for one target; ``await pick(timeout)`` returns an endpoint or raises PickError."""
+    """Aio core for one target: grpc.aio channels, a watch task, a load report task."""
 
-    def __init__(
-        self,
-        target: Target,
-        *,
-        mode: Mode = WATCH,
-        policy: str | RoutingPolicy = "round_robin",
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Options = (),
-        lookaside_credentials: grpc.ChannelCredentials | None = None,
-        init_timeout: float = DEFAULT_INIT_TIMEOUT,
-        max_staleness: float | None = DEFAULT_MAX_STALENESS,
-        pick_cache_ttl: float = 0.0,
-        throttle: bool | AdaptiveThrottle = True,
-        tls_server_name: str | None = None,
-    ) -> None:
-        super().__init__(target, policy)
-        self.mode = mode
-        opts = backend_options(target, credentials, options, tls_server_name)
+    _grpc = grpc.aio
+    _watch_resolver = AioWatchResolver
+    _per_call_resolver = AioPerCallResolver
+    resolver: AioResolver
+
+    def __init__(self, target: Target, **kwargs: Any) -> None:
+        """Arguments as :class:`_BalancerBase`."""
         self._closing: set[asyncio.Task[None]] = set()
-        self.pool: ChannelPool[grpc.aio.Channel] = ChannelPool(
-            lambda address: _aio_channel(address, credentials, opts), self._close_later
-        )
-        self.lookaside_channel = _aio_channel(
-            target.lookaside, lookaside_credentials, LOOKASIDE_CHANNEL_OPTIONS
-        )
-        stub = protocol.LookasideStub(self.lookaside_channel)
-        kw = self._resolver_kwargs(max_staleness, pick_cache_ttl, throttle)
-        self.resolver: AioResolver = (
-            AioWatchResolver(target, stub, self._on_change, init_timeout, **kw)
-            if mode == WATCH
-            else AioPerCallResolver(target, stub, init_timeout, **kw)
-        )
-        self._setup_ejector()
-        self._stub = stub
         self._reporter: asyncio.Task[None] | None = None
         self._report_closed = False
+        super().__init__(target, **kwargs)
         self._start_reporter()
 
     def _start_reporter(self) -> None:
@@ -427,17 +439,12 @@ class AioBalancer(_BalancerBase):
             await asyncio.sleep(self.report_interval)
             try:
                 ack = await self._stub.ReportLoad(self.load_report(), timeout=max(0.5, self.report_interval))
-            except grpc.RpcError as e:
-                log.debug("%s: load report failed: %s", self.target, e)
-                ack = None
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # keep reporting whatever happens
-                log.exception("%s: load report failed", self.target)
+            except Exception as e:  # keep reporting whatever happens (cancellation is no Exception)
+                self._report_failed(e)
                 ack = None
             self._report_done(ack)
 
-    def _close_later(self, channel: grpc.aio.Channel) -> None:
+    def _close_retired(self, channel: grpc.aio.Channel) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # retired from a foreign thread: let grpc close it when collected
@@ -445,10 +452,6 @@ class AioBalancer(_BalancerBase):
         task = loop.create_task(channel.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
-
-    async def pick(self, timeout: float | None = None) -> Endpoint:
-        """An endpoint for one call, waiting at most ``timeout`` for a set (or a Resolve)."""
-        return self.resolver.pick_nowait(self.policy) or await self.resolver.pick(self.policy, timeout)
 
     async def aclose(self, grace: float | None = None) -> None:
         """Stop the resolver task, then close every pooled channel and the lookaside channel."""

@@ -19,7 +19,6 @@ from lookaside_grpc._balancer import (
     DEFAULT_MAX_STALENESS,
     Balancer,
     Options,
-    balancer_key,
     make_target,
 )
 from lookaside_grpc._errors import FailedCall, PickError
@@ -27,12 +26,17 @@ from lookaside_grpc._health import AdaptiveThrottle, retryable
 from lookaside_grpc._policies import RoutingPolicy
 from lookaside_grpc._pool import Slot
 from lookaside_grpc._resolvers import WATCH, Mode
-from lookaside_grpc._retry import UnaryStreamCall, UnaryUnaryFuture
+from lookaside_grpc._retry import UnaryStreamCall, UnaryUnaryFuture, remaining
 from lookaside_grpc._stats import Stats
 
 log = logging.getLogger(__name__)
 
 Entry = tuple[Slot[Any], Any]
+#: How a future / response-iterator call starts once picked: ``begin(multi, slot, mc, request, timeout,
+#: args)`` (``args``: metadata, credentials, wait_for_ready, compression) returns the call object.
+Begin = Callable[..., Any]
+#: (metadata, credentials, wait_for_ready, compression) of a call
+Args = tuple[Any, ...]
 _now = time.monotonic
 
 
@@ -110,6 +114,53 @@ class _MultiCallable:
 
         return done
 
+    def _track(
+        self,
+        slot: Slot[Any],
+        start: Any,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+    ) -> Any:
+        """Start a non-blocking call (sync future/iterator or grpc.aio call) with ``start`` (a backend
+        multicallable, or its ``future``) on ``slot``, already counted; release the slot when it is done (and
+        time it, when the policy wants latency feedback), or at once if it cannot start."""
+        try:
+            call = start(
+                request,
+                timeout=timeout,
+                metadata=metadata,
+                credentials=credentials,
+                wait_for_ready=wait_for_ready,
+                compression=compression,
+            )
+        except BaseException:
+            slot.release()
+            raise
+        call.add_done_callback(slot.release if self._observe is None else self._done_callback(slot))
+        return call
+
+    def _timed(
+        self, slot: Slot[Any], start: Any, request: Any, timeout: float | None, args: tuple[Any, ...]
+    ) -> Any:
+        """A blocking call with ``start`` on ``slot`` (already counted), released and timed on return."""
+        observe = self._observe
+        t0 = _now() if observe is not None else 0.0
+        try:
+            return start(request, timeout, *args)
+        finally:
+            slot.release()
+            if observe is not None:
+                observe(slot.address, _now() - t0)
+
+    def _succeeded(self, address: str) -> None:
+        """A call to ``address`` got its response: a restored address leaves probation."""
+        if self._probation:
+            self._balancer.ejector.succeeded(address)
+
     def _next_attempt(self, failed: str, deadline: float | None) -> Entry | None:
         """The retry rule's second attempt: eject ``failed``, pick another endpoint and count the call on
         it; None if there is none or no time is left (monotonic ``deadline``)."""
@@ -128,6 +179,17 @@ class _MultiCallable:
         )
         return self._entry(ep.address)
 
+    def _retry_call(
+        self, failed: str, deadline: float | None, request: Any, args: tuple[Any, ...]
+    ) -> tuple[Slot[Any], Any] | None:
+        """The retry attempt of a non-blocking call (see :meth:`_next_attempt`): its slot and started call
+        (:meth:`_track`), or None."""
+        nxt = self._next_attempt(failed, deadline)
+        if nxt is None:
+            return None
+        slot, mc = nxt
+        return slot, self._track(slot, mc, request, remaining(deadline), *args)
+
     def _start(self, timeout: float | None) -> tuple[Slot[Any], Any, float | None]:
         """Pick a backend (sync) and count the call on it; raises PickError."""
         ep = self._resolver.pick_nowait(self._policy)
@@ -141,6 +203,15 @@ class _MultiCallable:
         slot, mc = self._entry(ep.address)
         return slot, mc, timeout
 
+    def _nonblocking(self, begin: Begin, request: Any, timeout: float | None, args: tuple[Any, ...]) -> Any:
+        """A future / response-iterator call: pick and count it, then ``begin`` it; a pick failure comes
+        back as a failed call (raised only when it is used, as grpc does)."""
+        try:
+            slot, mc, timeout = self._start(timeout)
+        except PickError as e:
+            return FailedCall(e)
+        return begin(self, slot, mc, request, timeout, args)
+
     def _retry_unary(
         self,
         err: grpc.RpcError,
@@ -148,33 +219,47 @@ class _MultiCallable:
         deadline: float | None,
         with_call: bool,
         request: Any,
-        args: tuple[Any, ...],
+        args: Args,
     ) -> Any:
-        """The one transparent retry of a call that failed with UNAVAILABLE before any response byte:
-        eject ``failed``, then call again on another endpoint within the remaining time; else re-raise."""
+        """The one transparent retry of a blocking call that failed with UNAVAILABLE before any response
+        byte: eject ``failed``, then call again on another endpoint within the time left; else re-raise."""
         nxt = self._next_attempt(failed, deadline)
         if nxt is None:
             raise err
         slot, mc = nxt
-        timeout = None if deadline is None else max(0.0, deadline - _now())
-        observe = self._observe
-        t0 = _now() if observe is not None else 0.0
-        try:
-            result = mc.with_call(request, timeout, *args) if with_call else mc(request, timeout, *args)
-        finally:
-            slot.release()
-            if observe is not None:
-                observe(slot.address, _now() - t0)
-        if self._probation:
-            self._balancer.ejector.succeeded(slot.address)
+        result = self._timed(slot, mc.with_call if with_call else mc, request, remaining(deadline), args)
+        self._succeeded(slot.address)
         return result
 
-    def _invoke_unary(
-        self, with_call: bool, request: Any, timeout: float | None, args: tuple[Any, ...]
+
+def begin_future(
+    multi: _MultiCallable, slot: Slot[Any], mc: Any, request: Any, timeout: float | None, args: Args
+) -> Any:
+    """Begin a stream-unary ``future()``: no retry (the request iterator is consumed)."""
+    return multi._track(slot, mc.future, request, timeout, *args)
+
+
+def begin_call(
+    multi: _MultiCallable, slot: Slot[Any], mc: Any, request: Any, timeout: float | None, args: Args
+) -> Any:
+    """Begin a stream-stream call: no retry (the request iterator is consumed)."""
+    return multi._track(slot, mc, request, timeout, *args)
+
+
+def _unary_blocking(with_call: bool) -> Callable[..., Any]:
+    """``__call__`` (or ``with_call``) of unary-unary: blocking, with the retry rule. Made once per method
+    at class creation, so a call costs one Python frame here; a try/except and one empty-dict test are all
+    it adds when the call succeeds (plus timing it, for policies that want latency feedback)."""
+
+    def call(
+        self: _MultiCallable,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
     ) -> Any:
-        """Blocking unary-response call (``__call__``/``with_call``) with the retry rule; a try/except and
-        one empty-dict test are all it adds when the call succeeds (plus timing it, for policies that want
-        latency feedback)."""
         deadline = None if timeout is None else _now() + timeout
         try:
             slot, mc, timeout = self._start(timeout)
@@ -183,7 +268,10 @@ class _MultiCallable:
         observe = self._observe
         t0 = _now() if observe is not None else 0.0
         try:
-            result = mc.with_call(request, timeout, *args) if with_call else mc(request, timeout, *args)
+            if with_call:
+                result = mc.with_call(request, timeout, metadata, credentials, wait_for_ready, compression)
+            else:
+                result = mc(request, timeout, metadata, credentials, wait_for_ready, compression)
         except grpc.RpcError as e:
             if not retryable(e):
                 if observe is not None:
@@ -198,37 +286,42 @@ class _MultiCallable:
             return result
         finally:
             slot.release()
+        args = (metadata, credentials, wait_for_ready, compression)
         return self._retry_unary(err, slot.address, deadline, with_call, request, args)
+
+    call.__name__ = call.__qualname__ = "with_call" if with_call else "__call__"
+    return call
+
+
+def _stream_unary_blocking(with_call: bool) -> Callable[..., Any]:
+    """``__call__`` (or ``with_call``) of stream-unary: blocking, never retried (the request iterator is
+    consumed)."""
+
+    def call(
+        self: _MultiCallable,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        try:
+            slot, mc, timeout = self._start(timeout)
+        except PickError as e:
+            raise FailedCall(e) from None
+        args = (metadata, credentials, wait_for_ready, compression)
+        return self._timed(slot, mc.with_call if with_call else mc, request_iterator, timeout, args)
+
+    call.__name__ = call.__qualname__ = "with_call" if with_call else "__call__"
+    return call
 
 
 class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
     __slots__ = ()
 
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self._invoke_unary(
-            False, request, timeout, (metadata, credentials, wait_for_ready, compression)
-        )
-
-    def with_call(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> tuple[Any, grpc.Call]:
-        return self._invoke_unary(  # type: ignore[no-any-return]
-            True, request, timeout, (metadata, credentials, wait_for_ready, compression)
-        )
+    __call__ = _unary_blocking(with_call=False)
+    with_call = _unary_blocking(with_call=True)
 
     def future(
         self,
@@ -239,60 +332,15 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        try:
-            slot, mc, timeout = self._start(timeout)
-        except PickError as e:
-            return FailedCall(e)
         args = (metadata, credentials, wait_for_ready, compression)
-        return UnaryUnaryFuture(self, slot, mc, request, timeout, args)
+        return self._nonblocking(UnaryUnaryFuture, request, timeout, args)
 
 
 class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):
     __slots__ = ()
 
-    def __call__(
-        self,
-        request_iterator: Iterator[Any],
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        try:
-            slot, mc, timeout = self._start(timeout)
-        except PickError as e:
-            raise FailedCall(e) from None
-        observe = self._observe
-        t0 = _now() if observe is not None else 0.0
-        try:
-            return mc(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
-        finally:
-            slot.release()
-            if observe is not None:
-                observe(slot.address, _now() - t0)
-
-    def with_call(
-        self,
-        request_iterator: Iterator[Any],
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> tuple[Any, grpc.Call]:
-        try:
-            slot, mc, timeout = self._start(timeout)
-        except PickError as e:
-            raise FailedCall(e) from None
-        observe = self._observe
-        t0 = _now() if observe is not None else 0.0
-        try:
-            return mc.with_call(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)  # type: ignore[no-any-return]
-        finally:
-            slot.release()
-            if observe is not None:
-                observe(slot.address, _now() - t0)
+    __call__ = _stream_unary_blocking(with_call=False)
+    with_call = _stream_unary_blocking(with_call=True)
 
     def future(
         self,
@@ -303,47 +351,11 @@ class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        try:
-            slot, mc, timeout = self._start(timeout)
-        except PickError as e:
-            return FailedCall(e)
-        try:
-            fut = mc.future(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
-        except BaseException:
-            slot.release()
-            raise
-        fut.add_done_callback(self._done_callback(slot))
-        return fut
+        args = (metadata, credentials, wait_for_ready, compression)
+        return self._nonblocking(begin_future, request_iterator, timeout, args)
 
 
-class _StreamingResponse(_MultiCallable):
-    """unary_stream and stream_stream: the returned call is also the response iterator."""
-
-    __slots__ = ()
-
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        try:
-            slot, mc, timeout = self._start(timeout)
-        except PickError as e:
-            return FailedCall(e)
-        try:
-            call = mc(request, timeout, metadata, credentials, wait_for_ready, compression)
-        except BaseException:
-            slot.release()
-            raise
-        call.add_done_callback(self._done_callback(slot))
-        return call
-
-
-class _UnaryStream(_StreamingResponse, grpc.UnaryStreamMultiCallable):
+class _UnaryStream(_MultiCallable, grpc.UnaryStreamMultiCallable):
     """unary_stream with the one retry before the first response message (see ``_retry``)."""
 
     __slots__ = ()
@@ -357,26 +369,58 @@ class _UnaryStream(_StreamingResponse, grpc.UnaryStreamMultiCallable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        try:
-            slot, mc, timeout = self._start(timeout)
-        except PickError as e:
-            return FailedCall(e)
         args = (metadata, credentials, wait_for_ready, compression)
-        return UnaryStreamCall(self, slot, mc, request, timeout, args)
+        return self._nonblocking(UnaryStreamCall, request, timeout, args)
 
 
-class _StreamStream(_StreamingResponse, grpc.StreamStreamMultiCallable):
+class _StreamStream(_MultiCallable, grpc.StreamStreamMultiCallable):
+    """stream_stream: the returned call is also the response iterator."""
+
     __slots__ = ()
 
+    def __call__(
+        self,
+        request_iterator: Iterator[Any],
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        args = (metadata, credentials, wait_for_ready, compression)
+        return self._nonblocking(begin_call, request_iterator, timeout, args)
 
-class Channel(grpc.Channel):
-    """A ``grpc.Channel`` balancing every call over the pods of one Kubernetes Service.
 
-    Build it with :func:`lookaside_grpc.channel`. Each call picks a backend (via the lookaside) and goes over
-    that backend's long-lived pooled channel, so HTTP/2 connections are reused, never re-dialled per call.
-    """
+def _channel_method(kind: str) -> Callable[..., Any]:
+    """``Channel.unary_unary`` & co. (sync and aio): the method's multicallable of shape ``kind``."""
 
-    def __init__(self, balancer: Balancer) -> None:
+    def method(
+        self: ChannelCommon,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        return self._shapes[kind](
+            self._balancer,
+            kind,
+            method,
+            request_serializer,
+            response_deserializer,
+            bool(_registered_method),
+        )
+
+    method.__name__ = method.__qualname__ = kind
+    return method
+
+
+class ChannelCommon:
+    """What the sync and aio ``Channel`` share: the balancer, its properties, the four multicallable
+    factories (``_shapes`` names each shape's class) and giving the balancer back on close."""
+
+    _shapes: dict[str, type[_MultiCallable]]
+
+    def __init__(self, balancer: Any) -> None:
         self._balancer = balancer
         self._closed = False
 
@@ -388,76 +432,46 @@ class Channel(grpc.Channel):
     @property
     def mode(self) -> Mode:
         """``watch`` or ``per_call``."""
-        return self._balancer.mode
+        return self._balancer.mode  # type: ignore[no-any-return]
 
     @property
     def policy(self) -> RoutingPolicy:
         """The routing policy picking backends."""
-        return self._balancer.policy
+        return self._balancer.policy  # type: ignore[no-any-return]
 
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None = None,
-        response_deserializer: Callable[[bytes], Any] | None = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.UnaryUnaryMultiCallable:
-        return _UnaryUnary(
-            self._balancer,
-            "unary_unary",
-            method,
-            request_serializer,
-            response_deserializer,
-            bool(_registered_method),
-        )
+    def stats(self) -> Stats:
+        """Counters of this channel's balancer (shared with interceptors/channels on the same settings)."""
+        return self._balancer.stats()  # type: ignore[no-any-return]
 
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None = None,
-        response_deserializer: Callable[[bytes], Any] | None = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.UnaryStreamMultiCallable:
-        return _UnaryStream(
-            self._balancer,
-            "unary_stream",
-            method,
-            request_serializer,
-            response_deserializer,
-            bool(_registered_method),
-        )
+    unary_unary = _channel_method("unary_unary")
+    unary_stream = _channel_method("unary_stream")
+    stream_unary = _channel_method("stream_unary")
+    stream_stream = _channel_method("stream_stream")
 
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None = None,
-        response_deserializer: Callable[[bytes], Any] | None = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.StreamUnaryMultiCallable:
-        return _StreamUnary(
-            self._balancer,
-            "stream_unary",
-            method,
-            request_serializer,
-            response_deserializer,
-            bool(_registered_method),
-        )
+    def _release(self) -> bool:
+        """Give the balancer back (once); True when this was its last user (the caller closes it)."""
+        if self._closed:
+            return False
+        self._closed = True
+        return _balancer.release(self._balancer)
 
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None = None,
-        response_deserializer: Callable[[bytes], Any] | None = None,
-        _registered_method: bool | None = False,
-    ) -> grpc.StreamStreamMultiCallable:
-        return _StreamStream(
-            self._balancer,
-            "stream_stream",
-            method,
-            request_serializer,
-            response_deserializer,
-            bool(_registered_method),
-        )
+
+class Channel(ChannelCommon, grpc.Channel):
+    """A ``grpc.Channel`` balancing every call over the pods of one Kubernetes Service.
+
+    Build it with :func:`lookaside_grpc.channel`. Each call picks a backend (via the lookaside) and goes over
+    that backend's long-lived pooled channel, so HTTP/2 connections are reused, never re-dialled per call.
+    """
+
+    _shapes = {
+        "unary_unary": _UnaryUnary,
+        "unary_stream": _UnaryStream,
+        "stream_unary": _StreamUnary,
+        "stream_stream": _StreamStream,
+    }
+
+    def __init__(self, balancer: Balancer) -> None:
+        super().__init__(balancer)
 
     def subscribe(
         self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False
@@ -468,17 +482,10 @@ class Channel(grpc.Channel):
     def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
         self._balancer.lookaside_channel.unsubscribe(callback)
 
-    def stats(self) -> Stats:
-        """Counters of this channel's balancer (shared with interceptors/channels on the same settings)."""
-        return self._balancer.stats()
-
     def close(self) -> None:
         """Release the balancer; the last user stops the watch thread (joined) and closes every pooled
         channel and the lookaside channel."""
-        if self._closed:
-            return
-        self._closed = True
-        if _balancer.release(self._balancer):
+        if self._release():
             self._balancer.close()
 
     def __enter__(self) -> Channel:
@@ -537,16 +544,14 @@ def channel(
     Channels with identical settings share one balancer (Watch stream, pool, counters).
     """
     target = make_target(service, namespace, port, lookaside, mode, batch)
-    settings: dict[str, Any] = dict(
+    settings = _balancer.settings(
         credentials=credentials,
-        options=tuple(options),
+        options=options,
         lookaside_credentials=lookaside_credentials,
         init_timeout=init_timeout,
         max_staleness=max_staleness,
         pick_cache_ttl=pick_cache_ttl,
         throttle=throttle,
+        tls_server_name=tls_server_name,
     )
-    if tls_server_name is not None:  # only when given: keeps the key shared with interceptors' balancers
-        settings["tls_server_name"] = tls_server_name
-    key = balancer_key("sync", target, mode, policy, **settings)
-    return Channel(_balancer.acquire(key, lambda: Balancer(target, mode=mode, policy=policy, **settings)))
+    return Channel(_balancer.shared("sync", Balancer, target, mode, policy, settings))

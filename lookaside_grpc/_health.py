@@ -31,16 +31,6 @@ def retryable(err: BaseException) -> bool:
         return False
 
 
-async def aio_retryable(call: object) -> bool:
-    """The aio twin of :func:`retryable`, for a finished grpc.aio call."""
-    try:
-        if await call.code() is not grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]
-            return False
-        return not await call.initial_metadata()  # type: ignore[attr-defined]
-    except Exception:
-        return False
-
-
 class Ejector:
     """Addresses ejected from local picks after failing with UNAVAILABLE, each for a cool-down.
 

@@ -9,21 +9,17 @@ channel unchanged.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from lookaside_grpc._balancer import DEFAULT_MAX_STALENESS, Balancer, Options
-from lookaside_grpc._channel import _MultiCallable
+from lookaside_grpc._balancer import Balancer
+from lookaside_grpc._channel import _MultiCallable, begin_call, begin_future
 from lookaside_grpc._errors import PickError
-from lookaside_grpc._health import AdaptiveThrottle
-from lookaside_grpc._policies import RoutingPolicy
 from lookaside_grpc._pool import Slot
-from lookaside_grpc._resolvers import WATCH, Mode
 from lookaside_grpc._retry import UnaryStreamCall, UnaryUnaryFuture
-from lookaside_grpc._routing import DEFAULT_ROUTE_WAIT, Route, RouterCore, Target
-from lookaside_grpc._stats import Stats
+from lookaside_grpc._routing import InterceptorCommon, Route, RouterCore
 
 
 def _serialize(message: Any) -> bytes:
@@ -39,14 +35,11 @@ def _multi(route: Route, kind: str) -> _MultiCallable:
     return m
 
 
-def _args(details: Any) -> tuple[Any, ...]:
-    return (details.metadata, details.credentials, details.wait_for_ready, details.compression)
-
-
 def _start(
     core: RouterCore, route: Route, kind: str, timeout: float | None
-) -> tuple[Slot[Any], Any, float | None] | None:
-    """Pick and count the call on a backend; None (fallback counted) if no endpoint can be had in time."""
+) -> tuple[_MultiCallable, Slot[Any], Any, float | None] | None:
+    """Pick and count the call on a backend: (the method's multicallable, slot, backend multicallable,
+    timeout left); None (fallback counted) if no endpoint can be had in time."""
     ep = route.resolver.pick_nowait(route.policy)
     if ep is None:
         start = time.monotonic()
@@ -57,11 +50,35 @@ def _start(
             return None
         if timeout is not None:
             timeout = max(0.0, timeout - (time.monotonic() - start))
-    slot, mc = _multi(route, kind)._entry(ep.address)
-    return slot, mc, timeout
+    multi = _multi(route, kind)
+    slot, mc = multi._entry(ep.address)
+    return multi, slot, mc, timeout
+
+
+def _intercept(kind: str, begin: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``intercept_*`` method of shape ``kind``: route and pick, then ``begin(multi, slot, mc, request,
+    timeout, args)`` starts the balanced call; else the original channel (``continuation``)."""
+
+    def intercept(
+        self: LookasideInterceptor, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        core = self._core
+        route = core.route(client_call_details.method)
+        if route is not None:
+            started = _start(core, route, kind, client_call_details.timeout)
+            if started is not None:
+                multi, slot, mc, timeout = started
+                d = client_call_details
+                args = (d.metadata, d.credentials, d.wait_for_ready, d.compression)
+                return begin(multi, slot, mc, request, timeout, args)
+        return continuation(client_call_details, request)
+
+    intercept.__name__ = intercept.__qualname__ = f"intercept_{kind}"
+    return intercept
 
 
 class LookasideInterceptor(
+    InterceptorCommon,
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
     grpc.StreamUnaryClientInterceptor,
@@ -81,47 +98,8 @@ class LookasideInterceptor(
     :func:`lookaside_grpc.channel`.
     """
 
-    def __init__(
-        self,
-        lookaside: str = "127.0.0.1:50055",
-        routes: Mapping[str, Target | str] | None = None,
-        *,
-        mode: Mode = WATCH,
-        policy: str | RoutingPolicy = "round_robin",
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Options = (),
-        lookaside_credentials: grpc.ChannelCredentials | None = None,
-        batch: int = 1,
-        route_wait: float = DEFAULT_ROUTE_WAIT,
-        max_staleness: float | None = DEFAULT_MAX_STALENESS,
-        pick_cache_ttl: float = 0.0,
-        throttle: bool | AdaptiveThrottle = True,
-    ) -> None:
-        self._core = RouterCore(
-            "sync",
-            lookaside,
-            routes or {},
-            mode=mode,
-            policy=policy,
-            credentials=credentials,
-            options=options,
-            lookaside_credentials=lookaside_credentials,
-            batch=batch,
-            route_wait=route_wait,
-            max_staleness=max_staleness,
-            pick_cache_ttl=pick_cache_ttl,
-            throttle=throttle,
-            balancer_factory=Balancer,
-        )
-
-    @property
-    def routes(self) -> dict[str, Target]:
-        """gRPC service name -> target."""
-        return dict(self._core.routes)
-
-    def stats(self) -> Stats:
-        """Counters: the interceptor's own fallbacks plus those of the balancers it uses."""
-        return self._core.stats()
+    _kind = "sync"
+    _balancer_factory = Balancer
 
     def close(self) -> None:
         """Release the balancers (the last user closes each: watch threads joined, pooled channels closed)."""
@@ -134,54 +112,17 @@ class LookasideInterceptor(
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        core = self._core
-        route = core.route(client_call_details.method)
-        if route is not None:
-            started = _start(core, route, "unary_unary", client_call_details.timeout)
-            if started is not None:
-                slot, mc, timeout = started
-                return UnaryUnaryFuture(
-                    _multi(route, "unary_unary"), slot, mc, request, timeout, _args(client_call_details)
-                )
-        return continuation(client_call_details, request)
-
-    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        core = self._core
-        route = core.route(client_call_details.method)
-        if route is not None:
-            started = _start(core, route, "unary_stream", client_call_details.timeout)
-            if started is not None:
-                slot, mc, timeout = started
-                return UnaryStreamCall(
-                    _multi(route, "unary_stream"), slot, mc, request, timeout, _args(client_call_details)
-                )
-        return continuation(client_call_details, request)
-
-    def _streaming_request(self, kind: str, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        core = self._core
-        route = core.route(details.method)
-        if route is not None:
-            started = _start(core, route, kind, details.timeout)
-            if started is not None:
-                slot, mc, timeout = started
-                try:
-                    call = (mc.future if kind == "stream_unary" else mc)(
-                        request_iterator, timeout, *_args(details)
-                    )
-                except BaseException:
-                    slot.release()
-                    raise
-                call.add_done_callback(_multi(route, kind)._done_callback(slot))
-                return call
-        return continuation(details, request_iterator)
+    intercept_unary_unary = _intercept("unary_unary", UnaryUnaryFuture)
+    intercept_unary_stream = _intercept("unary_stream", UnaryStreamCall)
+    _intercept_stream_unary = _intercept("stream_unary", begin_future)
+    _intercept_stream_stream = _intercept("stream_stream", begin_call)
 
     def intercept_stream_unary(
         self, continuation: Any, client_call_details: Any, request_iterator: Any
     ) -> Any:
-        return self._streaming_request("stream_unary", continuation, client_call_details, request_iterator)
+        return self._intercept_stream_unary(continuation, client_call_details, request_iterator)
 
     def intercept_stream_stream(
         self, continuation: Any, client_call_details: Any, request_iterator: Any
     ) -> Any:
-        return self._streaming_request("stream_stream", continuation, client_call_details, request_iterator)
+        return self._intercept_stream_stream(continuation, client_call_details, request_iterator)

@@ -18,7 +18,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from lookaside_grpc import protocol
@@ -311,8 +311,3 @@ def resolve_policy(policy: str | RoutingPolicy) -> RoutingPolicy:
         return POLICIES[policy]()
     except KeyError:
         raise ValueError(f"unknown policy {policy!r}; expected one of {sorted(POLICIES)}") from None
-
-
-def policy_names() -> Iterable[str]:
-    """The names ``channel(policy=...)`` accepts."""
-    return list(POLICIES)

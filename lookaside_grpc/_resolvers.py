@@ -208,6 +208,16 @@ class _WatchCore:
             )
         self._on_change(self.state.addresses())
 
+    def _watch_error(self, err: Exception | None) -> PickError:
+        """Why the Watch stream stopped (``err`` None: the lookaside ended it); call it from the ``except``
+        clause, so an unexpected error is logged with its traceback."""
+        if err is None:
+            return PickError(grpc.StatusCode.UNAVAILABLE, "the lookaside ended the Watch stream")
+        if isinstance(err, grpc.RpcError):
+            return from_lookaside_error(err, str(self.target), self.target.lookaside)
+        log.exception("%s: Watch failed", self.target)  # keep watching whatever happens
+        return PickError(grpc.StatusCode.UNAVAILABLE, f"Watch failed: {err!r}")
+
     def _broken(self, err: PickError, backoff: float) -> None:
         self.state.error = err
         if self._broken_since is None:
@@ -303,14 +313,11 @@ class WatchResolver(_WatchCore):
                     backoff.reset()
                     self._apply(es)
                     self._notify()
-                err = PickError(grpc.StatusCode.UNAVAILABLE, "the lookaside ended the Watch stream")
-            except grpc.RpcError as e:
-                if self._stop.is_set():
+                err = self._watch_error(None)
+            except Exception as e:
+                if self._stop.is_set() and isinstance(e, grpc.RpcError):
                     break
-                err = from_lookaside_error(e, str(self.target), self.target.lookaside)
-            except Exception as e:  # keep watching whatever happens
-                log.exception("%s: Watch failed", self.target)
-                err = PickError(grpc.StatusCode.UNAVAILABLE, f"Watch failed: {e!r}")
+                err = self._watch_error(e)
             delay = backoff.next()
             self._broken(err, delay)
             self._notify()
@@ -392,14 +399,9 @@ class AioWatchResolver(_WatchCore):
                     backoff.reset()
                     self._apply(es)
                     self._notify()
-                err = PickError(grpc.StatusCode.UNAVAILABLE, "the lookaside ended the Watch stream")
-            except asyncio.CancelledError:
-                raise
-            except grpc.RpcError as e:
-                err = from_lookaside_error(e, str(self.target), self.target.lookaside)
-            except Exception as e:  # keep watching whatever happens
-                log.exception("%s: Watch failed", self.target)
-                err = PickError(grpc.StatusCode.UNAVAILABLE, f"Watch failed: {e!r}")
+                err = self._watch_error(None)
+            except Exception as e:  # cancellation is no Exception: it ends the task
+                err = self._watch_error(e)
             delay = backoff.next()
             self._broken(err, delay)
             self._notify()
@@ -503,7 +505,11 @@ class _PerCallCore:
         return known
 
     def _before(self, policy: RoutingPolicy, timeout: float | None) -> tuple[Endpoint | None, float]:
-        """A local pick if the Resolve is throttled, else None and how long the Resolve may take."""
+        """A pick on hand (batched or cached) or a local one if the Resolve is throttled; else None and how
+        long the Resolve may take."""
+        ep = self.pick_nowait(policy)
+        if ep is not None:
+            return ep, 0.0
         known = self._fresh_known()
         if known and self.throttler is not None and self.throttler.throttle():
             self._counters.fallback(THROTTLED)
@@ -561,9 +567,6 @@ class PerCallResolver(_PerCallCore):
     """Sync ``per_call`` mode: a blocking Resolve whenever no batched or cached pick is on hand."""
 
     def pick(self, policy: RoutingPolicy, timeout: float | None) -> Endpoint:
-        ep = self.pick_nowait(policy)
-        if ep is not None:
-            return ep
         ep, wait = self._before(policy, timeout)
         if ep is not None:
             return ep
@@ -581,9 +584,6 @@ class AioPerCallResolver(_PerCallCore):
     """Aio ``per_call`` mode: an awaited Resolve whenever no batched or cached pick is on hand."""
 
     async def pick(self, policy: RoutingPolicy, timeout: float | None) -> Endpoint:
-        ep = self.pick_nowait(policy)
-        if ep is not None:
-            return ep
         ep, wait = self._before(policy, timeout)
         if ep is not None:
             return ep

@@ -25,27 +25,43 @@ from lookaside_grpc._pool import Slot
 # ------------------------------------------------------------------------------------------------- sync
 
 
-def _remaining(deadline: float | None) -> float | None:
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left until the monotonic ``deadline`` (None = no deadline), never negative."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-class UnaryUnaryFuture(grpc.Call, grpc.Future):  # type: ignore[misc]
-    """A unary-unary call as ``future()`` returns it (Call + Future), retried once on another endpoint when
-    it fails with UNAVAILABLE before any response byte."""
+class _SyncRetrying(grpc.Call, grpc.Future):  # type: ignore[misc]
+    """What the sync wrappers share: the call's method, request, arguments and deadline; then the first
+    attempt on ``slot``/``mc`` (``_attempt``)."""
 
     def __init__(
         self, multi: Any, slot: Slot[Any], mc: Any, request: Any, timeout: float | None, args: tuple[Any, ...]
     ) -> None:
         self._multi = multi
         self._request = request
+        #: (metadata, credentials, wait_for_ready, compression) of the call, for the retry attempt
         self._args = args
         self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._init()
+        self._attempt(slot, mc, timeout)
+
+    def _init(self) -> None:
+        """Per-shape state, set before the first attempt."""
+
+    def _attempt(self, slot: Slot[Any], mc: Any, timeout: float | None) -> None:
+        raise NotImplementedError
+
+
+class UnaryUnaryFuture(_SyncRetrying):
+    """A unary-unary call as ``future()`` returns it (Call + Future), retried once on another endpoint when
+    it fails with UNAVAILABLE before any response byte."""
+
+    def _init(self) -> None:
         self._retried = False
         self._cancelled = False
         self._finished = threading.Event()
         self._callbacks: list[Callable[[Any], None]] = []
         self._lock = threading.Lock()
-        self._attempt(slot, mc, timeout)
 
     def _attempt(self, slot: Slot[Any], mc: Any, timeout: float | None) -> None:
         self._slot = slot
@@ -66,7 +82,7 @@ class UnaryUnaryFuture(grpc.Call, grpc.Future):  # type: ignore[misc]
             nxt = multi._next_attempt(slot.address, self._deadline)
             if nxt is not None:
                 try:
-                    self._attempt(*nxt, _remaining(self._deadline))
+                    self._attempt(*nxt, remaining(self._deadline))
                     return
                 except Exception:  # the first failure stands
                     pass
@@ -74,7 +90,7 @@ class UnaryUnaryFuture(grpc.Call, grpc.Future):  # type: ignore[misc]
             if multi._observe is not None:
                 multi._observe(slot.address, time.monotonic() - self._t0)
             if multi._probation and fut.code() is grpc.StatusCode.OK:
-                multi._balancer.ejector.succeeded(slot.address)
+                multi._succeeded(slot.address)
         with self._lock:
             self._finished.set()
             callbacks, self._callbacks = self._callbacks, []
@@ -136,35 +152,23 @@ class UnaryUnaryFuture(grpc.Call, grpc.Future):  # type: ignore[misc]
         return not self._finished.is_set()
 
     def time_remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+        return remaining(self._deadline)
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         self.add_done_callback(lambda _f: callback())
         return True
 
 
-class UnaryStreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
+class UnaryStreamCall(_SyncRetrying):
     """A unary-stream call (response iterator + Call), retried once on another endpoint when it fails with
     UNAVAILABLE before the first response message. After the first message ``__next__`` only delegates."""
 
-    def __init__(
-        self, multi: Any, slot: Slot[Any], mc: Any, request: Any, timeout: float | None, args: tuple[Any, ...]
-    ) -> None:
-        self._multi = multi
-        self._request = request
-        self._args = args
-        self._deadline = None if timeout is None else time.monotonic() + timeout
+    def _init(self) -> None:
         self._first = True
-        self._attempt(slot, mc, timeout)
 
     def _attempt(self, slot: Slot[Any], mc: Any, timeout: float | None) -> None:
         self._slot = slot
-        try:
-            self._inner = mc(self._request, timeout, *self._args)
-        except BaseException:
-            slot.release()
-            raise
-        self._inner.add_done_callback(self._multi._done_callback(slot))
+        self._inner = self._multi._track(slot, mc, self._request, timeout, *self._args)
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -178,18 +182,16 @@ class UnaryStreamCall(grpc.Call, grpc.Future):  # type: ignore[misc]
             self._first = False
             if not retryable(e):
                 raise
-            nxt = self._multi._next_attempt(self._slot.address, self._deadline)
-            if nxt is None:
+            retry = self._multi._retry_call(self._slot.address, self._deadline, self._request, self._args)
+            if retry is None:
                 raise
-            self._attempt(*nxt, _remaining(self._deadline))
+            self._slot, self._inner = retry
             return next(self._inner)
         except StopIteration:
             self._first = False
             raise
         self._first = False
-        multi = self._multi
-        if multi._probation:
-            multi._balancer.ejector.succeeded(self._slot.address)
+        self._multi._succeeded(self._slot.address)
         return response
 
     def __getattr__(self, name: str) -> Any:
@@ -262,34 +264,16 @@ class _AioRetrying:
         if self._retried or not retryable(err):
             return None
         self._retried = True
-        remaining = self._call.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        nxt = self._multi._next_attempt(self._slot.address, deadline)
-        if nxt is None:
+        left = self._call.time_remaining()
+        deadline = None if left is None else time.monotonic() + left
+        retry = self._multi._retry_call(self._slot.address, deadline, self._request, self._args)
+        if retry is None:
             return None
-        slot, mc = nxt
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            metadata, credentials, wait_for_ready, compression = self._args
-            call = mc(
-                self._request,
-                timeout=timeout,
-                metadata=metadata,
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
-        except BaseException:
-            slot.release()
-            raise
-        call.add_done_callback(self._multi._done_callback(slot))
-        self._slot, self._call = slot, call
-        return call
+        self._slot, self._call = retry
+        return self._call
 
     def _succeeded(self) -> None:
-        multi = self._multi
-        if multi._probation:
-            multi._balancer.ejector.succeeded(self._slot.address)
+        self._multi._succeeded(self._slot.address)
 
     # RpcContext / Call: the current attempt's
     def cancelled(self) -> bool:

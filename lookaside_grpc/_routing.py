@@ -17,7 +17,6 @@ from lookaside_grpc._balancer import (
     DEFAULT_INIT_TIMEOUT,
     DEFAULT_MAX_STALENESS,
     Options,
-    balancer_key,
     make_target,
 )
 from lookaside_grpc._health import AdaptiveThrottle
@@ -91,18 +90,13 @@ class RouterCore:
         lookaside: str,
         routes: Mapping[str, Target | str],
         *,
-        mode: Mode = WATCH,
-        policy: str | RoutingPolicy = "round_robin",
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Options = (),
-        lookaside_credentials: grpc.ChannelCredentials | None = None,
-        batch: int = 1,
-        route_wait: float = DEFAULT_ROUTE_WAIT,
-        max_staleness: float | None = DEFAULT_MAX_STALENESS,
-        pick_cache_ttl: float = 0.0,
-        throttle: bool | AdaptiveThrottle = True,
+        mode: Mode,
+        policy: str | RoutingPolicy,
+        batch: int,
+        route_wait: float,
+        settings: dict[str, Any],
         balancer_factory: Callable[..., Any],
-        loop_key: Callable[[], object] = lambda: None,
+        loop_key: Callable[[], object],
     ) -> None:
         self.kind = kind
         self.lookaside = lookaside
@@ -114,15 +108,7 @@ class RouterCore:
         self.mode = mode
         self.policy = policy
         self.route_wait = route_wait
-        self.settings: dict[str, Any] = dict(
-            credentials=credentials,
-            options=tuple(options),
-            lookaside_credentials=lookaside_credentials,
-            init_timeout=DEFAULT_INIT_TIMEOUT,
-            max_staleness=max_staleness,
-            pick_cache_ttl=pick_cache_ttl,
-            throttle=throttle,
-        )
+        self.settings = settings
         self._factory = balancer_factory
         self._loop_key = loop_key
         self.counters = Counters()
@@ -167,10 +153,8 @@ class RouterCore:
         with self._lock:
             b = self._balancers.get((lk, str(target)))
             if b is None:
-                extra = {"loop": lk} if lk is not None else {}
-                key = balancer_key(self.kind, target, self.mode, self.policy, **extra, **self.settings)
-                b = self._balancers[(lk, str(target))] = _balancer.acquire(
-                    key, lambda: self._factory(target, mode=self.mode, policy=self.policy, **self.settings)
+                b = self._balancers[(lk, str(target))] = _balancer.shared(
+                    self.kind, self._factory, target, self.mode, self.policy, self.settings, lk
                 )
             return b
 
@@ -199,3 +183,63 @@ class RouterCore:
     def _stats_items(self) -> Iterable[tuple[str, Stats]]:
         # the balancers are tracked on their own; here only the interceptor's own fallbacks
         return [("interceptor", self.counters.snapshot())]
+
+
+def _no_loop() -> object:
+    return None
+
+
+class InterceptorCommon:
+    """What the sync and aio ``LookasideInterceptor`` share: their arguments, the core built from them, the
+    routes and the counters. Subclasses name their kind, balancer class and per-loop key."""
+
+    _kind = "sync"
+    _balancer_factory: Callable[..., Any]
+    _loop_key: Callable[[], object] = staticmethod(_no_loop)
+
+    def __init__(
+        self,
+        lookaside: str = "127.0.0.1:50055",
+        routes: Mapping[str, Target | str] | None = None,
+        *,
+        mode: Mode = WATCH,
+        policy: str | RoutingPolicy = "round_robin",
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Options = (),
+        lookaside_credentials: grpc.ChannelCredentials | None = None,
+        batch: int = 1,
+        route_wait: float = DEFAULT_ROUTE_WAIT,
+        max_staleness: float | None = DEFAULT_MAX_STALENESS,
+        pick_cache_ttl: float = 0.0,
+        throttle: bool | AdaptiveThrottle = True,
+    ) -> None:
+        settings = _balancer.settings(
+            credentials=credentials,
+            options=options,
+            lookaside_credentials=lookaside_credentials,
+            init_timeout=DEFAULT_INIT_TIMEOUT,
+            max_staleness=max_staleness,
+            pick_cache_ttl=pick_cache_ttl,
+            throttle=throttle,
+        )
+        self._core = RouterCore(
+            self._kind,
+            lookaside,
+            routes or {},
+            mode=mode,
+            policy=policy,
+            batch=batch,
+            route_wait=route_wait,
+            settings=settings,
+            balancer_factory=self._balancer_factory,
+            loop_key=self._loop_key,
+        )
+
+    @property
+    def routes(self) -> dict[str, Target]:
+        """gRPC service name -> target."""
+        return dict(self._core.routes)
+
+    def stats(self) -> Stats:
+        """Counters: the interceptor's own fallbacks plus those of the balancers it uses."""
+        return self._core.stats()
