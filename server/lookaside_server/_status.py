@@ -20,10 +20,10 @@ from typing import Any
 
 import grpc
 
-from lookaside_grpc._generated import lookaside_pb2 as pb2
+from lookaside_grpc import protocol as pb2
 from lookaside_server._errors import abort
 from lookaside_server._http import HttpRequest, HttpResponse, HttpServer, LoopBridge
-from lookaside_server._model import Target
+from lookaside_server._model import BackendEndpoint, Target
 from lookaside_server._registry import Registry
 from lookaside_server._service import LookasideServicer
 
@@ -38,18 +38,8 @@ def server_version() -> str:
         return "unknown"
 
 
-@dataclass(frozen=True, slots=True)
-class EndpointView:
-    """One endpoint of a target with its EndpointSlice conditions."""
-
-    ip: str
-    port: int
-    port_name: str = ""
-    zone: str = ""
-    for_zones: tuple[str, ...] = ()
-    ready: bool = True
-    serving: bool = True
-    terminating: bool = False
+#: One endpoint of a target with its EndpointSlice conditions: the registry's own record, shown as is.
+EndpointView = BackendEndpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +92,7 @@ def collect(registry: Registry, only: Target | None = None) -> StatusView:
         except Exception as e:  # noqa: BLE001 - a status view must not fail because a source misbehaves
             log.warning("describe(%s) failed: %s", target, e)
             described = {"describe_error": f"{type(e).__name__}: {e}"}
-        endpoints = tuple(
-            EndpointView(
-                e.ip, e.port, e.port_name, e.zone, tuple(e.for_zones), e.ready, e.serving, e.terminating
-            )
-            for e in (state.endpoints or ())
-        )
+        endpoints = tuple(state.endpoints or ())
         targets.append(
             TargetView(
                 service=target.service,

@@ -21,7 +21,7 @@ from typing import Any, NoReturn, TextIO
 import grpc
 
 from lookaside_grpc import protocol as pb
-from lookaside_grpc._generated import lookaside_pb2 as pb2
+from lookaside_grpc import protocol as pb2
 from lookaside_server._status import ago, from_proto, to_dict
 
 DEFAULT_SERVER = "127.0.0.1:50055"
