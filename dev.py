@@ -50,7 +50,7 @@ def ensure_browser() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
     packages = ["chromium", "chromium-driver"]
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
+    subprocess.run(["apt-get", "install", "-y", "-qq", *packages],
                    check=True, env=env, stdout=subprocess.DEVNULL)
 
 
