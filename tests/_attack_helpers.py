@@ -34,13 +34,6 @@ TYPED_OK = frozenset(
 )
 
 
-def is_decode_failure(code: grpc.StatusCode, details: str | None) -> bool:
-    """grpc.aio answers a request body that does not parse with UNKNOWN naming protobuf's DecodeError: that
-    is the framework's own (de)serialisation, not the servicer; the attack tests accept it for raw bytes
-    only."""
-    return code is grpc.StatusCode.UNKNOWN and "DecodeError" in (details or "")
-
-
 # --- churning endpoint sets -----------------------------------------------------------------------------
 
 

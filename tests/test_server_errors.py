@@ -126,3 +126,20 @@ async def test_serving_terminating_fallback(tmp_path: Path) -> None:
                                                count=3))
         assert [e.ip for e in resp.endpoints] == ["10.0.0.2"] * 3
         assert ports(resp) == [80] * 3
+
+
+@pytest.mark.parametrize("method", ["Resolve", "Watch"])
+async def test_undecodable_request_is_invalid_argument(tmp_path: Path, method: str) -> None:
+    """A body that is not a protobuf message is the caller's mistake: INVALID_ARGUMENT, and nothing lost."""
+    async with serve(tmp_path, DATA) as s:
+        path = f"/lookaside.Lookaside/{method}"
+        garbage = b"\xff\xff\xff"  # field 31, wire type 7: not valid protobuf
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            if method == "Resolve":
+                await s.channel.unary_unary(path)(garbage)
+            else:
+                await s.channel.unary_stream(path)(garbage).read()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid message" in info.value.details()
+        reply = await s.stub.Resolve(pb.Request(router=pb.ROUNDROBIN, service="greet", namespace="default"))
+        assert reply.version == 1

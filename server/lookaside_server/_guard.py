@@ -10,6 +10,9 @@ metric labels stay bounded), so the checks live in one place instead of in every
    :class:`~lookaside_server._limits.StreamSlots` (RESOURCE_EXHAUSTED when the overall or per-peer limit is
    reached), released when the stream ends;
 4. counts the RPC by final status code, and times unary ones.
+
+It also parses unary requests tolerantly: a body that is not a valid message gets INVALID_ARGUMENT from here
+(grpc.aio alone would answer UNKNOWN "Unexpected DecodeError").
 """
 
 from __future__ import annotations
@@ -37,6 +40,27 @@ STREAM_KINDS = {
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources": "xds",
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources": "xds",
 }
+
+
+class _Malformed:
+    """Stands in for a request body that did not parse, so the handler answers INVALID_ARGUMENT."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """``deserializer`` that returns a :class:`_Malformed` instead of raising on a bad body."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and anything a parser may raise
+            return _Malformed(f"{type(e).__name__}: {e}")
+
+    return parse
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -99,19 +123,27 @@ class ServerGuard(grpc.aio.ServerInterceptor):
                 wrapped = self._wrap_generator(inner, service, name, kind)
             else:
                 return handler  # a sync handler: served as is
-            return handler._replace(**{attr: wrapped})
+            changes: dict[str, Any] = {attr: wrapped}
+            if attr.startswith("unary_") and handler.request_deserializer is not None:
+                changes["request_deserializer"] = _tolerant(handler.request_deserializer)
+            return handler._replace(**changes)
         return handler
 
     # --- the checks --------------------------------------------------------------------------------------
 
-    async def _enter(self, context: grpc.aio.ServicerContext, service: str, kind: str | None) -> str | None:
-        """Bind the log context, apply the identity rule and take a stream slot; return the slot's peer."""
+    async def _enter(self, request: Any, context: grpc.aio.ServicerContext, service: str, name: str,
+                     kind: str | None) -> str | None:
+        """Bind the log context, apply the identity rule, reject a malformed body and take a stream slot;
+        return the slot's peer."""
         peer = context.peer()
         bind_peer(peer)
         set_recorder(self.metrics.limit_hit if self.metrics is not None else None)
         denial = self.access.identity_denial(context, service)
         if denial is not None:
             await abort(context, grpc.StatusCode.PERMISSION_DENIED, denial.message)
+        if type(request) is _Malformed:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{service}/{name}: the request is not a valid message ({request.error})")
         if kind is None:
             return None
         ip = peer_ip(peer)
@@ -140,7 +172,7 @@ class ServerGuard(grpc.aio.ServerInterceptor):
             exc: BaseException | None = None
             ip: str | None = None
             try:
-                ip = await self._enter(context, service, kind)
+                ip = await self._enter(request, context, service, name, kind)
                 return await inner(request, context)
             except BaseException as e:
                 exc = e
@@ -158,7 +190,7 @@ class ServerGuard(grpc.aio.ServerInterceptor):
             exc: BaseException | None = None
             ip: str | None = None
             try:
-                ip = await self._enter(context, service, kind)
+                ip = await self._enter(request, context, service, name, kind)
                 async for response in inner(request, context):
                     yield response
             except BaseException as e:
