@@ -51,6 +51,25 @@ class Recorder:
         self.backend: list[str] = []
         self.fails: list[tuple[float, str]] = []
 
+    def ok(self, started: float, ended: float, result: str) -> None:
+        """A call started at ``started`` answered ``result`` (the Greet answer, signed by its backend)."""
+        self.lat.append(ended - started)
+        self.start.append(started)
+        self.backend.append(result)
+
+    def failed(self, started: float, err: grpc.RpcError) -> None:
+        """A call started at ``started`` failed with ``err``."""
+        self.fails.append((started, err.code().name if hasattr(err, "code") else "UNKNOWN"))
+
+
+def _measured(recs: list[Recorder], t0: float, cpu0: float, keep_ts: bool) -> dict[str, Any]:
+    """End the measured phase: stop the clocks, name the backends, tell the harness, summarise."""
+    t1, cpu1 = time.monotonic(), time.process_time()
+    for r in recs:
+        r.backend = [_backend(x) for x in r.backend]
+    _say({"done": True})
+    return _summarise(recs, t0, t1, cpu1 - cpu0, keep_ts)
+
 
 def _summarise(recs: list[Recorder], t0: float, t1: float, cpu: float, keep_ts: bool) -> dict[str, Any]:
     lat = [x for r in recs for x in r.lat]
@@ -140,11 +159,9 @@ def run_sync(cfg: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
             try:
                 resp = greet(req, CALL_TIMEOUT)
             except grpc.RpcError as e:
-                r.fails.append((ts, e.code().name if hasattr(e, "code") else "UNKNOWN"))
+                r.failed(ts, e)
                 continue
-            r.lat.append(mono() - ts)
-            r.start.append(ts)
-            r.backend.append(resp.result)
+            r.ok(ts, mono(), resp.result)
 
     threads = [
         threading.Thread(target=_profiled(worker, cfg, i), args=(i,), daemon=True) for i in range(conc)
@@ -153,11 +170,7 @@ def run_sync(cfg: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
         t.start()
     for t in threads:
         t.join(timeout=limit + CALL_TIMEOUT + 30.0)
-    t1, cpu1 = time.monotonic(), time.process_time()
-    for r in recs:
-        r.backend = [_backend(x) for x in r.backend]
-    _say({"done": True})
-    out = _summarise(recs, t0, t1, cpu1 - cpu0, cfg.get("keep_ts", False))
+    out = _measured(recs, t0, cpu0, cfg.get("keep_ts", False))
     out.update(dial_s=dial_s, warmup_ok=warm, info=caller.info())
     t_close = time.monotonic()
     caller.close()
@@ -202,20 +215,14 @@ async def _run_aio(
             try:
                 resp = await greet(req, CALL_TIMEOUT)
             except grpc.RpcError as e:
-                r.fails.append((ts, e.code().name if hasattr(e, "code") else "UNKNOWN"))
+                r.failed(ts, e)
                 continue
-            r.lat.append(mono() - ts)
-            r.start.append(ts)
-            r.backend.append(resp.result)
+            r.ok(ts, mono(), resp.result)
 
     await asyncio.wait_for(
         asyncio.gather(*(worker(i) for i in range(conc))), timeout=limit + CALL_TIMEOUT + 30.0
     )
-    t1, cpu1 = time.monotonic(), time.process_time()
-    for r in recs:
-        r.backend = [_backend(x) for x in r.backend]
-    _say({"done": True})
-    out = _summarise(recs, t0, t1, cpu1 - cpu0, cfg.get("keep_ts", False))
+    out = _measured(recs, t0, cpu0, cfg.get("keep_ts", False))
     out.update(dial_s=dial_s, warmup_ok=warm, info=caller.info())
     t_close = time.monotonic()
     await caller.close()
@@ -256,12 +263,10 @@ def run_small(cfg: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
                 try:
                     resp = caller.greet(req, CALL_TIMEOUT)
                 except grpc.RpcError as e:
-                    r.fails.append((ts, e.code().name if hasattr(e, "code") else "UNKNOWN"))
+                    r.failed(ts, e)
                     continue
-                r.lat.append(time.monotonic() - ts)
-                r.start.append(ts)
                 b = _backend(resp.result)
-                r.backend.append(b)
+                r.ok(ts, time.monotonic(), b)
                 first = first or b
             tx = time.monotonic()
             caller.close()
