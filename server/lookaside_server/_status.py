@@ -8,6 +8,7 @@ render the :class:`StatusView` it returns.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import html
 import json
@@ -126,23 +127,18 @@ def to_proto(view: StatusView) -> pb2.StatusResponse:
                 watchers=t.watchers,
                 exists=t.exists,
                 source=dict(t.source),
-                endpoints=[
-                    pb2.EndpointStatus(
-                        ip=e.ip,
-                        port=e.port,
-                        port_name=e.port_name,
-                        zone=e.zone,
-                        for_zones=e.for_zones,
-                        ready=e.ready,
-                        serving=e.serving,
-                        terminating=e.terminating,
-                    )
-                    for e in t.endpoints
-                ],
+                endpoints=[pb2.EndpointStatus(**dataclasses.asdict(e)) for e in t.endpoints],
             )
             for t in view.targets
         ],
     )
+
+
+def _endpoint_from_proto(e: pb2.EndpointStatus) -> EndpointView:
+    """``EndpointStatus`` carries exactly the fields of :class:`EndpointView` (repeated ones as tuples)."""
+    values = {f.name: getattr(e, f.name) for f in dataclasses.fields(EndpointView)}
+    values["for_zones"] = tuple(values["for_zones"])
+    return EndpointView(**values)
 
 
 def from_proto(resp: pb2.StatusResponse) -> StatusView:
@@ -160,19 +156,7 @@ def from_proto(resp: pb2.StatusResponse) -> StatusView:
                 watchers=t.watchers,
                 exists=t.exists,
                 source=dict(sorted(t.source.items())),
-                endpoints=tuple(
-                    EndpointView(
-                        e.ip,
-                        e.port,
-                        e.port_name,
-                        e.zone,
-                        tuple(e.for_zones),
-                        e.ready,
-                        e.serving,
-                        e.terminating,
-                    )
-                    for e in t.endpoints
-                ),
+                endpoints=tuple(_endpoint_from_proto(e) for e in t.endpoints),
             )
             for t in resp.targets
         ),
