@@ -69,7 +69,7 @@ class Target:
             return [Endpoint.from_proto(e) for e in resp.endpoints]
         if not resp.address:
             return []
-        port = resp.port or (int(self.port) if self.port.isdigit() else 0)
+        port = resp.port or (int(self.port) if self.port.isascii() and self.port.isdigit() else 0)
         return [Endpoint(resp.address, port)] if port else []
 
 

@@ -39,3 +39,15 @@ def port_name_problem(name: str) -> str | None:
     if name.isdigit():
         return "must contain a letter (digits alone select a port by number)"
     return None
+
+
+def port_number(text: str) -> int | None:
+    """The port number ``text`` spells: 1-65535, -1 for digits out of that range, None if it is not ASCII
+    digits (then it names a port). ``str.isdigit`` alone is not enough: "²" is a digit ``int()`` refuses,
+    and ``int()`` refuses more than 4300 digits."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    if len(text.lstrip("0")) > 5:
+        return -1
+    number = int(text)
+    return number if 0 < number < 65536 else -1

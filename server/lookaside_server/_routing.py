@@ -10,6 +10,7 @@ import random
 from collections.abc import Sequence
 
 from lookaside_server._model import BackendEndpoint, Endpoints, Target
+from lookaside_server._names import port_number
 
 #: Most picks one Resolve may ask for.
 MAX_COUNT = 1000
@@ -41,8 +42,8 @@ def select_port(endpoints: Endpoints, port: str) -> tuple[str, Endpoints]:
     if port == "":
         name = endpoints[0].port_name
         return name, tuple(e for e in endpoints if e.port_name == name)
-    if port.isascii() and port.isdigit():  # not str.isdigit alone: "²" is a digit int() refuses
-        number = int(port) if len(port.lstrip("0")) <= 5 else -1  # no such port; int() refuses > 4300 digits
+    number = port_number(port)
+    if number is not None:  # -1 (out of range) matches no endpoint
         chosen = tuple(e for e in endpoints if e.port == number)
         names = {e.port_name for e in chosen}
         key = names.pop() if len(names) == 1 and "" not in names else str(number)

@@ -22,7 +22,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 
 from lookaside_server._model import BackendEndpoint, Endpoints, Target
-from lookaside_server._names import namespace_problem, port_name_problem, service_problem
+from lookaside_server._names import namespace_problem, port_name_problem, port_number, service_problem
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -54,10 +54,11 @@ def parse_name(name: str) -> XdsName:
     if sep:
         if not port:
             raise BadName(f"{name!r}: empty port after ':'")
-        if port.isascii() and port.isdigit():  # "²" is a digit int() refuses
-            if len(port.lstrip("0")) > 5 or not 0 < int(port) < 65536:
+        number = port_number(port)
+        if number is not None:
+            if number < 0:
                 raise BadName(f"{name!r}: port {port} is out of range")
-            port = str(int(port))
+            port = str(number)
         elif problem := port_name_problem(port):
             raise BadName(f"{name!r}: port name {problem}")
     for suffix in _SUFFIXES:
