@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
     if task == "test":
         ensure_browser()
     cmd = {
-        "demo": [BIN / "lookaside-demo", *rest],
+        "demo": [PY, "-m", "examples.demo", *rest],
         "test": [PY, "-m", "pytest", "-q", *rest],
         "proto": [PY, ROOT / "proto" / "generate.py", *rest],
         "bench": [PY, "-m", "benchmarks", "run", *rest],

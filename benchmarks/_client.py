@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from benchmarks._modes import MODES, Ctx
-from lookaside_examples.greet import greet_pb2
+from examples.greet import greet_pb2
 
 CALL_TIMEOUT = 5.0
 

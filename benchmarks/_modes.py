@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from lookaside_examples.greet import greet_pb2, greet_pb2_grpc
+from examples.greet import greet_pb2, greet_pb2_grpc
 
 DIAL_TIMEOUT = 10.0
 

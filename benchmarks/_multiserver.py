@@ -11,7 +11,7 @@ import json
 import signal
 import threading
 
-from lookaside_examples.greet.server import serve
+from examples.greet.server import serve
 
 
 def main(argv: list[str] | None = None) -> None:

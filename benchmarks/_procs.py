@@ -1,4 +1,4 @@
-"""Benchmark child processes: :class:`lookaside_examples._procs.Child` (own process group, stdout lines
+"""Benchmark child processes: :class:`lookaside_dev.procs.Child` (own process group, stdout lines
 read by a thread, group stopped on any exit) plus what only the benchmark needs: stderr to a log file, a
 stdin pipe, JSON-line reads, CPU from /proc, and one process-wide owner stopping every child at exit and
 on SIGTERM."""
@@ -13,9 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from lookaside_examples._procs import Child, Children
+from lookaside_dev.procs import REPO_ROOT, Child, Children
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 

@@ -464,7 +464,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
             "## Endpoint churn through Kubernetes (EndpointSlices)",
             "",
             "The same swap, but the lookaside server reads EndpointSlices (`--source endpointslices"
-            " --kubeconfig ...`) from a Kubernetes API test server (`tests/kube_api.py`, in the harness"
+            " --kubeconfig ...`) from a Kubernetes API test server (`lookaside_dev.kube_api`, in the harness"
             " process, LIST+WATCH over HTTP): one slice per backend; at the change the harness applies the"
             " new backend's slice (ready) and marks the removed one's endpoint terminating (ready false,"
             " serving true), then deletes that slice when the backend stops.",

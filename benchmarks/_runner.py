@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from benchmarks._modes import MODES
-from benchmarks._procs import MANAGER, REPO_ROOT, Proc, free_ports, python_module, wait_tcp
+from benchmarks._procs import MANAGER, Proc, free_ports, python_module, wait_tcp
 
 SERVICE, NAMESPACE = "greet", "default"
 KEY = f"{NAMESPACE}/{SERVICE}"
@@ -157,8 +157,8 @@ class Harness:
         self.static_file = self.tmp / "endpoints.yaml"
         self.lookaside: Proc | None = None
         self.lookaside_addr: str | None = None
-        # churn_k8s: an in-process Kubernetes API server (tests/kube_api.py) and a second lookaside server
-        # reading EndpointSlices from it
+        # churn_k8s: an in-process Kubernetes API server (lookaside_dev.kube_api) and a second lookaside
+        # server reading EndpointSlices from it
         self.kube: Any = None
         self.kube_lookaside: Proc | None = None
         self.kube_addr: str | None = None
@@ -212,14 +212,8 @@ class Harness:
         self.lookaside_addr = f"127.0.0.1:{port}"
 
     def start_kube(self) -> None:
-        """The Kubernetes API test server (in this process) and a lookaside server reading its EndpointSlices.
-
-        ``tests/kube_api.py`` is a dev tool, not part of any package: its folder is put on sys.path here only.
-        """
-        tests_dir = str(REPO_ROOT / "tests")
-        if tests_dir not in sys.path:
-            sys.path.insert(0, tests_dir)
-        from kube_api import KubeAPIServer, service
+        """The Kubernetes API test server (in this process) and a lookaside server reading it."""
+        from lookaside_dev.kube_api import KubeAPIServer, service
 
         self.kube = KubeAPIServer(bookmark_interval=5.0).start()
         self.kube.apply(service(SERVICE, NAMESPACE, ports=[("grpc", 50051)]))
@@ -260,7 +254,7 @@ class Harness:
 
     def kube_slice(self, port: int, ready: bool = True) -> dict[str, Any]:
         """One EndpointSlice per backend (each backend has its own port); not ready = terminating pod."""
-        from kube_api import endpoint, endpoint_slice
+        from lookaside_dev.kube_api import endpoint, endpoint_slice
 
         ep = (
             endpoint("127.0.0.1")
@@ -368,7 +362,7 @@ class Harness:
                 Proc(
                     self._name(f"greet-{p}"),
                     python_module(
-                        "lookaside_examples.greet.server",
+                        "examples.greet.server",
                         "--port",
                         str(p),
                         "--delay",

@@ -19,8 +19,8 @@ from collections import Counter
 import grpc
 
 import lookaside_grpc
-from lookaside_examples._procs import Child, Children, greet_backend, lookaside_server
-from lookaside_examples.greet import greet_pb2, greet_pb2_grpc
+from examples.greet import greet_pb2, greet_pb2_grpc
+from lookaside_dev.procs import Child, Children, greet_backend, lookaside_server
 
 SERVICE, NAMESPACE = "greet", "default"
 

@@ -7,7 +7,7 @@ Errors are JSON too (``{"error": "..."}``): 400 for a malformed request, 404 for
 unknown Greet Service), 405 for a wrong method, 503 when no backend (or the lookaside) is reachable, 504 when
 the backend does not answer in time. Configured by flags or the environment (as the Kubernetes manifests
 do): ``GATEWAY_PORT``, ``LOOKASIDE_ADDR``, ``GREET_SERVICE``, ``GREET_NAMESPACE``.
-Run: ``python -m lookaside_examples.gateway --port 8081 --lookaside 127.0.0.1:50055``
+Run: ``python -m examples.gateway --port 8081 --lookaside 127.0.0.1:50055``
 (or ``lookaside-gateway``).
 """
 
@@ -26,9 +26,9 @@ from typing import Any
 import grpc
 
 import lookaside_grpc
-from lookaside_examples.greet import greet_pb2, greet_pb2_grpc
+from examples.greet import greet_pb2, greet_pb2_grpc
 
-log = logging.getLogger("lookaside_examples.gateway")
+log = logging.getLogger("examples.gateway")
 
 MAX_BODY = 64 * 1024
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from _util import Backend
+
+from lookaside_dev.backends import Backend
 
 
 @pytest.fixture

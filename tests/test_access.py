@@ -12,10 +12,11 @@ from typing import Any
 
 import grpc
 import pytest
-from _server_helpers import endpoints, write_static
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from lookaside_dev.server_helpers import endpoints
+from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_grpc._generated import lookaside_pb2 as pb2
 from lookaside_server import LookasideServer, ServerConfig

@@ -15,13 +15,14 @@ from typing import Any
 
 import grpc
 import pytest
-from _attack_helpers import ServerProcess, wait_for, write_json
-from kube_api import KubeAPIServer, endpoint_slice, service
 from kubernetes import client
 
 import lookaside_grpc
-from lookaside_examples.greet import greet_pb2, greet_pb2_grpc
-from lookaside_examples.greet.server import serve
+from examples.greet import greet_pb2, greet_pb2_grpc
+from examples.greet.server import serve
+from lookaside_dev.attack import ServerProcess, wait_for
+from lookaside_dev.kube_api import KubeAPIServer, endpoint_slice, service
+from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_server import LookasideServer, ServerConfig
 from lookaside_server._kubernetes import KubernetesSource, KubeTimings
@@ -256,7 +257,7 @@ def test_lookaside_sigkilled_and_restarted_under_watch_mode_load(
     path = tmp_path / "endpoints.json"
 
     def publish(addrs: list[str]) -> None:
-        write_json(
+        write_static(
             path, {"default/greet": [{"ip": "127.0.0.1", "port": int(a.rsplit(":", 1)[1])} for a in addrs]}
         )
 
@@ -299,7 +300,7 @@ def test_lookaside_sigkilled_and_restarted_under_watch_mode_load(
 def test_backend_restarted_on_its_port_under_channel_load(tmp_path: Path, greets: list[list[Any]]) -> None:
     addresses = [f"127.0.0.1:{g[2]}" for g in greets]
     path = tmp_path / "endpoints.json"
-    write_json(path, {"default/greet": [{"ip": "127.0.0.1", "port": g[2]} for g in greets]})
+    write_static(path, {"default/greet": [{"ip": "127.0.0.1", "port": g[2]} for g in greets]})
     lookaside = ServerProcess(path, tmp_path / "lookaside.log").start()
     channels = [lookaside_grpc.channel("greet", lookaside=lookaside.address) for _ in range(2)]
     calls = Calls([greet_fn(greet_pb2_grpc.GreetServiceStub(ch)) for ch in channels], threads_per_fn=4)

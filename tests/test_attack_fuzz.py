@@ -19,7 +19,10 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from _attack_helpers import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lookaside_dev.attack import (
     CONTINUATION,
     DATA,
     END_HEADERS,
@@ -39,11 +42,8 @@ from _attack_helpers import (
     grpc_request_headers,
     hpack_literal,
     send_raw,
-    write_json,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
+from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_grpc._generated import lookaside_pb2 as pb2
 from lookaside_server import ServerConfig, run_in_thread
@@ -150,7 +150,7 @@ class Target:
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     path = tmp_path_factory.mktemp("fuzz") / "endpoints.json"
-    write_json(path, FILE)
+    write_static(path, FILE)
     errors = ErrorLog()
     logging.getLogger().addHandler(errors)
     server = run_in_thread(
@@ -384,7 +384,7 @@ def test_fuzz_report_load(
 def test_huge_fields_up_to_the_message_limit(target: Target) -> None:
     """Strings up to just under (and over) the 4 MiB message limit in every field: INVALID_ARGUMENT (or
     RESOURCE_EXHAUSTED over the limit), with a short message and the BadRequest detail intact."""
-    from _server_helpers import bad_field  # noqa: PLC0415
+    from lookaside_dev.server_helpers import bad_field  # noqa: PLC0415
 
     limit = LIMIT["bytes"]
     for size in sorted({64, 9_000, min(1_000_000, limit - 300), limit - 300, limit + 10}):

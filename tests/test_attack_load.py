@@ -23,8 +23,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from _attack_helpers import ServerProcess, generation_of, generation_set, write_json
 
+from lookaside_dev.attack import ServerProcess, generation_of, generation_set
+from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 
 CHURN_SECONDS = float(os.environ.get("LB_ATTACK_SECONDS", "10"))
@@ -135,7 +136,7 @@ async def test_thousands_of_resolves_and_hundreds_of_watches_under_churn(tmp_pat
     path = tmp_path / "endpoints.json"
     gen = 1
     written: dict[int, list[dict[str, object]]] = {}
-    write_json(path, {"default/churn": generation_set(gen, 4), "default/stable": STABLE})
+    write_static(path, {"default/churn": generation_set(gen, 4), "default/stable": STABLE})
     args, env = limit_args()
     os.environ.update({k: v for k, v in env.items() if k not in os.environ})
     server = ServerProcess(path, tmp_path / "server.log", poll_interval=0.02, extra=args).start()
@@ -165,7 +166,7 @@ async def test_thousands_of_resolves_and_hundreds_of_watches_under_churn(tmp_pat
             while time.monotonic() < end:
                 gen += 1
                 written[gen] = generation_set(gen, rng.randint(1, 8))
-                write_json(path, {"default/churn": written[gen], "default/stable": STABLE})
+                write_static(path, {"default/churn": written[gen], "default/stable": STABLE})
                 await asyncio.sleep(CHURN_EVERY)
 
         async def sample_memory() -> None:

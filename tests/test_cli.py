@@ -10,8 +10,9 @@ import sys
 from collections.abc import Callable, Iterator
 
 import pytest
-from _util import Backend, write_static
 
+from lookaside_dev.backends import Backend
+from lookaside_dev.static_files import write_addresses
 from lookaside_server import RunningServer, ServerConfig, run_in_thread
 from lookaside_server.cli import (
     EXIT_DEADLINE,
@@ -50,7 +51,7 @@ def server(
     static_file: pathlib.Path, backends: Callable[..., Backend]
 ) -> Iterator[tuple[RunningServer, list]]:
     group = [backends(), backends()]
-    write_static(static_file, {TARGET: [b.address for b in group]}, port_name="grpc", zone="zone-a")
+    write_addresses(static_file, {TARGET: [b.address for b in group]}, port_name="grpc", zone="zone-a")
     with run_in_thread(
         ServerConfig(host="127.0.0.1", port=0, static_file=static_file, poll_interval=0.02)
     ) as s:
@@ -153,7 +154,7 @@ def test_watch_prints_changes_json(
         assert first["initial"] and first["version"] == 1
         assert {f"{e['ip']}:{e['port']}" for e in first["endpoints"]} == {b.address for b in group}
         extra = backends()
-        write_static(
+        write_addresses(
             static_file, {TARGET: [group[0].address, extra.address]}, port_name="grpc", zone="zone-b"
         )
         out, err = proc.communicate(timeout=30)
@@ -212,7 +213,7 @@ def test_status_human_and_json(server: tuple[RunningServer, list]) -> None:
 
 
 def test_permission_denied_names_the_server_flag(static_file: pathlib.Path) -> None:
-    write_static(static_file, {"other/greet": ["127.0.0.1:50051"]})
+    write_addresses(static_file, {"other/greet": ["127.0.0.1:50051"]})
     config = ServerConfig(
         host="127.0.0.1", port=0, static_file=static_file, allow_namespaces=frozenset({"default"})
     )

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import grpc.aio
 import pytest
-from _fake_lookaside import Backends, RunningLookaside, greetings, req, unused_address
 
 import lookaside_grpc.aio
-from lookaside_examples.greet import greet_pb2, greet_pb2_grpc
+from examples.greet import greet_pb2, greet_pb2_grpc
+from lookaside_dev.fakes import Backends, RunningLookaside, greetings, req, unused_address
 
 
 @pytest.fixture

@@ -12,11 +12,12 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from _util import Backend, greet_backend_of, write_static
 
 import lookaside_grpc
 import lookaside_grpc.aio
-from lookaside_examples.greet import greet_pb2, greet_pb2_grpc
+from examples.greet import greet_pb2, greet_pb2_grpc
+from lookaside_dev.backends import Backend, greet_backend_of
+from lookaside_dev.static_files import write_addresses
 from lookaside_grpc import protocol
 from lookaside_server import ServerConfig, run_in_thread
 
@@ -35,7 +36,7 @@ def lookaside(static_file: pathlib.Path) -> Callable[[list[str]], str]:
     running = []
 
     def start(addresses: list[str]) -> str:
-        write_static(static_file, {TARGET: addresses})
+        write_addresses(static_file, {TARGET: addresses})
         server = run_in_thread(
             ServerConfig(host="127.0.0.1", port=0, static_file=static_file, poll_interval=0.02)
         )
@@ -118,9 +119,9 @@ def test_endpoint_change_in_watch_mode_without_errors(
         caller = threading.Thread(target=keep_calling)
         caller.start()
         try:
-            write_static(static_file, {TARGET: [a.address, b.address, c.address]})
+            write_addresses(static_file, {TARGET: [a.address, b.address, c.address]})
             greet_until(stub, c.address)
-            write_static(static_file, {TARGET: [b.address, c.address]})
+            write_addresses(static_file, {TARGET: [b.address, c.address]})
             wait_for_set(addr, {b.port, c.port})
             # Our channel's Watch stream may lag the probe's a moment: poll until a is no longer picked.
             deadline = time.monotonic() + 10
@@ -147,7 +148,7 @@ async def test_aio_channel_follows_endpoint_change(
         stub = greet_pb2_grpc.GreetServiceStub(ch)
         first = await stub.Greet(HELLO, timeout=5)
         assert greet_backend_of(first.result) == a.address
-        write_static(static_file, {TARGET: [a.address, b.address]})
+        write_addresses(static_file, {TARGET: [a.address, b.address]})
         seen: Counter[str] = Counter()
         for _ in range(2000):
             seen[greet_backend_of((await stub.Greet(HELLO, timeout=5)).result)] += 1
@@ -161,7 +162,7 @@ async def test_aio_channel_follows_endpoint_change(
 def test_demo_runs_and_reaches_the_new_backend() -> None:
     """The README's demo (``lookaside-demo``) at a small size: exit 0, a table, the 4th backend reached."""
     out = subprocess.run(
-        [sys.executable, "-m", "lookaside_examples.demo", "--calls", "60"],
+        [sys.executable, "-m", "examples.demo", "--calls", "60"],
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stdout + out.stderr

@@ -13,9 +13,10 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
-from _util import Backend, greet_backend_of, write_static
 
-from lookaside_examples.gateway import serve
+from examples.gateway import serve
+from lookaside_dev.backends import Backend, greet_backend_of
+from lookaside_dev.static_files import write_addresses
 from lookaside_server import RunningServer, ServerConfig, run_in_thread
 
 Start = Callable[..., str]
@@ -54,7 +55,7 @@ def lookaside(
 ) -> Iterator[tuple[RunningServer, list]]:
     group = [backends(), backends()]
     path = tmp_path / "endpoints.yaml"
-    write_static(
+    write_addresses(
         path, {"default/greet": [b.address for b in group], "default/down": [f"127.0.0.1:{free_port()}"]}
     )
     with run_in_thread(ServerConfig(host="127.0.0.1", port=0, static_file=path, poll_interval=0.02)) as s:
@@ -143,7 +144,7 @@ def test_module_entry_point_with_env(lookaside: tuple[RunningServer, list]) -> N
         "PYTHONUNBUFFERED": "1",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lookaside_examples.gateway", "--host", "127.0.0.1"],
+        [sys.executable, "-m", "examples.gateway", "--host", "127.0.0.1"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

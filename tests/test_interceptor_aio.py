@@ -7,10 +7,10 @@ import time
 import grpc
 import grpc.aio
 import pytest
-from _fake_lookaside import Backends, RunningLookaside, req, unused_address
 
 import lookaside_grpc.aio
-from lookaside_examples.greet import greet_pb2, greet_pb2_grpc
+from examples.greet import greet_pb2, greet_pb2_grpc
+from lookaside_dev.fakes import Backends, RunningLookaside, req, unused_address
 
 ROUTES = {"greet.GreetService": lookaside_grpc.aio.Target("greet", "default")}
 

@@ -8,10 +8,10 @@ from concurrent import futures
 
 import grpc
 import pytest
-from _fake_lookaside import Backends, RunningLookaside, greetings, req, unused_address
 
 import lookaside_grpc
-from lookaside_examples.greet import greet_pb2_grpc
+from examples.greet import greet_pb2_grpc
+from lookaside_dev.fakes import Backends, RunningLookaside, greetings, req, unused_address
 
 ROUTES = {"greet.GreetService": lookaside_grpc.Target("greet", "default")}
 

@@ -1,6 +1,6 @@
 """The Kubernetes sources (EndpointSlices and the Endpoints fallback) driven through the lookaside gRPC API.
 
-The real official ``kubernetes`` client talks HTTP to tests/kube_api.py; every answer is awaited on the
+The real official ``kubernetes`` client talks HTTP to lookaside_dev/kube_api.py; each answer is awaited on the
 Watch stream (or with the test server's wait_* helpers) with a deadline: no sleeps as synchronisation.
 """
 
@@ -15,10 +15,10 @@ from typing import Any
 
 import grpc
 import pytest
-from _server_helpers import DEADLINE, bad_field
-from kube_api import KubeAPIServer, endpoint, endpoint_slice, endpoints, service
 from kubernetes import client
 
+from lookaside_dev.kube_api import KubeAPIServer, endpoint, endpoint_slice, endpoints, service
+from lookaside_dev.server_helpers import DEADLINE, bad_field
 from lookaside_grpc import protocol as pb
 from lookaside_server import LookasideServer, ServerConfig
 from lookaside_server._kubernetes import KubernetesSource, KubeTimings

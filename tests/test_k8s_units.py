@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from kube_api import KubeAPIServer, endpoint, endpoint_slice, endpoints, service
 
+from lookaside_dev.kube_api import KubeAPIServer, endpoint, endpoint_slice, endpoints, service
 from lookaside_grpc import protocol as pb
 from lookaside_server import BackendEndpoint
 from lookaside_server.__main__ import build_parser

@@ -1,4 +1,4 @@
-"""The Kubernetes API test server (tests/kube_api.py), driven by the real official ``kubernetes`` client."""
+"""The Kubernetes API test server (lookaside_dev/kube_api.py), driven by the official kubernetes client."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 import urllib3
-from kube_api import KubeAPIServer, endpoint, endpoint_slice, endpoints, service
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
+
+from lookaside_dev.kube_api import KubeAPIServer, endpoint, endpoint_slice, endpoints, service
 
 NS = "default"
 SVC_LABEL = "kubernetes.io/service-name"

@@ -10,9 +10,10 @@ from typing import Any
 
 import grpc
 import pytest
-from _server_helpers import endpoints, wait_until, write_static
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from lookaside_dev.server_helpers import endpoints, wait_until
+from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_server import LookasideServer, ServerConfig
 from lookaside_server._limits import Limits, StreamSlots, peer_ip

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from _fake_lookaside import Backends, RunningLookaside, req, wait_until
-from _server_helpers import bad_field, endpoints, read_until, serve
-from _util import Backend, greet_backend_of, write_static
 
 import lookaside_grpc
 import lookaside_grpc.aio
-from lookaside_examples.greet import greet_pb2_grpc
+from examples.greet import greet_pb2_grpc
+from lookaside_dev.backends import Backend, greet_backend_of
+from lookaside_dev.fakes import Backends, RunningLookaside, req, wait_until
+from lookaside_dev.server_helpers import bad_field, endpoints, read_until, serve
+from lookaside_dev.static_files import write_addresses
 from lookaside_grpc import _balancer
 from lookaside_grpc import protocol as pb
 from lookaside_server import ServerConfig, _load, run_in_thread
@@ -115,7 +116,7 @@ def test_server_assisted_weights_move_a_client_away_from_a_loaded_backend(
     fast = backends()
     loaded = backends(delay=0.2)
     path = tmp_path / "endpoints.json"
-    write_static(path, {"default/greet": [fast.address, loaded.address]})
+    write_addresses(path, {"default/greet": [fast.address, loaded.address]})
     server = run_in_thread(
         ServerConfig(host="127.0.0.1", port=0, static_file=path, poll_interval=0.02, grace=0.1)
     )

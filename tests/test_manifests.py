@@ -394,8 +394,8 @@ def test_example_containers_set_only_variables_their_program_reads() -> None:
             if command[:2] != ["python", "-m"]:
                 continue
             module = command[2]
-            assert module.startswith("lookaside_examples.")
-            relative = module.removeprefix("lookaside_examples.").replace(".", "/") + ".py"
+            assert module.startswith("examples.")
+            relative = module.removeprefix("examples.").replace(".", "/") + ".py"
             source = ROOT / "examples" / relative
             text = source.read_text()
             for var in env_of(c):
@@ -512,7 +512,7 @@ def test_greet_example_wiring() -> None:
     assert sc["command"] == [
         "python",
         "-m",
-        "lookaside_examples.greet.server",
+        "examples.greet.server",
         "--host",
         "0.0.0.0",
         "--port",
@@ -524,7 +524,7 @@ def test_greet_example_wiring() -> None:
 
     client = named(objs, "Deployment", "greet-client")
     (cc,) = client["spec"]["template"]["spec"]["containers"]
-    assert cc["command"] == ["python", "-m", "lookaside_examples.greet.client"]
+    assert cc["command"] == ["python", "-m", "examples.greet.client"]
     assert "0" == cc["args"][cc["args"].index("--count") + 1], "a Deployment's client must not exit"
     env = {e["name"]: e for e in cc["env"]}
     host, port = env["LOOKASIDE_ADDR"]["value"].split(":")
@@ -536,7 +536,7 @@ def test_greet_example_wiring() -> None:
     # The REST gateway is part of the example: an HTTP Service in front of it, the same lookaside.
     gateway = named(objs, "Deployment", "greet-gateway")
     (gc,) = gateway["spec"]["template"]["spec"]["containers"]
-    assert gc["command"] == ["python", "-m", "lookaside_examples.gateway"]
+    assert gc["command"] == ["python", "-m", "examples.gateway"]
     genv = env_of(gc)
     assert genv["LOOKASIDE_ADDR"] == env["LOOKASIDE_ADDR"]
     assert genv["GREET_SERVICE"] == env["GREET_SERVICE"]

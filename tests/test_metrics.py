@@ -19,9 +19,10 @@ from typing import Any
 
 import grpc
 import pytest
-from _server_helpers import endpoints, wait_until, write_static
 from prometheus_client.parser import text_string_to_metric_families
 
+from lookaside_dev.server_helpers import endpoints, wait_until
+from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_server import LookasideServer, ServerConfig, StaticFileSource, Target
 from lookaside_server._logging import make_handler

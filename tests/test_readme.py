@@ -22,16 +22,16 @@ README = ROOT / "README.md"
 PROGRAMS: dict[str, list[str]] = {
     "lookaside-server": [sys.executable, "-m", "lookaside_server"],
     "lookaside": [sys.executable, "-m", "lookaside_server.cli"],
-    "lookaside-demo": [sys.executable, "-m", "lookaside_examples.demo"],
-    "lookaside-gateway": [sys.executable, "-m", "lookaside_examples.gateway"],
+    "lookaside-demo": [sys.executable, "-m", "examples.demo"],
+    "lookaside-gateway": [sys.executable, "-m", "examples.gateway"],
 }
 MODULES = {
     "lookaside_server": "lookaside_server",
     "lookaside_server.cli": "lookaside_server.cli",
-    "lookaside_examples.greet.server": "lookaside_examples.greet.server",
-    "lookaside_examples.greet.client": "lookaside_examples.greet.client",
-    "lookaside_examples.gateway": "lookaside_examples.gateway",
-    "lookaside_examples.demo": "lookaside_examples.demo",
+    "examples.greet.server": "examples.greet.server",
+    "examples.greet.client": "examples.greet.client",
+    "examples.gateway": "examples.gateway",
+    "examples.demo": "examples.demo",
     "benchmarks": "benchmarks",
 }
 

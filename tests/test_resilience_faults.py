@@ -11,12 +11,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from _fake_lookaside import Backends, RunningLookaside, req, wait_until
-from _util import write_static
 
 import lookaside_grpc
-from lookaside_examples.greet import greet_pb2_grpc
-from lookaside_examples.greet.server import serve
+from examples.greet import greet_pb2_grpc
+from examples.greet.server import serve
+from lookaside_dev.fakes import Backends, RunningLookaside, req, wait_until
+from lookaside_dev.static_files import write_addresses
 from lookaside_server import ServerConfig, run_in_thread
 
 ROUTES = {"greet.GreetService": lookaside_grpc.Target("greet", "default")}
@@ -78,7 +78,7 @@ def test_lookaside_killed_and_restarted_on_the_same_port(
     three: Backends, tmp_path: Path, client: str
 ) -> None:
     path = tmp_path / "endpoints.json"
-    write_static(path, {"default/greet": three.addresses})
+    write_addresses(path, {"default/greet": three.addresses})
     server = _start_lookaside(path)
     port = server.port
     with Backends(1) as orig:
@@ -95,7 +95,7 @@ def test_lookaside_killed_and_restarted_on_the_same_port(
             load.wait_calls(50)
             server.stop()  # the lookaside dies mid-run
             load.wait_calls(200)
-            write_static(path, {"default/greet": three.addresses[:1]})
+            write_addresses(path, {"default/greet": three.addresses[:1]})
             server = _start_lookaside(path, port)  # back on the same port, with a new set
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:  # the new set arrives: only backend 0 gets calls

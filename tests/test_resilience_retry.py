@@ -10,11 +10,11 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from _fake_lookaside import Backends, RunningLookaside, req, unused_address
 
 import lookaside_grpc
 import lookaside_grpc.aio
-from lookaside_examples.greet import greet_pb2_grpc
+from examples.greet import greet_pb2_grpc
+from lookaside_dev.fakes import Backends, RunningLookaside, req, unused_address
 
 
 @pytest.fixture

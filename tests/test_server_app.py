@@ -13,11 +13,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from _server_helpers import endpoints, serve, write_static
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from lookaside_dev.server_helpers import endpoints, serve
+from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_server import ServerConfig, run_in_thread
 

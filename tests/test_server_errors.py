@@ -6,8 +6,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from _server_helpers import bad_field, endpoints, ports, serve
 
+from lookaside_dev.server_helpers import bad_field, endpoints, ports, serve
 from lookaside_grpc import protocol as pb
 
 DATA = {

@@ -6,8 +6,9 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
-from _server_helpers import endpoints, ports, read_until, serve, write_static
 
+from lookaside_dev.server_helpers import endpoints, ports, read_until, serve
+from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 
 T = "default/greet"

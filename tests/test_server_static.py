@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-from _server_helpers import endpoints, ports, read_until, serve, write_static
 
+from lookaside_dev.server_helpers import endpoints, ports, read_until, serve
+from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_server import BackendEndpoint, StaticFileError, StaticFileSource, Target, TargetNotFound
 from lookaside_server._static import parse_static

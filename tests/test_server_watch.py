@@ -6,8 +6,9 @@ import asyncio
 from pathlib import Path
 
 import grpc
-from _server_helpers import DEADLINE, endpoints, ports, read_until, serve, wait_until, write_static
 
+from lookaside_dev.server_helpers import DEADLINE, endpoints, ports, read_until, serve, wait_until
+from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_server import BackendEndpoint, Target
 

@@ -12,8 +12,9 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-from _util import Backend, write_static
 
+from lookaside_dev.backends import Backend
+from lookaside_dev.static_files import write_addresses
 from lookaside_grpc import protocol as pb
 from lookaside_grpc._generated import lookaside_pb2 as pb2
 from lookaside_server import RunningServer, ServerConfig, StaticFileSource, Target, run_in_thread
@@ -90,7 +91,7 @@ def test_routes_and_json(
     start: Callable[..., RunningServer], static_file: pathlib.Path, backends: Callable[..., Backend]
 ) -> None:
     group = [backends(), backends()]
-    write_static(static_file, {TARGET: [b.address for b in group]}, port_name="grpc", zone="zone-a")
+    write_addresses(static_file, {TARGET: [b.address for b in group]}, port_name="grpc", zone="zone-a")
     s = start()
     url = base_url(s)
     assert get(url + "/healthz")[::2] == (200, "ok\n")

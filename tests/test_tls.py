@@ -15,15 +15,25 @@ from typing import Any
 
 import grpc
 import pytest
-from _certs import BAD_SPIFFE, CA, GOOD_SPIFFE, KeyPair, SecretDir, client_pair, make_ca, server_pair
-from _server_helpers import endpoints, write_static
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import lookaside_grpc
 import lookaside_grpc.aio
-from lookaside_examples.greet import greet_pb2, greet_pb2_grpc
-from lookaside_examples.greet.server import GreetServicer
+from examples.greet import greet_pb2, greet_pb2_grpc
+from examples.greet.server import GreetServicer
+from lookaside_dev.certs import (
+    BAD_SPIFFE,
+    CA,
+    GOOD_SPIFFE,
+    KeyPair,
+    SecretDir,
+    client_pair,
+    make_ca,
+    server_pair,
+)
+from lookaside_dev.server_helpers import endpoints
+from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_server import LookasideServer, ServerConfig, run_in_thread
 from lookaside_server._logging import JsonFormatter, make_handler

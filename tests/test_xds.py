@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
-from _util import write_static
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
@@ -22,6 +21,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
+from lookaside_dev.static_files import write_addresses
 from lookaside_server import BackendEndpoint, RunningServer, ServerConfig, Target, run_in_thread
 from lookaside_server._xds_resources import (
     CLUSTER,
@@ -196,7 +196,7 @@ def eds_addresses(response: discovery_pb2.DiscoveryResponse, name: str = NAME) -
 @pytest.fixture
 def static_file(tmp_path: pathlib.Path) -> pathlib.Path:
     path = tmp_path / "endpoints.json"
-    write_static(path, {"default/greet": [A, B]})
+    write_addresses(path, {"default/greet": [A, B]})
     return path
 
 
@@ -251,7 +251,7 @@ async def test_full_handshake_then_only_changes_are_sent(server: Callable[..., R
 
     # Every response above was ACKed. Had an ACK been answered, the next response would repeat one of them;
     # instead it is the endpoint change, and only EDS.
-    write_static(static_file, {"default/greet": [A, B, C]})
+    write_addresses(static_file, {"default/greet": [A, B, C]})
     update = await client.recv()
     assert update.type_url == ENDPOINTS and update.version_info == "2" and update.nonce != eds.nonce
     assert eds_addresses(update) == {A, B, C}
@@ -280,7 +280,7 @@ async def test_nack_is_logged_and_not_answered(
     client.send(ENDPOINTS, [NAME])
     eds = await client.recv()
     client.send(ENDPOINTS, [NAME], nonce=eds.nonce, version="", error="no thanks")  # NACK: keeps no version
-    write_static(static_file, {"default/greet": [C]})
+    write_addresses(static_file, {"default/greet": [C]})
     update = await client.recv()  # not a resend of the NACKed response: the next change
     assert update.type_url == ENDPOINTS and update.version_info == "2"
     assert eds_addresses(update) == {C}
@@ -293,7 +293,7 @@ async def test_state_of_the_world_lists_every_existing_subscribed_name(
     server: Callable[..., RunningServer], ads: Callable[..., RawAds], static_file: pathlib.Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    write_static(static_file, {"default/greet": [A], "other/echo": [B]})
+    write_addresses(static_file, {"default/greet": [A], "other/echo": [B]})
     srv = server()
     client = ads(srv.address)
     lds = await client.subscribe(LISTENER, [NAME])
@@ -319,7 +319,7 @@ async def test_unknown_target_is_served_once_it_appears(server: Callable[..., Ru
     client = ads(srv.address)
     lds = await client.subscribe(LISTENER, ["late.default"])
     assert not lds.resources
-    write_static(static_file, {"default/greet": [A], "default/late": [B]})
+    write_addresses(static_file, {"default/greet": [A], "default/late": [B]})
     lds = await client.recv()
     assert list(names_of(lds, listener_pb2.Listener)) == ["late.default"]
 
@@ -338,18 +338,18 @@ async def test_rds_mode_serves_route_configurations(server: Callable[..., Runnin
 async def test_gone_target_keeps_listener_and_empties_endpoints(server: Callable[..., RunningServer],
                                                                 ads: Callable[..., RawAds],
                                                                 static_file: pathlib.Path) -> None:
-    write_static(static_file, {"default/greet": [A], "other/echo": [B]})
+    write_addresses(static_file, {"default/greet": [A], "other/echo": [B]})
     srv = server()
     client = ads(srv.address)
     await client.subscribe(LISTENER, [NAME])
     await client.subscribe(CLUSTER, [NAME])
     await client.subscribe(ENDPOINTS, [NAME])
-    write_static(static_file, {"other/echo": [B]})
+    write_addresses(static_file, {"other/echo": [B]})
     update = await client.recv()
     # not an LDS/CDS deletion: the channel fails calls UNAVAILABLE instead
     assert update.type_url == ENDPOINTS
     assert eds_addresses(update) == set()
-    write_static(static_file, {"default/greet": [C], "other/echo": [B]})
+    write_addresses(static_file, {"default/greet": [C], "other/echo": [B]})
     update = await client.recv()
     assert update.type_url == ENDPOINTS
     assert eds_addresses(update) == {C}
@@ -357,7 +357,7 @@ async def test_gone_target_keeps_listener_and_empties_endpoints(server: Callable
 
 async def test_namespace_allow_list_applies(server: Callable[..., RunningServer], ads: Callable[..., RawAds],
                                             static_file: pathlib.Path) -> None:
-    write_static(static_file, {"default/greet": [A], "other/echo": [B]})
+    write_addresses(static_file, {"default/greet": [A], "other/echo": [B]})
     srv = server(allow_namespaces=frozenset({"other"}))
     client = ads(srv.address)
     lds = await client.subscribe(LISTENER, [NAME, "echo.other"])

@@ -16,13 +16,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pytest
-from _util import Backend, write_static
 
+from lookaside_dev.backends import Backend
+from lookaside_dev.static_files import write_addresses
 from lookaside_server import RunningServer, ServerConfig, run_in_thread
 from lookaside_server._xds_resources import XdsOptions
 
 TARGET = "default/greet"
-CLIENT = pathlib.Path(__file__).with_name("_xds_client.py")
+CLIENT = pathlib.Path(__file__).resolve().parent.parent / "lookaside_dev" / "xds_client.py"
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +36,7 @@ def bootstrap(address: str, node: str = "test-client") -> str:
 
 
 class XdsClient:
-    """The driver subprocess (tests/_xds_client.py): one JSON command in, one JSON line out."""
+    """The driver subprocess (lookaside_dev/xds_client.py): one JSON command in, one JSON line out."""
 
     def __init__(self, target: str, lookaside: str) -> None:
         env = dict(os.environ, GRPC_XDS_BOOTSTRAP_CONFIG=bootstrap(lookaside), PYTHONPATH=str(REPO))
@@ -146,7 +147,7 @@ def test_stock_xds_channel_balances_across_backends(
     xds_client: Callable[[str, str], XdsClient], rds: bool,
 ) -> None:
     group = [backends() for _ in range(3)]
-    write_static(static_file, {TARGET: [b.address for b in group]})
+    write_addresses(static_file, {TARGET: [b.address for b in group]})
     server = lookaside(options=XdsOptions(rds=rds))
     client = xds_client("xds:///greet.default", server.address)
     warm_up(client, {b.address for b in group})
@@ -186,7 +187,7 @@ def test_stock_xds_channel_follows_endpoint_changes(
 ) -> None:
     group = [backends() for _ in range(3)]
     extra = backends()
-    write_static(static_file, {TARGET: [b.address for b in group]})
+    write_addresses(static_file, {TARGET: [b.address for b in group]})
     server = lookaside()
     client = xds_client("xds:///greet.default", server.address)
     warm_up(client, {b.address for b in group})
@@ -194,16 +195,16 @@ def test_stock_xds_channel_follows_endpoint_changes(
     delays = []
     for _ in range(5):
         changed_at = time.time()
-        write_static(static_file, {TARGET: [b.address for b in [*group, extra]]})
+        write_addresses(static_file, {TARGET: [b.address for b in [*group, extra]]})
         delays.append(until(client, extra.address, changed_at))
-        write_static(static_file, {TARGET: [b.address for b in group]})
+        write_addresses(static_file, {TARGET: [b.address for b in group]})
         until_gone(client, extra.address)
     counts, failures, errors = client.call(150)
     assert failures == 0, errors
     assert extra.address not in counts and set(counts) == {b.address for b in group}
 
     # remove one of the original three: it stops getting calls, the others carry on
-    write_static(static_file, {TARGET: [b.address for b in group[1:]]})
+    write_addresses(static_file, {TARGET: [b.address for b in group[1:]]})
     until_gone(client, group[0].address)
     counts, failures, errors = client.call(100)
     assert failures == 0, errors
@@ -219,7 +220,7 @@ def test_stock_xds_channel_survives_lookaside_restart(
 ) -> None:
     group = [backends() for _ in range(3)]
     extra = backends()
-    write_static(static_file, {TARGET: [b.address for b in group]})
+    write_addresses(static_file, {TARGET: [b.address for b in group]})
     server = lookaside()
     port = server.port
     client = xds_client("xds:///greet.default", server.address)
@@ -233,9 +234,9 @@ def test_stock_xds_channel_survives_lookaside_restart(
     restarted_at = time.time()
     lookaside(port=port)
     changed_at = time.time()
-    write_static(static_file, {TARGET: [b.address for b in [*group, extra]]})
+    write_addresses(static_file, {TARGET: [b.address for b in [*group, extra]]})
     delay = until(client, extra.address, changed_at, deadline=40.0)
-    write_static(static_file, {TARGET: [b.address for b in group]})
+    write_addresses(static_file, {TARGET: [b.address for b in group]})
     until_gone(client, extra.address)
     print(f"\nafter a lookaside restart, the change reached the client {delay:.2f} s after the file write "
           f"({time.time() - restarted_at:.2f} s after the restart, incl. the removal)")

@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
-from _util import write_static
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from test_xds import RawAds, names_of
 
+from lookaside_dev.static_files import write_addresses
 from lookaside_grpc import protocol as pb
 from lookaside_server import BackendEndpoint, RunningServer, ServerConfig, Target, _load, run_in_thread
 from lookaside_server._xds_resources import ENDPOINTS, XdsOptions, endpoint_weights, load_assignment
@@ -78,7 +78,7 @@ def report(loaded: str, *, client: str = "c1", outstanding: int = 40) -> pb.Load
 @pytest.fixture
 def running(tmp_path: pathlib.Path) -> Iterator[Callable[..., RunningServer]]:
     path = tmp_path / "endpoints.json"
-    write_static(path, {"default/greet": [A, B, C]})
+    write_addresses(path, {"default/greet": [A, B, C]})
     servers: list[RunningServer] = []
 
     def start(**config: object) -> RunningServer:
@@ -189,7 +189,7 @@ async def test_reported_load_reaches_the_locality_weights(
 
     # an endpoint change keeps the weights of the endpoints that stay (and the newcomer gets their mean)
     path = srv.server.config.static_file
-    write_static(pathlib.Path(path), {"default/greet": [A, C, "10.0.0.4:8080"]})  # type: ignore[arg-type]
+    write_addresses(pathlib.Path(path), {"default/greet": [A, C, "10.0.0.4:8080"]})  # type: ignore[arg-type]
     update = await eds_stream.until(lambda w: B not in w)
     w = locality_weights(update)
     assert w[A] == _load.WEIGHT_SCALE and w[C] < w[A] and w["10.0.0.4:8080"] == round((w[A] + w[C]) / 2), w

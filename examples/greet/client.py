@@ -2,7 +2,7 @@
 
 Configured by flags or the environment (as the Kubernetes manifests do): ``LOOKASIDE_ADDR``,
 ``GREET_SERVICE``, ``GREET_NAMESPACE``, ``LOOKASIDE_MODE``.
-Run: ``python -m lookaside_examples.greet.client``.
+Run: ``python -m examples.greet.client``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections import Counter
 import grpc
 
 import lookaside_grpc
-from lookaside_examples.greet import greet_pb2, greet_pb2_grpc
+from examples.greet import greet_pb2, greet_pb2_grpc
 
 
 def main(argv: list[str] | None = None) -> int:

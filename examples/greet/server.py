@@ -2,7 +2,7 @@
 
 It also counts calls and distinct client peers (one peer per TCP connection), which the demo, the tests and
 the benchmarks use to show how calls and connections spread.
-Run: ``python -m lookaside_examples.greet.server``.
+Run: ``python -m examples.greet.server``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from concurrent import futures
 
 import grpc
 
-from lookaside_examples.greet import greet_pb2, greet_pb2_grpc
+from examples.greet import greet_pb2, greet_pb2_grpc
 
 log = logging.getLogger(__name__)
 

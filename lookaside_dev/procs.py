@@ -19,7 +19,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import IO, Any
+
+#: The repository root: ``examples`` and ``lookaside_dev`` are imported from here, never installed.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Child:
@@ -147,7 +151,9 @@ class Children:
             atexit.register(self.stop_all)
 
     def start(self, *args: str, env: dict[str, str] | None = None) -> Child:
-        return self.add(Child([sys.executable, *args], env=env))
+        """Start ``python ARGS`` with the repository root importable (``-m examples...`` works anywhere)."""
+        path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        return self.add(Child([sys.executable, *args], env={"PYTHONPATH": path, **(env or {})}))
 
     def add(self, child: Child) -> Child:
         with self._lock:
@@ -179,7 +185,7 @@ class Children:
 
 def greet_backend(children: Children, delay: float = 0.0) -> tuple[Child, str]:
     """Start one Greet backend on a free loopback port; return it and its ``host:port``."""
-    child = children.start("-m", "lookaside_examples.greet.server", "--port", "0", "--delay", str(delay))
+    child = children.start("-m", "examples.greet.server", "--port", "0", "--delay", str(delay))
     address = child.wait_for(r'"listening": "([^"]+)"').group(1)
     return child, address
 

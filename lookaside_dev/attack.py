@@ -4,8 +4,6 @@ frames, and the gRPC status sets the attack tests accept."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import signal
 import socket
@@ -51,11 +49,6 @@ def generation_of(ip: str) -> int:
     return (int(parts[1]) << 8) | int(parts[2])
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Atomically replace ``path`` with ``data`` as JSON (as editors and ConfigMap updates do)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 # --- the lookaside server as a subprocess ---------------------------------------------------------------

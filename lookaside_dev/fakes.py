@@ -12,8 +12,8 @@ from concurrent import futures
 
 import grpc
 
-from lookaside_examples.greet import greet_pb2, greet_pb2_grpc
-from lookaside_examples.greet.server import GreetServicer, serve
+from examples.greet import greet_pb2, greet_pb2_grpc
+from examples.greet.server import GreetServicer, serve
 from lookaside_grpc import protocol
 
 EndpointSpec = str | tuple[str, int] | tuple[str, int, str]

@@ -1,7 +1,7 @@
 """A stock gRPC xDS client driven over stdin, for tests/test_xds_e2e.py (a process of its own: the xDS
 bootstrap is read once per process).
 
-Usage: GRPC_XDS_BOOTSTRAP_CONFIG='{...}' python tests/_xds_client.py xds:///greet.default
+Usage: GRPC_XDS_BOOTSTRAP_CONFIG='{...}' python lookaside_dev/xds_client.py xds:///greet.default
 Reads JSON lines on stdin, answers each with one JSON line on stdout:
 
 * ``{"call": N}`` -> N sequential Greet calls:
@@ -21,7 +21,7 @@ from collections import Counter
 
 import grpc
 
-from lookaside_examples.greet import greet_pb2, greet_pb2_grpc
+from examples.greet import greet_pb2, greet_pb2_grpc
 
 HELLO = greet_pb2.Greeting(first_name="Ada", last_name="Lovelace")
 

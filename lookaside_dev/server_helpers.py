@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -16,6 +14,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_server import LookasideServer, ServerConfig, StaticFileSource
 
@@ -27,12 +26,6 @@ def endpoints(n: int, base_port: int = 50051, ip: str = "127.0.0.1", **extra: An
     return [{"ip": ip, "port": base_port + i, **extra} for i in range(n)]
 
 
-def write_static(path: Path, data: Any) -> None:
-    """Atomically replace ``path`` with ``data`` (a mapping as JSON, or raw text), as editors do."""
-    text = data if isinstance(data, str) else json.dumps(data)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass
