@@ -5,16 +5,16 @@ API (:class:`KubernetesSource`: EndpointSlices, or core/v1 Endpoints on old clus
 """
 
 from lookaside_server._app import LookasideServer, ServerConfig
-from lookaside_server._kubernetes import KubernetesSource, KubeTimings
-from lookaside_server._model import BackendEndpoint, Target
-from lookaside_server._source import (
+from lookaside_server._core.model import BackendEndpoint, Target
+from lookaside_server._sources.base import (
     EndpointSource,
     Publish,
     SourceUnavailable,
     TargetNotFound,
     TooManyTargets,
 )
-from lookaside_server._static import StaticFileError, StaticFileSource
+from lookaside_server._sources.kubernetes import KubernetesSource, KubeTimings
+from lookaside_server._sources.static import StaticFileError, StaticFileSource
 from lookaside_server._thread import RunningServer, run_in_thread
 
 __all__ = [

@@ -11,11 +11,11 @@ import sys
 from collections.abc import Sequence
 
 from lookaside_server._app import DEFAULT_HOST, DEFAULT_PORT, LookasideServer, ServerConfig
-from lookaside_server._kube_cli import add_source_arguments, choose_source
-from lookaside_server._logging import configure as configure_logging
-from lookaside_server._security_cli import add_security_arguments, security_config
-from lookaside_server._static import StaticFileError
-from lookaside_server._tls import TlsError
+from lookaside_server._cli.security_flags import add_security_arguments, security_config
+from lookaside_server._cli.source_flags import add_source_arguments, choose_source
+from lookaside_server._security.tls import TlsError
+from lookaside_server._sources.static import StaticFileError
+from lookaside_server._web.logging import configure as configure_logging
 
 log = logging.getLogger("lookaside_server")
 DEFAULT_HTTP_PORT = 8080

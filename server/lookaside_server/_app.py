@@ -13,17 +13,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lookaside_grpc import protocol as pb
-from lookaside_server._access import AccessPolicy
-from lookaside_server._guard import ServerGuard
-from lookaside_server._http import HttpServer
-from lookaside_server._limits import Limits, StreamSlots
-from lookaside_server._load import LoadBoard
-from lookaside_server._metrics import ServerMetrics
-from lookaside_server._registry import Registry, TargetStatus
-from lookaside_server._source import EndpointSource
-from lookaside_server._static import StaticFileSource
-from lookaside_server._status import StatusServicer, add_routes
-from lookaside_server._tls import CertificateStore, TlsConfig, server_credentials
+from lookaside_server._api.load import LoadBoard
+from lookaside_server._api.status import StatusServicer
+from lookaside_server._core.registry import Registry, TargetStatus
+from lookaside_server._security.access import AccessPolicy
+from lookaside_server._security.guard import ServerGuard
+from lookaside_server._security.limits import Limits, StreamSlots
+from lookaside_server._security.tls import CertificateStore, TlsConfig, server_credentials
+from lookaside_server._sources.base import EndpointSource
+from lookaside_server._sources.static import StaticFileSource
+from lookaside_server._web.http import HttpServer
+from lookaside_server._web.metrics import ServerMetrics
+from lookaside_server._web.status_page import add_routes
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ class LookasideServer:
         if not self.config.xds:
             return ()
         try:
-            from lookaside_server._xds import SERVICE_NAME, add_xds_to_server
+            from lookaside_server._xds.stream import SERVICE_NAME, add_xds_to_server
         except ImportError as e:
             log.warning("xDS is off: %s (install the xds-protos package)", e)
             return ()

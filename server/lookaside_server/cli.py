@@ -22,7 +22,7 @@ import grpc
 
 from lookaside_grpc import protocol as pb
 from lookaside_grpc import protocol as pb2
-from lookaside_server._status import ago, from_proto, to_dict
+from lookaside_server._api.status import ago, from_proto, to_dict
 
 DEFAULT_SERVER = "127.0.0.1:50055"
 

@@ -21,8 +21,8 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 
-from lookaside_server._model import BackendEndpoint, Endpoints, Target
-from lookaside_server._names import namespace_problem, port_name_problem, port_number, service_problem
+from lookaside_server._core.model import BackendEndpoint, Endpoints, Target
+from lookaside_server._core.names import namespace_problem, port_name_problem, port_number, service_problem
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"

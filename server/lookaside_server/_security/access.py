@@ -7,7 +7,7 @@ One :class:`AccessPolicy` per server is used by every RPC:
   ``ns/*``): once any rule names a namespace, only the listed services of that namespace may be resolved.
   Service rules refine the namespace allow-list, they never widen it.
 * **client identity** (every RPC except ``grpc.health.v1.Health``, checked by the server interceptor in
-  :mod:`lookaside_server._guard`): the peer's certificate identities (its SANs: URI such as
+  :mod:`lookaside_server._security.guard`): the peer's certificate identities (its SANs: URI such as
   ``spiffe://cluster.local/ns/x/sa/y``, DNS, IP; the subject CN only when it has no SAN) must match one of
   the ``--allow-client-identity`` globs. Needs mutual TLS.
 
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from lookaside_server._errors import abort
-from lookaside_server._logging import bind_target
-from lookaside_server._model import Target
-from lookaside_server._names import namespace_problem, service_problem
+from lookaside_server._core.errors import abort
+from lookaside_server._core.model import Target
+from lookaside_server._core.names import namespace_problem, service_problem
+from lookaside_server._web.logging import bind_target
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import logging
 import os
 from dataclasses import dataclass
 
-from lookaside_server._kube_config import own_namespace, parse_allow_namespaces
-from lookaside_server._source import EndpointSource
+from lookaside_server._sources.base import EndpointSource
+from lookaside_server._sources.kube_config import own_namespace, parse_allow_namespaces
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def choose_source(args: argparse.Namespace) -> SourceChoice:
         raise ValueError("--max-targets must be at least 1")
     if args.resync_interval <= 0 or args.watch_timeout < 1:
         raise ValueError("--resync-interval must be positive and --watch-timeout at least 1 second")
-    from lookaside_server._kubernetes import KubernetesSource, KubeTimings
+    from lookaside_server._sources.kubernetes import KubernetesSource, KubeTimings
 
     timings = KubeTimings(resync_interval=args.resync_interval, watch_timeout=args.watch_timeout)
     source = KubernetesSource(kind=kind, kubeconfig=args.kubeconfig, timings=timings,

@@ -3,11 +3,11 @@
 It wraps each known method's handler (unknown methods are left to grpc's UNIMPLEMENTED and not counted, so
 metric labels stay bounded), so the checks live in one place instead of in every servicer method:
 
-1. binds the peer to the log context (:mod:`lookaside_server._logging`) and routes limit hits to the
+1. binds the peer to the log context (:mod:`lookaside_server._web.logging`) and routes limit hits to the
    server's metrics;
-2. the identity rule of the :class:`~lookaside_server._access.AccessPolicy` (PERMISSION_DENIED);
+2. the identity rule of the :class:`~lookaside_server._security.access.AccessPolicy` (PERMISSION_DENIED);
 3. for the long-lived streams (``Watch``, xDS ``StreamAggregatedResources``) a slot of the
-   :class:`~lookaside_server._limits.StreamSlots` (RESOURCE_EXHAUSTED when the overall or per-peer limit is
+   :class:`~lookaside_server._security.limits.StreamSlots` (RESOURCE_EXHAUSTED when the overall or per-peer limit is
    reached), released when the stream ends;
 4. counts the RPC by final status code, and times unary ones.
 
@@ -26,11 +26,11 @@ from typing import Any
 
 import grpc
 
-from lookaside_server._access import AccessPolicy
-from lookaside_server._errors import abort
-from lookaside_server._limits import StreamSlots, exhausted, peer_ip, set_recorder
-from lookaside_server._logging import bind_peer
-from lookaside_server._metrics import ServerMetrics
+from lookaside_server._core.errors import abort
+from lookaside_server._security.access import AccessPolicy
+from lookaside_server._security.limits import StreamSlots, exhausted, peer_ip, set_recorder
+from lookaside_server._web.logging import bind_peer
+from lookaside_server._web.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 

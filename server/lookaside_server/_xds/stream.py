@@ -1,7 +1,7 @@
 """The xDS control plane: Aggregated Discovery Service (state of the world, v3) on the lookaside's own server.
 
 A stock gRPC client with an xDS bootstrap pointing here dials ``xds:///<service>.<namespace>[:<port>]`` and
-balances over the same endpoints Resolve/Watch serve (see :mod:`lookaside_server._xds_resources` for the
+balances over the same endpoints Resolve/Watch serve (see :mod:`lookaside_server._xds.resources` for the
 names and resources). Per ADS stream:
 
 * every requested name is parsed, checked against the access policy (namespace allow-list, service rules)
@@ -37,12 +37,12 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
-from lookaside_server._access import AccessPolicy
-from lookaside_server._model import Endpoints, Target
-from lookaside_server._registry import Registry, Subscription, TargetState
-from lookaside_server._routing import UnknownPort, eligible, select_port
-from lookaside_server._source import TargetNotFound
-from lookaside_server._xds_resources import (
+from lookaside_server._core.model import Endpoints, Target
+from lookaside_server._core.ports import UnknownPort, eligible, select_port
+from lookaside_server._core.registry import Registry, Subscription, TargetState
+from lookaside_server._security.access import AccessPolicy
+from lookaside_server._sources.base import TargetNotFound
+from lookaside_server._xds.resources import (
     CLUSTER,
     ENDPOINTS,
     LISTENER,
@@ -60,7 +60,7 @@ from lookaside_server._xds_resources import (
 )
 
 if TYPE_CHECKING:
-    from lookaside_server._load import LoadBoard
+    from lookaside_server._api.load import LoadBoard
 
 log = logging.getLogger(__name__)
 

@@ -43,9 +43,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from lookaside_server._http import HttpRequest, HttpResponse, HttpServer, LoopBridge
-from lookaside_server._limits import MAX_TARGETS, MAX_WATCHES, MAX_WATCHES_PER_PEER, StreamSlots
-from lookaside_server._registry import Registry
+from lookaside_server._core.registry import Registry
+from lookaside_server._security.limits import MAX_TARGETS, MAX_WATCHES, MAX_WATCHES_PER_PEER, StreamSlots
+from lookaside_server._web.http import HttpRequest, HttpResponse, HttpServer, LoopBridge
 
 log = logging.getLogger(__name__)
 

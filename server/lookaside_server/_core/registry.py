@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from lookaside_server._model import Endpoints, Target
-from lookaside_server._source import EndpointSource, TargetNotFound
+from lookaside_server._core.model import Endpoints, Target
+from lookaside_server._sources.base import EndpointSource, TargetNotFound
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from urllib.parse import unquote
 
 import grpc
 
-from lookaside_server._errors import abort
+from lookaside_server._core.errors import abort
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from lookaside_server._model import BackendEndpoint, Endpoints
+from lookaside_server._core.model import BackendEndpoint, Endpoints
 
 Obj = Mapping[str, Any]
 

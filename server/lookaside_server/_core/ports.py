@@ -9,8 +9,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from lookaside_server._model import BackendEndpoint, Endpoints, Target
-from lookaside_server._names import port_number
+from lookaside_server._core.model import BackendEndpoint, Endpoints, Target
+from lookaside_server._core.names import port_number
 
 #: Most picks one Resolve may ask for.
 MAX_COUNT = 1000

@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from lookaside_server._model import BackendEndpoint, Endpoints, Target
-from lookaside_server._names import namespace_problem, port_name_problem, service_problem
-from lookaside_server._source import EndpointSource, Publish, TargetNotFound, TooManyTargets
+from lookaside_server._core.model import BackendEndpoint, Endpoints, Target
+from lookaside_server._core.names import namespace_problem, port_name_problem, service_problem
+from lookaside_server._sources.base import EndpointSource, Publish, TargetNotFound, TooManyTargets
 
 log = logging.getLogger(__name__)
 

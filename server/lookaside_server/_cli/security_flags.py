@@ -6,10 +6,10 @@ import argparse
 import os
 from typing import Any
 
-from lookaside_server._access import parse_identities, parse_service_rules
-from lookaside_server._limits import Limits
-from lookaside_server._logging import FORMATS
-from lookaside_server._tls import DEFAULT_CHECK_INTERVAL, tls_config_from
+from lookaside_server._security.access import parse_identities, parse_service_rules
+from lookaside_server._security.limits import Limits
+from lookaside_server._security.tls import DEFAULT_CHECK_INTERVAL, tls_config_from
+from lookaside_server._web.logging import FORMATS
 
 _D = Limits()
 

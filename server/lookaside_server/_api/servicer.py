@@ -9,15 +9,22 @@ from collections.abc import AsyncIterator, Iterable
 import grpc
 
 from lookaside_grpc import protocol as pb
-from lookaside_server._access import AccessPolicy
-from lookaside_server._errors import abort, abort_invalid
-from lookaside_server._limits import MAX_TARGETS, record_hit
-from lookaside_server._load import LoadBoard
-from lookaside_server._model import BackendEndpoint, Target
-from lookaside_server._names import namespace_problem, service_problem
-from lookaside_server._registry import Registry, TargetState
-from lookaside_server._routing import MAX_COUNT, RoundRobin, UnknownPort, eligible, pick_random, select_port
-from lookaside_server._source import SourceUnavailable, TargetNotFound, TooManyTargets
+from lookaside_server._api.load import LoadBoard
+from lookaside_server._core.errors import abort, abort_invalid
+from lookaside_server._core.model import BackendEndpoint, Target
+from lookaside_server._core.names import namespace_problem, service_problem
+from lookaside_server._core.ports import (
+    MAX_COUNT,
+    RoundRobin,
+    UnknownPort,
+    eligible,
+    pick_random,
+    select_port,
+)
+from lookaside_server._core.registry import Registry, TargetState
+from lookaside_server._security.access import AccessPolicy
+from lookaside_server._security.limits import MAX_TARGETS, record_hit
+from lookaside_server._sources.base import SourceUnavailable, TargetNotFound, TooManyTargets
 
 log = logging.getLogger(__name__)
 _ROUTERS = frozenset({pb.RANDOM, pb.ROUNDROBIN}) | pb.LOAD_ROUTERS

@@ -34,19 +34,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lookaside_server._kube_slices import (
-    SERVICE_NAME_LABEL,
-    merge_endpoints_objects,
-    merge_slices,
-    service_port_names,
-)
-from lookaside_server._model import Endpoints, Target
-from lookaside_server._source import (
+from lookaside_server._core.model import Endpoints, Target
+from lookaside_server._sources.base import (
     EndpointSource,
     Publish,
     SourceUnavailable,
     TargetNotFound,
     TooManyTargets,
+)
+from lookaside_server._sources.kube_objects import (
+    SERVICE_NAME_LABEL,
+    merge_endpoints_objects,
+    merge_slices,
+    service_port_names,
 )
 
 log = logging.getLogger(__name__)
@@ -409,7 +409,7 @@ class KubernetesSource(EndpointSource):
         self.kind = f"kubernetes {kind}"
         self._own_client = api_client is None
         if api_client is None:
-            from lookaside_server._kube_config import make_api_client
+            from lookaside_server._sources.kube_config import make_api_client
 
             api_client = make_api_client(kubeconfig)
         self.api_client = api_client

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from lookaside_server._model import Endpoints, Target
+from lookaside_server._core.model import Endpoints, Target
 
 #: Called by a source, on the event loop thread, with a target's full current state (None: target gone).
 Publish = Callable[[Target, Endpoints | None], None]

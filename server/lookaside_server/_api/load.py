@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from lookaside_grpc import protocol as pb
 from lookaside_grpc._policies import weighted_schedule
-from lookaside_server._model import BackendEndpoint, Target
+from lookaside_server._core.model import BackendEndpoint, Target
 
 log = logging.getLogger(__name__)
 

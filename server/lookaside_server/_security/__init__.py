@@ -1,0 +1,1 @@
+"""Production safety of the gRPC port: TLS with reload, access rules, the guard interceptor and limits."""

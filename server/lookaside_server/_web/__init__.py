@@ -1,0 +1,1 @@
+"""The HTTP listener (status page, ``/status.json``, ``/healthz``, ``/metrics``) and server logging."""
