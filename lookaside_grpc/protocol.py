@@ -1,4 +1,5 @@
-"""The lookaside wire protocol (``proto/lookaside.proto``): messages, stub and servicer base.
+"""The lookaside wire protocol (``proto/lookaside.proto``): messages, stub and servicer base, and the one
+target grammar (``service.namespace[.svc[.cluster.local]][:port]``) that names Services on the wire.
 
 This module is the one seam between the client plugin set and the lookaside server; both import it.
 """
@@ -23,6 +24,7 @@ from lookaside_grpc._generated.lookaside_pb2_grpc import (
     LookasideStub,
     add_LookasideServicer_to_server,
 )
+from lookaside_grpc._target import InvalidTarget, Target, canonical_port
 
 #: The full name of the service, for health checks and reflection.
 SERVICE_NAME: str = _pb2.DESCRIPTOR.services_by_name["Lookaside"].full_name
@@ -44,6 +46,7 @@ __all__ = [
     "EndpointLoad",
     "EndpointSet",
     "EndpointStatus",
+    "InvalidTarget",
     "LEAST_REQUEST",
     "LOAD_ROUTERS",
     "LoadReport",
@@ -59,8 +62,10 @@ __all__ = [
     "SERVICE_NAME",
     "StatusRequest",
     "StatusResponse",
+    "Target",
     "TargetStatus",
     "WEIGHTED",
     "WatchRequest",
     "add_LookasideServicer_to_server",
+    "canonical_port",
 ]

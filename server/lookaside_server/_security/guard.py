@@ -7,8 +7,8 @@ metric labels stay bounded), so the checks live in one place instead of in every
    server's metrics;
 2. the identity rule of the :class:`~lookaside_server._security.access.AccessPolicy` (PERMISSION_DENIED);
 3. for the long-lived streams (``Watch``, xDS ``StreamAggregatedResources``) a slot of the
-   :class:`~lookaside_server._security.limits.StreamSlots` (RESOURCE_EXHAUSTED when the overall or per-peer limit is
-   reached), released when the stream ends;
+   :class:`~lookaside_server._security.limits.StreamSlots` (RESOURCE_EXHAUSTED when the overall or per-peer
+   limit is reached), released when the stream ends;
 4. counts the RPC by final status code, and times unary ones.
 
 It also parses unary requests tolerantly: a body that is not a valid message gets INVALID_ARGUMENT from here
