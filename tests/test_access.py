@@ -20,9 +20,9 @@ from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_grpc._generated import lookaside_pb2 as pb2
 from lookaside_server import LookasideServer, ServerConfig
-from lookaside_server._access import AccessPolicy, parse_identities, parse_service_rules
-from lookaside_server._model import Target
-from lookaside_server._security_cli import security_config
+from lookaside_server._security.access import AccessPolicy, parse_identities, parse_service_rules
+from lookaside_server._core.model import Target
+from lookaside_server._cli.security_flags import security_config
 
 DATA = {"default/greet": endpoints(1), "default/echo": endpoints(1, 50061),
         "team-a/api": endpoints(1, 50071), "team-b/db": endpoints(1, 50081)}
@@ -70,12 +70,12 @@ def test_policy_decisions() -> None:
     reasons: list[str] = []
     policy = AccessPolicy(frozenset({"default", "team-a", "team-b"}),
                           parse_service_rules(["default/greet", "team-a/*"]), on_deny=reasons.append)
-    assert policy.target_denial(Target("default", "greet")) is None
-    assert policy.target_denial(Target("team-a", "anything")) is None
-    assert policy.target_denial(Target("team-b", "db")) is None  # no rules for team-b: the whole namespace
-    denial = policy.target_denial(Target("default", "echo"))
+    assert policy.target_denial(Target("greet", "default")) is None
+    assert policy.target_denial(Target("anything", "team-a")) is None
+    assert policy.target_denial(Target("db", "team-b")) is None  # no rules for team-b: the whole namespace
+    denial = policy.target_denial(Target("echo", "default"))
     assert denial is not None and denial.reason == "service" and "--allow-service" in denial.message
-    denial = policy.target_denial(Target("kube-system", "dns"))
+    denial = policy.target_denial(Target("dns", "kube-system"))
     assert denial is not None and denial.reason == "namespace" and "--allow-namespace" in denial.message
     assert reasons == ["service", "namespace"]
     assert policy.identity_allowed(["anything"])  # no identity rule

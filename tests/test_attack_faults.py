@@ -25,7 +25,7 @@ from lookaside_dev.kube_api import KubeAPIServer, endpoint_slice, service
 from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_server import LookasideServer, ServerConfig
-from lookaside_server._kubernetes import KubernetesSource, KubeTimings
+from lookaside_server._sources.kubernetes import KubernetesSource, KubeTimings
 
 FAILED: dict[str, object] = {}
 TIMINGS = KubeTimings(

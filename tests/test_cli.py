@@ -193,7 +193,7 @@ def test_status_human_and_json(server: tuple[RunningServer, list]) -> None:
     lines = proc.stdout.splitlines()
     assert "1 tracked target(s)" in lines[0]
     header = next(i for i, line in enumerate(lines) if line.startswith("TARGET"))
-    assert lines[header + 1].split()[:5] == ["default/greet", "1", "2", "2", "0"]
+    assert lines[header + 1].split()[:5] == ["greet.default", "1", "2", "2", "0"]
     assert "TERMINATING" in proc.stdout and group[1].address in proc.stdout
 
     proc = cli("status", "greet.default", "--server", s.address, "--json")
@@ -201,7 +201,7 @@ def test_status_human_and_json(server: tuple[RunningServer, list]) -> None:
     data = json.loads(proc.stdout)
     (t,) = data["targets"]
     assert (t["target"], t["version"], t["endpoints_total"], t["endpoints_ready"], t["watchers"]) == (
-        TARGET,
+        "greet.default",
         1,
         2,
         2,

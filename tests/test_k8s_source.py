@@ -21,7 +21,7 @@ from lookaside_dev.kube_api import KubeAPIServer, endpoint, endpoint_slice, endp
 from lookaside_dev.server_helpers import DEADLINE, bad_field
 from lookaside_grpc import protocol as pb
 from lookaside_server import LookasideServer, ServerConfig
-from lookaside_server._kubernetes import KubernetesSource, KubeTimings
+from lookaside_server._sources.kubernetes import KubernetesSource, KubeTimings
 
 NS = "default"
 FAST = KubeTimings(resync_interval=60.0, watch_timeout=5.0, request_timeout=2.0, connect_timeout=1.0,
@@ -410,8 +410,8 @@ async def test_idle_target_is_unwatched_then_rewatched(kube: KubeAPIServer) -> N
         await s.resolve()
         assert await in_thread(kube.wait_for_open_watches, 2)
         assert await in_thread(kube.wait_for_open_watches, 1, 5.0)  # greet expired; other has a watcher
-        assert s.source.watched == [s.source.watched[0]] and str(s.source.watched[0]) == "default/other"
-        assert [row.target for row in s.server.status()] == ["default/other"]
+        assert s.source.watched == [s.source.watched[0]] and str(s.source.watched[0]) == "other.default"
+        assert [row.target for row in s.server.status()] == ["other.default"]
         assert not await in_thread(kube.wait_for_open_watches, 0, 0.8)  # still watched past the TTL
         lists = kube.request_count("list", "endpointslices")
         assert (await s.resolve()).address == "10.0.0.1"  # the next use subscribes afresh

@@ -21,9 +21,9 @@ from lookaside_dev.kube_api import KubeAPIServer, endpoint, endpoint_slice, endp
 from lookaside_grpc import protocol as pb
 from lookaside_server import BackendEndpoint
 from lookaside_server.__main__ import build_parser
-from lookaside_server._kube_cli import choose_source
-from lookaside_server._kube_config import own_namespace, parse_allow_namespaces
-from lookaside_server._kube_slices import (
+from lookaside_server._cli.source_flags import choose_source
+from lookaside_server._sources.kube_config import own_namespace, parse_allow_namespaces
+from lookaside_server._sources.kube_objects import (
     endpoints_object_endpoints,
     merge,
     merge_endpoints_objects,
@@ -31,7 +31,7 @@ from lookaside_server._kube_slices import (
     normalize_ip,
     slice_endpoints,
 )
-from lookaside_server._kubernetes import KubernetesSource
+from lookaside_server._sources.kubernetes import KubernetesSource
 
 
 def test_slice_conversion_defaults_ports_and_hints() -> None:

@@ -16,7 +16,7 @@ from lookaside_dev.server_helpers import endpoints, wait_until
 from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_server import LookasideServer, ServerConfig
-from lookaside_server._limits import Limits, StreamSlots, peer_ip
+from lookaside_server._security.limits import Limits, StreamSlots, peer_ip
 
 DATA = {"default/greet": endpoints(2), "default/echo": endpoints(1, 50061),
         "default/third": endpoints(1, 50071)}

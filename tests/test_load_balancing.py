@@ -23,7 +23,8 @@ from lookaside_dev.server_helpers import bad_field, endpoints, read_until, serve
 from lookaside_dev.static_files import write_addresses
 from lookaside_grpc import _balancer
 from lookaside_grpc import protocol as pb
-from lookaside_server import ServerConfig, _load, run_in_thread
+from lookaside_server import ServerConfig, run_in_thread
+from lookaside_server._api import load as _load
 
 SLOW = 0.05  # seconds the slow backend adds per call
 

@@ -25,7 +25,7 @@ from lookaside_dev.server_helpers import endpoints, wait_until
 from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_server import LookasideServer, ServerConfig, StaticFileSource, Target
-from lookaside_server._logging import make_handler
+from lookaside_server._web.logging import make_handler
 
 T = "default/greet"
 GREET = pb.Request(router=pb.ROUNDROBIN, service="greet", namespace="default")
@@ -98,12 +98,12 @@ async def test_metrics_after_some_calls(tmp_path: Path) -> None:
         assert samples[("lookaside_streams", (("kind", "watch"),))] == 1
         assert samples[("lookaside_streams", (("kind", "xds"),))] == 0
         assert samples[("lookaside_targets", ())] == 2
-        assert samples[("lookaside_target_endpoints", (("target", "default/greet"),))] == 2
-        assert samples[("lookaside_target_ready_endpoints", (("target", "default/greet"),))] == 2
-        assert samples[("lookaside_target_watchers", (("target", "default/echo"),))] == 1
-        assert samples[("lookaside_target_version", (("target", "default/echo"),))] == 1
-        assert samples[("lookaside_kubernetes_watch_restarts_total", (("target", "default/greet"),))] == 3
-        assert samples[("lookaside_kubernetes_watch_errors_total", (("target", "default/echo"),))] == 2
+        assert samples[("lookaside_target_endpoints", (("target", "greet.default"),))] == 2
+        assert samples[("lookaside_target_ready_endpoints", (("target", "greet.default"),))] == 2
+        assert samples[("lookaside_target_watchers", (("target", "echo.default"),))] == 1
+        assert samples[("lookaside_target_version", (("target", "echo.default"),))] == 1
+        assert samples[("lookaside_kubernetes_watch_restarts_total", (("target", "greet.default"),))] == 3
+        assert samples[("lookaside_kubernetes_watch_errors_total", (("target", "echo.default"),))] == 2
         for name in ("lookaside_access_denied_total", "lookaside_limit_hits_total", "python_info",
                      "process_cpu_seconds_total", "python_gc_objects_collected_total"):
             assert name in text
@@ -165,10 +165,10 @@ async def test_json_logs_carry_target_and_peer(tmp_path: Path) -> None:
     assert lines and all({"time", "level", "logger", "message"} <= set(rec) for rec in lines)
     denied = [r for r in lines if r["message"].startswith("access denied")]
     assert len(denied) == 1
-    assert denied[0]["target"] == "team-a/api" and denied[0]["peer"].startswith("ipv4:127.0.0.1:")
-    assert denied[0]["level"] == "WARNING" and denied[0]["logger"] == "lookaside_server._access"
-    subscribed = [r for r in lines if r["message"] == "subscribed target default/greet"]
-    assert subscribed and subscribed[0]["target"] == "default/greet" and "peer" in subscribed[0]
+    assert denied[0]["target"] == "api.team-a" and denied[0]["peer"].startswith("ipv4:127.0.0.1:")
+    assert denied[0]["level"] == "WARNING" and denied[0]["logger"] == "lookaside_server._security.access"
+    subscribed = [r for r in lines if r["message"] == "subscribed target greet.default"]
+    assert subscribed and subscribed[0]["target"] == "greet.default" and "peer" in subscribed[0]
     started = [r for r in lines if r["message"].startswith("listening on")]
     assert started and "target" not in started[0] and "peer" not in started[0]
 

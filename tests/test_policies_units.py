@@ -23,8 +23,8 @@ from lookaside_grpc._policies import (
     weighted_schedule,
 )
 from lookaside_grpc._pool import ChannelPool
-from lookaside_server._load import LoadBoard, compute_weights, meaningful
-from lookaside_server._model import BackendEndpoint, Target
+from lookaside_server._api.load import LoadBoard, compute_weights, meaningful
+from lookaside_server._core.model import BackendEndpoint, Target
 
 
 class Clock:
@@ -179,7 +179,7 @@ def test_weighted_unknown_weights_count_as_equal_and_changes_rebuild() -> None:
 def test_load_board_aggregates_expires_and_weighs() -> None:
     clock = Clock()
     board = LoadBoard(clock=clock)
-    t = Target("default", "greet")
+    t = Target("greet", "default")
 
     def rep(client: str, loads: list[tuple[int, int, float, int]]) -> None:
         board.report(
@@ -210,7 +210,7 @@ def test_load_board_aggregates_expires_and_weighs() -> None:
 
 
 def test_weights_and_meaningful_changes() -> None:
-    from lookaside_server._load import Load
+    from lookaside_server._api.load import Load
 
     w = compute_weights({("a", 1): Load(0, 10.0), ("b", 1): Load(0, 20.0), ("c", 1): Load(1, 0.0)})
     assert w == {("a", 1): 100, ("b", 1): 50, ("c", 1): 33}  # c: mean latency 15 x 2
@@ -222,7 +222,7 @@ def test_weights_and_meaningful_changes() -> None:
 def test_load_board_pickers() -> None:
     clock = Clock()
     board = LoadBoard(clock=clock)
-    t = Target("default", "greet")
+    t = Target("greet", "default")
     cands = [BackendEndpoint("10.0.0.1", 1), BackendEndpoint("10.0.0.1", 2)]
     board.report(
         t,

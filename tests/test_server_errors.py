@@ -51,7 +51,7 @@ async def test_invalid_names(tmp_path: Path, service: str, namespace: str, field
         err = await _error(s.stub, router=pb.ROUNDROBIN, service=service, namespace=namespace)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_field(err) == field
-        assert f"{namespace}/{service}" in err.details()
+        assert f"{service}.{namespace}" in err.details()
         # Watch validates the same way
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await s.stub.Watch(pb.WatchRequest(service=service, namespace=namespace)).read()
@@ -71,7 +71,7 @@ async def test_unknown_router_value(tmp_path: Path) -> None:
         err = await _error(s.stub, router=7, service="greet", namespace="default")
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_field(err) == "router"
-        assert "default/greet" in err.details()
+        assert "greet.default" in err.details()
 
 
 async def test_count_too_large(tmp_path: Path) -> None:
@@ -79,7 +79,7 @@ async def test_count_too_large(tmp_path: Path) -> None:
         err = await _error(s.stub, service="greet", namespace="default", count=1001)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_field(err) == "count"
-        assert "default/greet" in err.details()
+        assert "greet.default" in err.details()
 
 
 async def test_unknown_port(tmp_path: Path) -> None:
@@ -88,7 +88,7 @@ async def test_unknown_port(tmp_path: Path) -> None:
             err = await _error(s.stub, service="greet", namespace="default", port=port)
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert bad_field(err) == "port"
-            assert repr(port) in err.details() and "default/greet" in err.details()
+            assert repr(port) in err.details() and "greet.default" in err.details()
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await s.stub.Watch(pb.WatchRequest(service="greet", namespace="default", port="http")).read()
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -100,7 +100,7 @@ async def test_not_found(tmp_path: Path) -> None:
         for ns, svc in (("default", "nope"), ("other", "greet")):
             err = await _error(s.stub, service=svc, namespace=ns)
             assert err.code() == grpc.StatusCode.NOT_FOUND
-            assert f"{ns}/{svc}" in err.details()
+            assert f"{svc}.{ns}" in err.details()
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await s.stub.Watch(pb.WatchRequest(service="nope", namespace="default")).read()
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
@@ -112,7 +112,7 @@ async def test_unavailable_when_nothing_eligible(tmp_path: Path, service: str) -
         for router in (pb.RANDOM, pb.ROUNDROBIN):
             err = await _error(s.stub, router=router, service=service, namespace="default")
             assert err.code() == grpc.StatusCode.UNAVAILABLE
-            assert f"default/{service}" in err.details()
+            assert f"{service}.default" in err.details()
 
 
 async def test_serving_terminating_fallback(tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ from lookaside_dev.server_helpers import endpoints, ports, read_until, serve
 from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_server import BackendEndpoint, StaticFileError, StaticFileSource, Target, TargetNotFound
-from lookaside_server._static import parse_static
+from lookaside_server._sources.static import parse_static
 
 T = "default/greet"
-TARGET = Target("default", "greet")
+TARGET = Target("greet", "default")
 WATCH = pb.WatchRequest(service="greet", namespace="default")
 
 
@@ -36,7 +36,7 @@ default/greet:
         BackendEndpoint("fd00::1", 50051, ready=False, serving=True, terminating=True),
         BackendEndpoint("10.0.0.3", 50051, ready=False, serving=False),
     )}
-    assert parse_static('{"a/b": []}') == {Target("a", "b"): ()}
+    assert parse_static('{"a/b": []}') == {Target("b", "a"): ()}
 
 
 @pytest.mark.parametrize(("text", "why"), [
@@ -81,7 +81,7 @@ async def test_source_publishes_changes_and_removals(tmp_path: Path) -> None:
     await src.start(lambda t, e: published.append((t, e)))
     try:
         with pytest.raises(TargetNotFound):
-            await src.subscribe(Target("default", "nope"))
+            await src.subscribe(Target("nope", "default"))
         await src.subscribe(TARGET)
         assert published == [(TARGET, (BackendEndpoint("127.0.0.1", 50051),))]
         write_static(path, {T: endpoints(1), "default/other": endpoints(2)})

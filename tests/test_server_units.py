@@ -7,10 +7,10 @@ import asyncio
 import pytest
 
 from lookaside_server import BackendEndpoint, EndpointSource, Target, TargetNotFound
-from lookaside_server._registry import Registry
-from lookaside_server._routing import RoundRobin, UnknownPort, eligible, select_port
+from lookaside_server._core.registry import Registry
+from lookaside_server._core.ports import RoundRobin, UnknownPort, eligible, select_port
 
-T = Target("default", "greet")
+T = Target("greet", "default")
 
 
 def ep(ip: str, port: int = 80, name: str = "", **kw: bool) -> BackendEndpoint:
@@ -82,7 +82,7 @@ async def test_registry_subscribes_once_and_versions() -> None:
     states = await asyncio.gather(*tasks)
     assert src.calls == 1 and {s.version for s in states} == {1}
     with pytest.raises(TargetNotFound):
-        await reg.get(Target("default", "nope"))
+        await reg.get(Target("nope", "default"))
     sub = await reg.watch(T)
     assert (await sub.next()).version == 1
     reg.publish(T, (ep("a"),))  # unchanged: no bump, no notification

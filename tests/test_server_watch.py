@@ -13,7 +13,7 @@ from lookaside_grpc import protocol as pb
 from lookaside_server import BackendEndpoint, Target
 
 T = "default/greet"
-TARGET = Target("default", "greet")
+TARGET = Target("greet", "default")
 WATCH = pb.WatchRequest(service="greet", namespace="default")
 
 

@@ -18,10 +18,11 @@ from lookaside_dev.static_files import write_addresses
 from lookaside_grpc import protocol as pb
 from lookaside_grpc._generated import lookaside_pb2 as pb2
 from lookaside_server import RunningServer, ServerConfig, StaticFileSource, Target, run_in_thread
-from lookaside_server._status import from_proto, to_dict
+from lookaside_server._api.status import from_proto, to_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TARGET = "default/greet"
+TARGET = "default/greet"  # the static file key
+NAME = "greet.default"  # how the server names it
 HOSTILE = "<script>alert('x')</script>"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 INSTALL_HINT = (
@@ -112,7 +113,7 @@ def test_routes_and_json(
         stream.cancel()
     (t,) = data["targets"]
     assert (t["target"], t["version"], t["watchers"], t["endpoints_total"], t["endpoints_ready"]) == (
-        TARGET,
+        NAME,
         1,
         1,
         2,
@@ -201,7 +202,7 @@ def test_status_page_in_a_browser(
             driver.get(base_url(s) + "/")
             assert driver.title == "lookaside status"
             rows = driver.find_elements(By.CSS_SELECTOR, "table#targets tbody tr")
-            assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows] == [TARGET]
+            assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows] == [NAME]
             cells = [c.text for c in rows[0].find_elements(By.TAG_NAME, "td")]
             assert cells[1:5] == ["1", "2", "2", "1"]  # version, endpoints, ready, watchers
             text = driver.find_element(By.TAG_NAME, "body").text

@@ -36,8 +36,8 @@ from lookaside_dev.server_helpers import endpoints
 from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_server import LookasideServer, ServerConfig, run_in_thread
-from lookaside_server._logging import JsonFormatter, make_handler
-from lookaside_server._tls import TlsConfig, TlsError, fingerprint, tls_config_from
+from lookaside_server._web.logging import JsonFormatter, make_handler
+from lookaside_server._security.tls import TlsConfig, TlsError, fingerprint, tls_config_from
 from lookaside_server.cli import run as cli_run
 
 T = "default/greet"

@@ -23,7 +23,7 @@ from google.rpc import status_pb2
 
 from lookaside_dev.static_files import write_addresses
 from lookaside_server import BackendEndpoint, RunningServer, ServerConfig, Target, run_in_thread
-from lookaside_server._xds_resources import (
+from lookaside_server._xds.resources import (
     CLUSTER,
     ENDPOINTS,
     LISTENER,
@@ -46,11 +46,11 @@ A, B, C = "10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"
 # --- names and resources ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("name", "want"), [
-    ("greet.default", XdsName(Target("default", "greet"), "")),
-    ("greet.default:grpc", XdsName(Target("default", "greet"), "grpc")),
-    ("greet.default:050051", XdsName(Target("default", "greet"), "50051")),
-    ("greet.prod-eu.svc", XdsName(Target("prod-eu", "greet"), "")),
-    ("greet.default.svc.cluster.local:8080", XdsName(Target("default", "greet"), "8080")),
+    ("greet.default", XdsName(Target("greet", "default"), "")),
+    ("greet.default:grpc", XdsName(Target("greet", "default"), "grpc")),
+    ("greet.default:050051", XdsName(Target("greet", "default"), "50051")),
+    ("greet.prod-eu.svc", XdsName(Target("greet", "prod-eu"), "")),
+    ("greet.default.svc.cluster.local:8080", XdsName(Target("greet", "default"), "8080")),
 ])
 def test_parse_name(name: str, want: XdsName) -> None:
     assert parse_name(name) == want

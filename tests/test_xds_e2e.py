@@ -20,7 +20,7 @@ import pytest
 from lookaside_dev.backends import Backend
 from lookaside_dev.static_files import write_addresses
 from lookaside_server import RunningServer, ServerConfig, run_in_thread
-from lookaside_server._xds_resources import XdsOptions
+from lookaside_server._xds.resources import XdsOptions
 
 TARGET = "default/greet"
 CLIENT = pathlib.Path(__file__).resolve().parent.parent / "lookaside_dev" / "xds_client.py"

@@ -17,8 +17,9 @@ from test_xds import RawAds, names_of
 
 from lookaside_dev.static_files import write_addresses
 from lookaside_grpc import protocol as pb
-from lookaside_server import BackendEndpoint, RunningServer, ServerConfig, Target, _load, run_in_thread
-from lookaside_server._xds_resources import ENDPOINTS, XdsOptions, endpoint_weights, load_assignment
+from lookaside_server import BackendEndpoint, RunningServer, ServerConfig, Target, run_in_thread
+from lookaside_server._api import load as _load
+from lookaside_server._xds.resources import ENDPOINTS, XdsOptions, endpoint_weights, load_assignment
 
 NAME = "greet.default"
 A, B, C = "10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"
@@ -235,7 +236,7 @@ async def test_load_weights_can_be_turned_off_and_streams_stop_listening(
     ads2, stub2 = clients(srv2.address)
     await ads2.subscribe(ENDPOINTS, [NAME])
     board = srv2.server.xds.load  # type: ignore[attr-defined]
-    target = Target("default", "greet")
+    target = Target("greet", "default")
 
     def listeners() -> int:
         async def get() -> int:

@@ -51,12 +51,12 @@ class LookasideServicer(pb.LookasideServicer):
         self.load = LoadBoard(rng=self._rng)
 
     async def _target(self, service: str, namespace: str, context: grpc.aio.ServicerContext) -> Target:
-        name = f"{namespace}/{service}"
+        name = f"{service}.{namespace}"
         if problem := service_problem(service):
             await abort_invalid(context, "service", f"target {name!r}: service {problem}")
         if problem := namespace_problem(namespace):
             await abort_invalid(context, "namespace", f"target {name!r}: namespace {problem}")
-        target = Target(namespace, service)
+        target = Target(service, namespace)
         await self._access.check_target(context, target)
         return target
 

@@ -52,8 +52,8 @@ class TargetView:
 
     @property
     def name(self) -> str:
-        """``namespace/service``."""
-        return f"{self.namespace}/{self.service}"
+        """``service.namespace``: the one target grammar."""
+        return f"{self.service}.{self.namespace}"
 
     @property
     def ready(self) -> int:

@@ -1,19 +1,16 @@
-"""Plain data model shared by sources, the registry and the RPC layer: targets and backend endpoints."""
+"""Plain data model shared by sources, the registry and the RPC layer: targets and backend endpoints.
+
+A target is the client's one :class:`~lookaside_grpc.protocol.Target` (``service.namespace[:port]``); the
+server keys its state by the Service alone (port ""), and picks a port per request.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lookaside_grpc.protocol import Target
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A Kubernetes Service, the unit clients resolve ("namespace/service")."""
-
-    namespace: str
-    service: str
-
-    def __str__(self) -> str:
-        return f"{self.namespace}/{self.service}"
+__all__ = ["BackendEndpoint", "Endpoints", "Target"]
 
 
 @dataclass(frozen=True, slots=True)

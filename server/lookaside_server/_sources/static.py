@@ -60,7 +60,7 @@ def _parse_target(key: object) -> Target:
     for what, problem in (("namespace", namespace_problem(namespace)), ("service", service_problem(service))):
         if problem:
             raise StaticFileError(f"key {key!r}: {what} {problem}")
-    return Target(namespace, service)
+    return Target(service, namespace)
 
 
 def _parse_endpoint(target: Target, index: int, item: object) -> BackendEndpoint:

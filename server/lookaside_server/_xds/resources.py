@@ -72,7 +72,7 @@ def parse_name(name: str) -> XdsName:
         raise BadName(f"{name!r}: service {problem}")
     if problem := namespace_problem(namespace):
         raise BadName(f"{name!r}: namespace {problem}")
-    return XdsName(Target(namespace, service), port)
+    return XdsName(Target(service, namespace), port)
 
 
 def _default_outlier_detection() -> outlier_detection_pb2.OutlierDetection:
