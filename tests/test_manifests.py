@@ -172,8 +172,8 @@ def server_env_names() -> set[str]:
             os.environ["COLUMNS"] = old
     names = set(re.findall(r"\bLB_[A-Z0-9_]+\b", text))
     assert {"LB_PORT", "LB_HTTP_PORT", "LB_SOURCE", "LB_TLS_CERT", "LB_TLS_KEY", "LB_TLS_CLIENT_CA"} <= names
-    # Not a flag: the namespace the server serves by default (see _kube_config.own_namespace).
-    kube_config = (ROOT / "server" / "lookaside_server" / "_kube_config.py").read_text()
+    # Not a flag: the namespace the server serves by default (see _sources/kube_config.own_namespace).
+    kube_config = (ROOT / "server" / "lookaside_server" / "_sources" / "kube_config.py").read_text()
     assert 'os.environ.get("POD_NAMESPACE"' in kube_config
     return names | {"POD_NAMESPACE"}
 
