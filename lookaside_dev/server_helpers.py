@@ -16,7 +16,7 @@ from grpc_status import rpc_status
 
 from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
-from lookaside_server import LookasideServer, ServerConfig, StaticFileSource
+from lookaside_server import ListenConfig, LookasideServer, ServerConfig, StaticFileConfig, StaticFileSource
 
 DEADLINE = 10.0
 
@@ -53,8 +53,10 @@ async def serve(tmp_path: Path, data: Any, poll_interval: float = 0.02) -> Async
     """Start a LookasideServer on 127.0.0.1 (any port) over a static file holding ``data``."""
     path = tmp_path / "endpoints.yaml"
     write_static(path, data)
-    server = LookasideServer(ServerConfig(host="127.0.0.1", port=0, static_file=str(path),
-                                          poll_interval=poll_interval, grace=1.0))
+    server = LookasideServer(ServerConfig(
+        listen=ListenConfig(host="127.0.0.1", port=0, grace=1.0),
+        source=StaticFileConfig(str(path), poll_interval=poll_interval),
+    ))
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:

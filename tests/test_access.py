@@ -19,22 +19,39 @@ from lookaside_dev.server_helpers import endpoints
 from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_grpc._generated import lookaside_pb2 as pb2
-from lookaside_server import LookasideServer, ServerConfig
-from lookaside_server._security.access import AccessPolicy, parse_identities, parse_service_rules
-from lookaside_server._core.model import Target
+from lookaside_server import (
+    AccessConfig,
+    HttpConfig,
+    ListenConfig,
+    LookasideServer,
+    SecurityConfig,
+    ServerConfig,
+    StaticFileConfig,
+)
 from lookaside_server._cli.security_flags import security_config
+from lookaside_server._core.model import Target
+from lookaside_server._security.access import AccessPolicy, parse_identities, parse_service_rules
 
 DATA = {"default/greet": endpoints(1), "default/echo": endpoints(1, 50061),
         "team-a/api": endpoints(1, 50071), "team-b/db": endpoints(1, 50081)}
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 
 
+def allow(**access: Any) -> SecurityConfig:
+    """Security settings with only access rules (AccessConfig fields)."""
+    return SecurityConfig(access=AccessConfig(**access))
+
+
 @asynccontextmanager
 async def served(tmp_path: Path, **config: Any) -> AsyncIterator[tuple[LookasideServer, grpc.aio.Channel]]:
     path = tmp_path / "endpoints.json"
     write_static(path, DATA)
-    server = LookasideServer(ServerConfig(host="127.0.0.1", port=0, static_file=str(path), http_port=0,
-                                          http_host="127.0.0.1", grace=0.5, **config))
+    server = LookasideServer(ServerConfig(
+        listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+        source=StaticFileConfig(str(path)),
+        http=HttpConfig(port=0, host="127.0.0.1"),
+        **config,
+    ))
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -88,7 +105,7 @@ def test_policy_decisions() -> None:
 
 async def test_service_rules_for_every_rpc_and_counted(tmp_path: Path) -> None:
     rules = parse_service_rules(["default/greet"])
-    async with served(tmp_path, allow_services=rules) as (server, channel):
+    async with served(tmp_path, security=allow(services=rules)) as (server, channel):
         stub = pb.LookasideStub(channel)
         ok = await stub.Resolve(pb.Request(service="greet", namespace="default"), timeout=5)
         assert ok.port == 50051
@@ -119,7 +136,7 @@ async def test_service_rules_for_every_rpc_and_counted(tmp_path: Path) -> None:
 
 
 async def test_namespace_allow_list_through_the_policy(tmp_path: Path) -> None:
-    async with served(tmp_path, allow_namespaces=frozenset({"default"})) as (server, channel):
+    async with served(tmp_path, security=allow(namespaces=frozenset({"default"}))) as (server, channel):
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await pb.LookasideStub(channel).Resolve(pb.Request(service="api", namespace="team-a"), timeout=5)
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -129,7 +146,7 @@ async def test_namespace_allow_list_through_the_policy(tmp_path: Path) -> None:
 
 async def test_xds_omits_denied_names_and_counts_them(tmp_path: Path) -> None:
     rules = parse_service_rules(["default/greet"])
-    async with served(tmp_path, allow_services=rules) as (server, channel):
+    async with served(tmp_path, security=allow(services=rules)) as (server, channel):
         queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
 
         async def requests() -> AsyncIterator[discovery_pb2.DiscoveryRequest]:

@@ -24,7 +24,7 @@ from lookaside_dev.attack import ServerProcess, wait_for
 from lookaside_dev.kube_api import KubeAPIServer, endpoint_slice, service
 from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
-from lookaside_server import LookasideServer, ServerConfig
+from lookaside_server import ListenConfig, LookasideServer, ServerConfig
 from lookaside_server._sources.kubernetes import KubernetesSource, KubeTimings
 
 FAILED: dict[str, object] = {}
@@ -105,7 +105,10 @@ async def test_kubernetes_api_down_slow_and_410_storm_under_resolve_load() -> No
         kube.apply(greet_slice(["10.0.0.1", "10.0.0.2"]))
         api = client.ApiClient(client.Configuration(host=kube.url))
         source = KubernetesSource(api, kind="endpointslices", timings=TIMINGS)
-        server = LookasideServer(ServerConfig(host="127.0.0.1", port=0, source=source, grace=0.5))
+        server = LookasideServer(ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+            source=source,
+        ))
         await server.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
         stub = pb.LookasideStub(channel)

@@ -46,7 +46,7 @@ from lookaside_dev.attack import (
 from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 from lookaside_grpc._generated import lookaside_pb2 as pb2
-from lookaside_server import ServerConfig, run_in_thread
+from lookaside_server import ListenConfig, ServerConfig, StaticFileConfig, run_in_thread
 
 FUZZ = settings(
     max_examples=250,
@@ -154,7 +154,10 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     errors = ErrorLog()
     logging.getLogger().addHandler(errors)
     server = run_in_thread(
-        ServerConfig(host="127.0.0.1", port=0, static_file=path, poll_interval=0.05, grace=0.5)
+        ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+            source=StaticFileConfig(path, poll_interval=0.05),
+        )
     )
     limits = getattr(server.server.config, "limits", None)
     LIMIT["bytes"] = getattr(limits, "max_message_bytes", LIMIT["bytes"])

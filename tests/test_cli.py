@@ -13,7 +13,15 @@ import pytest
 
 from lookaside_dev.backends import Backend
 from lookaside_dev.static_files import write_addresses
-from lookaside_server import RunningServer, ServerConfig, run_in_thread
+from lookaside_server import (
+    AccessConfig,
+    ListenConfig,
+    RunningServer,
+    SecurityConfig,
+    ServerConfig,
+    StaticFileConfig,
+    run_in_thread,
+)
 from lookaside_server.cli import (
     EXIT_DEADLINE,
     EXIT_INVALID_ARGUMENT,
@@ -53,7 +61,10 @@ def server(
     group = [backends(), backends()]
     write_addresses(static_file, {TARGET: [b.address for b in group]}, port_name="grpc", zone="zone-a")
     with run_in_thread(
-        ServerConfig(host="127.0.0.1", port=0, static_file=static_file, poll_interval=0.02)
+        ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0),
+            source=StaticFileConfig(static_file, poll_interval=0.02),
+        )
     ) as s:
         yield s, group
 
@@ -215,7 +226,9 @@ def test_status_human_and_json(server: tuple[RunningServer, list]) -> None:
 def test_permission_denied_names_the_server_flag(static_file: pathlib.Path) -> None:
     write_addresses(static_file, {"other/greet": ["127.0.0.1:50051"]})
     config = ServerConfig(
-        host="127.0.0.1", port=0, static_file=static_file, allow_namespaces=frozenset({"default"})
+        listen=ListenConfig(host="127.0.0.1", port=0),
+        source=StaticFileConfig(static_file),
+        security=SecurityConfig(access=AccessConfig(namespaces=frozenset({"default"}))),
     )
     with run_in_thread(config) as s:
         proc = cli("resolve", "greet.other", "--server", s.address)

@@ -19,7 +19,7 @@ from examples.greet import greet_pb2, greet_pb2_grpc
 from lookaside_dev.backends import Backend, greet_backend_of
 from lookaside_dev.static_files import write_addresses
 from lookaside_grpc import protocol
-from lookaside_server import ServerConfig, run_in_thread
+from lookaside_server import ListenConfig, ServerConfig, StaticFileConfig, run_in_thread
 
 TARGET = "default/greet"
 HELLO = greet_pb2.Greeting(first_name="Ada", last_name="Lovelace")
@@ -38,7 +38,10 @@ def lookaside(static_file: pathlib.Path) -> Callable[[list[str]], str]:
     def start(addresses: list[str]) -> str:
         write_addresses(static_file, {TARGET: addresses})
         server = run_in_thread(
-            ServerConfig(host="127.0.0.1", port=0, static_file=static_file, poll_interval=0.02)
+            ServerConfig(
+                listen=ListenConfig(host="127.0.0.1", port=0),
+                source=StaticFileConfig(static_file, poll_interval=0.02),
+            )
         )
         running.append(server)
         return server.address

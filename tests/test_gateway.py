@@ -17,7 +17,7 @@ import pytest
 from examples.gateway import serve
 from lookaside_dev.backends import Backend, greet_backend_of
 from lookaside_dev.static_files import write_addresses
-from lookaside_server import RunningServer, ServerConfig, run_in_thread
+from lookaside_server import ListenConfig, RunningServer, ServerConfig, StaticFileConfig, run_in_thread
 
 Start = Callable[..., str]
 
@@ -58,7 +58,10 @@ def lookaside(
     write_addresses(
         path, {"default/greet": [b.address for b in group], "default/down": [f"127.0.0.1:{free_port()}"]}
     )
-    with run_in_thread(ServerConfig(host="127.0.0.1", port=0, static_file=path, poll_interval=0.02)) as s:
+    with run_in_thread(ServerConfig(
+        listen=ListenConfig(host="127.0.0.1", port=0),
+        source=StaticFileConfig(path, poll_interval=0.02),
+    )) as s:
         yield s, group
 
 

@@ -20,7 +20,7 @@ from kubernetes import client
 from lookaside_dev.kube_api import KubeAPIServer, endpoint, endpoint_slice, endpoints, service
 from lookaside_dev.server_helpers import DEADLINE, bad_field
 from lookaside_grpc import protocol as pb
-from lookaside_server import LookasideServer, ServerConfig
+from lookaside_server import AccessConfig, ListenConfig, LookasideServer, SecurityConfig, ServerConfig
 from lookaside_server._sources.kubernetes import KubernetesSource, KubeTimings
 
 NS = "default"
@@ -52,8 +52,11 @@ async def k8s_serve(kube: KubeAPIServer, *, kind: str = "endpointslices", timing
     """Start a LookasideServer whose source is the real official client pointed at ``kube``."""
     api = client.ApiClient(client.Configuration(host=kube.url))
     source = KubernetesSource(api, kind=kind, timings=timings, **source_kw)
-    server = LookasideServer(ServerConfig(host="127.0.0.1", port=0, source=source, grace=0.5,
-                                          allow_namespaces=allow_namespaces))
+    server = LookasideServer(ServerConfig(
+        listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+        source=source,
+        security=SecurityConfig(access=AccessConfig(namespaces=allow_namespaces)),
+    ))
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:

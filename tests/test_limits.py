@@ -15,7 +15,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from lookaside_dev.server_helpers import endpoints, wait_until
 from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
-from lookaside_server import LookasideServer, ServerConfig
+from lookaside_server import ListenConfig, LookasideServer, ServerConfig, StaticFileConfig
 from lookaside_server._security.limits import Limits, StreamSlots, peer_ip
 
 DATA = {"default/greet": endpoints(2), "default/echo": endpoints(1, 50061),
@@ -25,11 +25,15 @@ LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 
 
 @asynccontextmanager
-async def served(tmp_path: Path, **config: Any) -> AsyncIterator[tuple[LookasideServer, grpc.aio.Channel]]:
+async def served(tmp_path: Path, max_targets: int | None = None, **config: Any
+                 ) -> AsyncIterator[tuple[LookasideServer, grpc.aio.Channel]]:
     path = tmp_path / "endpoints.json"
     write_static(path, DATA)
-    server = LookasideServer(ServerConfig(host="127.0.0.1", port=0, static_file=str(path), grace=0.5,
-                                          **config))
+    server = LookasideServer(ServerConfig(
+        listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+        source=StaticFileConfig(str(path), max_targets=max_targets),
+        **config,
+    ))
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:

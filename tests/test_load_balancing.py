@@ -23,7 +23,7 @@ from lookaside_dev.server_helpers import bad_field, endpoints, read_until, serve
 from lookaside_dev.static_files import write_addresses
 from lookaside_grpc import _balancer
 from lookaside_grpc import protocol as pb
-from lookaside_server import ServerConfig, run_in_thread
+from lookaside_server import ListenConfig, ServerConfig, StaticFileConfig, run_in_thread
 from lookaside_server._api import load as _load
 
 SLOW = 0.05  # seconds the slow backend adds per call
@@ -119,7 +119,10 @@ def test_server_assisted_weights_move_a_client_away_from_a_loaded_backend(
     path = tmp_path / "endpoints.json"
     write_addresses(path, {"default/greet": [fast.address, loaded.address]})
     server = run_in_thread(
-        ServerConfig(host="127.0.0.1", port=0, static_file=path, poll_interval=0.02, grace=0.1)
+        ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0, grace=0.1),
+            source=StaticFileConfig(path, poll_interval=0.02),
+        )
     )
     address = f"127.0.0.1:{server.port}"
     watch_channel = grpc.insecure_channel(address)

@@ -24,7 +24,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from lookaside_dev.server_helpers import endpoints, wait_until
 from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
-from lookaside_server import LookasideServer, ServerConfig, StaticFileSource, Target
+from lookaside_server import (
+    AccessConfig,
+    HttpConfig,
+    ListenConfig,
+    LookasideServer,
+    SecurityConfig,
+    ServerConfig,
+    StaticFileConfig,
+    StaticFileSource,
+    Target,
+)
 from lookaside_server._web.logging import make_handler
 
 T = "default/greet"
@@ -39,6 +49,11 @@ class DescribedSource(StaticFileSource):
         return {"restarts": 3, "errors": 2, "last_error": "boom"}
 
 
+def allow(**access: Any) -> SecurityConfig:
+    """Security settings with only access rules (AccessConfig fields)."""
+    return SecurityConfig(access=AccessConfig(**access))
+
+
 @asynccontextmanager
 async def served(tmp_path: Path, data: Any = None, **config: Any
                  ) -> AsyncIterator[tuple[LookasideServer, grpc.aio.Channel]]:
@@ -46,8 +61,12 @@ async def served(tmp_path: Path, data: Any = None, **config: Any
     write_static(path, data or {T: endpoints(2, ready=True), "default/echo": endpoints(1, 50061)})
     if config.pop("described", False):
         config["source"] = DescribedSource(path, poll_interval=0.05)
-    server = LookasideServer(ServerConfig(host="127.0.0.1", port=0, static_file=str(path), http_port=0,
-                                          http_host="127.0.0.1", grace=0.5, **config))
+    server = LookasideServer(ServerConfig(
+        listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+        source=config.pop("source", StaticFileConfig(str(path))),
+        http=HttpConfig(port=0, host="127.0.0.1"),
+        **config,
+    ))
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -153,7 +172,7 @@ async def test_json_logs_carry_target_and_peer(tmp_path: Path) -> None:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     try:
-        async with served(tmp_path, allow_namespaces=frozenset({"default"})) as (_server, channel):
+        async with served(tmp_path, security=allow(namespaces=frozenset({"default"}))) as (_server, channel):
             with pytest.raises(grpc.aio.AioRpcError):
                 await pb.LookasideStub(channel).Resolve(pb.Request(service="api", namespace="team-a"),
                                                         timeout=5)

@@ -17,7 +17,7 @@ from examples.greet import greet_pb2_grpc
 from examples.greet.server import serve
 from lookaside_dev.fakes import Backends, RunningLookaside, req, wait_until
 from lookaside_dev.static_files import write_addresses
-from lookaside_server import ServerConfig, run_in_thread
+from lookaside_server import ListenConfig, ServerConfig, StaticFileConfig, run_in_thread
 
 ROUTES = {"greet.GreetService": lookaside_grpc.Target("greet", "default")}
 FAILED: dict[str, int] = {}  # scenario -> failed calls, printed at the end (pytest -s)
@@ -69,7 +69,10 @@ def three() -> Iterator[Backends]:
 
 def _start_lookaside(path: Path, port: int = 0):  # type: ignore[no-untyped-def]
     return run_in_thread(
-        ServerConfig(host="127.0.0.1", port=port, static_file=path, poll_interval=0.02, grace=0.1)
+        ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=port, grace=0.1),
+            source=StaticFileConfig(path, poll_interval=0.02),
+        )
     )
 
 

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from lookaside_dev.server_helpers import endpoints, serve
 from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
-from lookaside_server import ServerConfig, run_in_thread
+from lookaside_server import ListenConfig, ServerConfig, StaticFileConfig, run_in_thread
 
 T = "default/greet"
 
@@ -52,7 +52,10 @@ async def test_reflection_lists_services(tmp_path: Path) -> None:
 def test_run_in_thread(tmp_path: Path) -> None:
     path = tmp_path / "e.yaml"
     write_static(path, {T: endpoints(2)})
-    running = run_in_thread(ServerConfig(host="127.0.0.1", port=0, static_file=path, poll_interval=0.05))
+    running = run_in_thread(ServerConfig(
+        listen=ListenConfig(host="127.0.0.1", port=0),
+        source=StaticFileConfig(path, poll_interval=0.05),
+    ))
     try:
         assert running.address == f"127.0.0.1:{running.port}"
         with grpc.insecure_channel(running.address) as ch:
@@ -64,7 +67,10 @@ def test_run_in_thread(tmp_path: Path) -> None:
         running.stop()
     assert not running._thread.is_alive()
     with pytest.raises(Exception, match="cannot read"):
-        run_in_thread(ServerConfig(host="127.0.0.1", port=0, static_file=tmp_path / "missing.yaml"))
+        run_in_thread(ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0),
+            source=StaticFileConfig(tmp_path / "missing.yaml"),
+        ))
 
 
 def _legacy_stub(channel: grpc.Channel) -> tuple[type, grpc.UnaryUnaryMultiCallable]:
@@ -95,7 +101,10 @@ def _legacy_stub(channel: grpc.Channel) -> tuple[type, grpc.UnaryUnaryMultiCalla
 def test_wire_compatible_with_original_client(tmp_path: Path) -> None:
     path = tmp_path / "e.yaml"
     write_static(path, {T: [{"ip": f"10.0.0.{i}", "port": 50051} for i in (1, 2, 3)]})
-    with run_in_thread(ServerConfig(host="127.0.0.1", port=0, static_file=path)) as running:
+    with run_in_thread(ServerConfig(
+        listen=ListenConfig(host="127.0.0.1", port=0),
+        source=StaticFileConfig(path),
+    )) as running:
         with grpc.insecure_channel(running.address) as ch:
             request_cls, resolve = _legacy_stub(ch)
             req = request_cls(router=1, service="greet", namespace="default")

@@ -17,7 +17,16 @@ from lookaside_dev.backends import Backend
 from lookaside_dev.static_files import write_addresses
 from lookaside_grpc import protocol as pb
 from lookaside_grpc._generated import lookaside_pb2 as pb2
-from lookaside_server import RunningServer, ServerConfig, StaticFileSource, Target, run_in_thread
+from lookaside_server import (
+    HttpConfig,
+    ListenConfig,
+    RunningServer,
+    ServerConfig,
+    StaticFileConfig,
+    StaticFileSource,
+    Target,
+    run_in_thread,
+)
 from lookaside_server._api.status import from_proto, to_dict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -64,7 +73,10 @@ def start(static_file: pathlib.Path) -> Iterator[Callable[..., RunningServer]]:
 
     def run(**kwargs: object) -> RunningServer:
         config = ServerConfig(
-            host="127.0.0.1", port=0, static_file=static_file, poll_interval=0.02, http_port=0, **kwargs
+            listen=ListenConfig(host="127.0.0.1", port=0),
+            source=kwargs.pop("source", StaticFileConfig(static_file, poll_interval=0.02)),
+            http=HttpConfig(port=0),
+            **kwargs,
         )  # type: ignore[arg-type]
         s = run_in_thread(config)
         running.append(s)

@@ -35,9 +35,17 @@ from lookaside_dev.certs import (
 from lookaside_dev.server_helpers import endpoints
 from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
-from lookaside_server import LookasideServer, ServerConfig, run_in_thread
-from lookaside_server._web.logging import JsonFormatter, make_handler
+from lookaside_server import (
+    AccessConfig,
+    ListenConfig,
+    LookasideServer,
+    SecurityConfig,
+    ServerConfig,
+    StaticFileConfig,
+    run_in_thread,
+)
 from lookaside_server._security.tls import TlsConfig, TlsError, fingerprint, tls_config_from
+from lookaside_server._web.logging import JsonFormatter, make_handler
 from lookaside_server.cli import run as cli_run
 
 T = "default/greet"
@@ -70,11 +78,16 @@ def creds(ca: CA, pair: KeyPair | None = None) -> grpc.ChannelCredentials:
 
 
 @asynccontextmanager
-async def tls_server(tmp_path: Path, tls: TlsConfig, **config: Any) -> AsyncIterator[LookasideServer]:
+async def tls_server(tmp_path: Path, tls: TlsConfig, access: AccessConfig | None = None,
+                     **config: Any) -> AsyncIterator[LookasideServer]:
     path = tmp_path / "endpoints.json"
     write_static(path, config.pop("data", {T: endpoints(2)}))
-    server = LookasideServer(ServerConfig(host="127.0.0.1", port=0, static_file=str(path), poll_interval=0.05,
-                                          grace=0.5, tls=tls, **config))
+    server = LookasideServer(ServerConfig(
+        listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+        source=StaticFileConfig(str(path), poll_interval=0.05),
+        security=SecurityConfig(tls=tls, access=access or AccessConfig()),
+        **config,
+    ))
     await server.start()
     try:
         yield server
@@ -137,7 +150,8 @@ async def test_mtls_identity_rule(tmp_path: Path) -> None:
     bad = client_pair(pki.ca, BAD_SPIFFE)
     dns_client = client_pair(pki.ca, "", dns=("ops.tools.svc",))
     async with tls_server(tmp_path, pki.config(mutual=True),
-                          allow_client_identities=("spiffe://cluster.local/ns/default/sa/*", "*.tools.svc")
+                          access=AccessConfig(client_identities=("spiffe://cluster.local/ns/default/sa/*",
+                                                                  "*.tools.svc"))
                           ) as server:
         assert (await resolve(server.port, creds(pki.ca, pki.client))).port in (50051, 50052)
         assert (await resolve(server.port, creds(pki.ca, dns_client))).port in (50051, 50052)
@@ -181,7 +195,10 @@ def test_identity_rule_needs_mutual_tls(tmp_path: Path) -> None:
     path = tmp_path / "e.json"
     write_static(path, {T: endpoints(1)})
     with pytest.raises(ValueError, match="mutual TLS"):
-        LookasideServer(ServerConfig(static_file=path, tls=pki.config(), allow_client_identities=("x",)))
+        LookasideServer(ServerConfig(
+            source=StaticFileConfig(path),
+            security=SecurityConfig(tls=pki.config(), access=AccessConfig(client_identities=("x",))),
+        ))
     with pytest.raises(ValueError, match="--tls-key"):
         tls_config_from("cert.pem", None, None)
     with pytest.raises(ValueError, match="needs --tls-cert"):
@@ -255,7 +272,7 @@ async def test_key_material_never_logged(tmp_path: Path) -> None:
     root.setLevel(logging.DEBUG)
     try:
         async with tls_server(tmp_path, pki.config(mutual=True),
-                              allow_client_identities=(GOOD_SPIFFE,)) as server:
+                              access=AccessConfig(client_identities=(GOOD_SPIFFE,))) as server:
             await resolve(server.port, creds(pki.ca, pki.client))
             pki.secret.write({"tls.crt": pki.server.cert, "tls.key": b"-----BEGIN PRIVATE KEY-----\nbroken",
                               "ca.crt": pki.ca.cert})
@@ -301,7 +318,10 @@ def test_backend_tls_verifies_the_service_dns_name(tmp_path: Path) -> None:
     backend, port = tls_greet_backend(ca.issue("greet", dns=("greet.default.svc",), client=False))
     path = tmp_path / "e.json"
     write_static(path, {T: [{"ip": "127.0.0.1", "port": port}]})
-    lookaside = run_in_thread(ServerConfig(host="127.0.0.1", port=0, static_file=path, poll_interval=0.05))
+    lookaside = run_in_thread(ServerConfig(
+        listen=ListenConfig(host="127.0.0.1", port=0),
+        source=StaticFileConfig(path, poll_interval=0.05),
+    ))
     try:
         request = greet_pb2.Greeting(first_name="Ada", last_name="L")
         with lookaside_grpc.channel("greet", lookaside=lookaside.address,
@@ -324,7 +344,10 @@ async def test_aio_backend_tls_with_custom_server_name(tmp_path: Path) -> None:
     backend, port = tls_greet_backend(ca.issue("greet", dns=("greet.internal.example",), client=False))
     path = tmp_path / "e.json"
     write_static(path, {T: [{"ip": "127.0.0.1", "port": port}]})
-    server = LookasideServer(ServerConfig(host="127.0.0.1", port=0, static_file=str(path)))
+    server = LookasideServer(ServerConfig(
+        listen=ListenConfig(host="127.0.0.1", port=0),
+        source=StaticFileConfig(str(path)),
+    ))
     await server.start()
     try:
         async with lookaside_grpc.aio.channel("greet", lookaside=f"127.0.0.1:{server.port}",
@@ -364,8 +387,11 @@ def test_cli_over_mutual_tls(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     for name, data in pems:
         files[name] = tmp_path / name
         files[name].write_bytes(data)
-    running = run_in_thread(ServerConfig(host="127.0.0.1", port=0, static_file=path, poll_interval=0.05,
-                                         tls=pki.config(mutual=True)))
+    running = run_in_thread(ServerConfig(
+        listen=ListenConfig(host="127.0.0.1", port=0),
+        source=StaticFileConfig(path, poll_interval=0.05),
+        security=SecurityConfig(tls=pki.config(mutual=True)),
+    ))
     try:
         out = io.StringIO()
         args = ["--server", f"localhost:{running.port}", "--tls-ca", str(files["ca.pem"]),

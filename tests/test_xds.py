@@ -22,7 +22,18 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
 from lookaside_dev.static_files import write_addresses
-from lookaside_server import BackendEndpoint, RunningServer, ServerConfig, Target, run_in_thread
+from lookaside_server import (
+    AccessConfig,
+    BackendEndpoint,
+    ListenConfig,
+    RunningServer,
+    SecurityConfig,
+    ServerConfig,
+    StaticFileConfig,
+    Target,
+    XdsConfig,
+    run_in_thread,
+)
 from lookaside_server._xds.resources import (
     CLUSTER,
     ENDPOINTS,
@@ -205,8 +216,11 @@ def server(static_file: pathlib.Path) -> Iterator[Callable[..., RunningServer]]:
     running: list[RunningServer] = []
 
     def start(**config: object) -> RunningServer:
-        srv = run_in_thread(ServerConfig(host="127.0.0.1", port=0, static_file=static_file,
-                                         poll_interval=0.02, grace=5.0, **config))  # type: ignore[arg-type]
+        srv = run_in_thread(ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0, grace=5.0),
+            source=StaticFileConfig(static_file, poll_interval=0.02),
+            **config,
+        ))  # type: ignore[arg-type]
         running.append(srv)
         return srv
 
@@ -315,7 +329,7 @@ async def test_state_of_the_world_lists_every_existing_subscribed_name(
 async def test_unknown_target_is_served_once_it_appears(server: Callable[..., RunningServer],
                                                         ads: Callable[..., RawAds],
                                                         static_file: pathlib.Path) -> None:
-    srv = server(xds_options=XdsOptions(retry_interval=0.05))
+    srv = server(xds=XdsConfig(options=XdsOptions(retry_interval=0.05)))
     client = ads(srv.address)
     lds = await client.subscribe(LISTENER, ["late.default"])
     assert not lds.resources
@@ -326,7 +340,7 @@ async def test_unknown_target_is_served_once_it_appears(server: Callable[..., Ru
 
 async def test_rds_mode_serves_route_configurations(server: Callable[..., RunningServer],
                                                     ads: Callable[..., RawAds]) -> None:
-    srv = server(xds_options=XdsOptions(rds=True))
+    srv = server(xds=XdsConfig(options=XdsOptions(rds=True)))
     client = ads(srv.address)
     lds = await client.subscribe(LISTENER, [NAME])
     hcm = unpack_hcm(names_of(lds, listener_pb2.Listener)[NAME])  # type: ignore[arg-type]
@@ -358,14 +372,14 @@ async def test_gone_target_keeps_listener_and_empties_endpoints(server: Callable
 async def test_namespace_allow_list_applies(server: Callable[..., RunningServer], ads: Callable[..., RawAds],
                                             static_file: pathlib.Path) -> None:
     write_addresses(static_file, {"default/greet": [A], "other/echo": [B]})
-    srv = server(allow_namespaces=frozenset({"other"}))
+    srv = server(security=SecurityConfig(access=AccessConfig(namespaces=frozenset({"other"}))))
     client = ads(srv.address)
     lds = await client.subscribe(LISTENER, [NAME, "echo.other"])
     assert list(names_of(lds, listener_pb2.Listener)) == ["echo.other"]
 
 
 async def test_xds_can_be_turned_off(server: Callable[..., RunningServer]) -> None:
-    srv = server(xds=False)
+    srv = server(xds=XdsConfig(enabled=False))
     async with grpc.aio.insecure_channel(srv.address) as channel:
         method = channel.unary_unary(
             "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources")
@@ -406,7 +420,7 @@ def test_bootstrap_example_is_valid() -> None:
 
 async def test_source_errors_do_not_end_the_stream(server: Callable[..., RunningServer],
                                                    ads: Callable[..., RawAds]) -> None:
-    srv = server(xds_options=XdsOptions(retry_interval=0.05))
+    srv = server(xds=XdsConfig(options=XdsOptions(retry_interval=0.05)))
     source = srv.server.source
     real = source.subscribe
     failures = []

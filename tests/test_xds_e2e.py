@@ -19,7 +19,14 @@ import pytest
 
 from lookaside_dev.backends import Backend
 from lookaside_dev.static_files import write_addresses
-from lookaside_server import RunningServer, ServerConfig, run_in_thread
+from lookaside_server import (
+    ListenConfig,
+    RunningServer,
+    ServerConfig,
+    StaticFileConfig,
+    XdsConfig,
+    run_in_thread,
+)
 from lookaside_server._xds.resources import XdsOptions
 
 TARGET = "default/greet"
@@ -85,8 +92,11 @@ def lookaside(static_file: pathlib.Path) -> Iterator[Callable[..., RunningServer
     running: list[RunningServer] = []
 
     def start(port: int = 0, options: XdsOptions | None = None) -> RunningServer:
-        server = run_in_thread(ServerConfig(host="127.0.0.1", port=port, static_file=static_file,
-                                            poll_interval=0.02, grace=1.0, xds_options=options))
+        server = run_in_thread(ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=port, grace=1.0),
+            source=StaticFileConfig(static_file, poll_interval=0.02),
+            xds=XdsConfig(options=options),
+        ))
         running.append(server)
         return server
 

@@ -17,7 +17,16 @@ from test_xds import RawAds, names_of
 
 from lookaside_dev.static_files import write_addresses
 from lookaside_grpc import protocol as pb
-from lookaside_server import BackendEndpoint, RunningServer, ServerConfig, Target, run_in_thread
+from lookaside_server import (
+    BackendEndpoint,
+    ListenConfig,
+    RunningServer,
+    ServerConfig,
+    StaticFileConfig,
+    Target,
+    XdsConfig,
+    run_in_thread,
+)
 from lookaside_server._api import load as _load
 from lookaside_server._xds.resources import ENDPOINTS, XdsOptions, endpoint_weights, load_assignment
 
@@ -83,8 +92,11 @@ def running(tmp_path: pathlib.Path) -> Iterator[Callable[..., RunningServer]]:
     servers: list[RunningServer] = []
 
     def start(**config: object) -> RunningServer:
-        srv = run_in_thread(ServerConfig(host="127.0.0.1", port=0, static_file=path, poll_interval=0.02,
-                                         grace=0.1, **config))  # type: ignore[arg-type]
+        srv = run_in_thread(ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0, grace=0.1),
+            source=StaticFileConfig(path, poll_interval=0.02),
+            **config,
+        ))  # type: ignore[arg-type]
         servers.append(srv)
         return srv
 
@@ -189,7 +201,7 @@ async def test_reported_load_reaches_the_locality_weights(
     assert locality_weights(update)[A] == _load.WEIGHT_SCALE
 
     # an endpoint change keeps the weights of the endpoints that stay (and the newcomer gets their mean)
-    path = srv.server.config.static_file
+    path = srv.server.config.source.path  # type: ignore[union-attr]
     write_addresses(pathlib.Path(path), {"default/greet": [A, C, "10.0.0.4:8080"]})  # type: ignore[arg-type]
     update = await eds_stream.until(lambda w: B not in w)
     w = locality_weights(update)
@@ -224,7 +236,7 @@ async def test_weight_pushes_are_rate_limited(
 async def test_load_weights_can_be_turned_off_and_streams_stop_listening(
     running: Callable[..., RunningServer], clients: Callable[[str], tuple[RawAds, pb.LookasideStub]],
 ) -> None:
-    srv = running(xds_options=XdsOptions(load_weights=False))
+    srv = running(xds=XdsConfig(options=XdsOptions(load_weights=False)))
     ads, stub = clients(srv.address)
     eds_stream, eds = await subscribe(ads)
     assert locality_weights(eds) == {A: 1, B: 1, C: 1}

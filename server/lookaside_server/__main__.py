@@ -10,9 +10,20 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from lookaside_server._app import DEFAULT_HOST, DEFAULT_PORT, LookasideServer, ServerConfig
+from lookaside_server._app import LookasideServer
 from lookaside_server._cli.security_flags import add_security_arguments, security_config
 from lookaside_server._cli.source_flags import add_source_arguments, choose_source
+from lookaside_server._config import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    AccessConfig,
+    HttpConfig,
+    ListenConfig,
+    SecurityConfig,
+    ServerConfig,
+    StaticFileConfig,
+    XdsConfig,
+)
 from lookaside_server._security.tls import TlsError
 from lookaside_server._sources.static import StaticFileError
 from lookaside_server._web.logging import configure as configure_logging
@@ -97,11 +108,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as e:  # noqa: BLE001 - no usable Kubernetes configuration (ConfigException, OSError)
         parser.error("no endpoint source configured: pass --static-file (LB_STATIC_FILE), or run in a pod "
                      f"or pass --kubeconfig for the Kubernetes source (Kubernetes configuration: {e})")
-    config = ServerConfig(host=args.host, port=args.port, static_file=args.static_file,
-                          source=chosen.source, allow_namespaces=chosen.allow_namespaces,
-                          http_port=_http_port(args.http_port), http_optional=args.http_port is None,
-                          http_host=args.http_host,
-                          poll_interval=args.poll_interval, grace=args.grace, xds=args.xds, **security)
+    source = chosen.source or StaticFileConfig(args.static_file, poll_interval=args.poll_interval,
+                                               max_targets=args.max_targets)
+    access = AccessConfig(namespaces=chosen.allow_namespaces, services=security["allow_services"],
+                          client_identities=security["allow_client_identities"])
+    config = ServerConfig(listen=ListenConfig(host=args.host, port=args.port, grace=args.grace),
+                          source=source, security=SecurityConfig(tls=security["tls"], access=access),
+                          limits=security["limits"],
+                          http=HttpConfig(port=_http_port(args.http_port), host=args.http_host,
+                                          optional=args.http_port is None),
+                          xds=XdsConfig(enabled=args.xds))
     try:
         asyncio.run(serve(config))
     except (StaticFileError, OSError, TlsError) as e:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,67 +12,17 @@ from grpc_reflection.v1alpha import reflection
 from lookaside_grpc import protocol as pb
 from lookaside_server._api.load import LoadBoard
 from lookaside_server._api.status import StatusServicer
+from lookaside_server._config import ServerConfig
 from lookaside_server._core.registry import Registry, TargetStatus
 from lookaside_server._security.access import AccessPolicy
 from lookaside_server._security.guard import ServerGuard
-from lookaside_server._security.limits import Limits, StreamSlots
-from lookaside_server._security.tls import CertificateStore, TlsConfig, server_credentials
-from lookaside_server._sources.base import EndpointSource
-from lookaside_server._sources.static import StaticFileSource
+from lookaside_server._security.limits import StreamSlots
+from lookaside_server._security.tls import CertificateStore, server_credentials
 from lookaside_server._web.http import HttpServer
 from lookaside_server._web.metrics import ServerMetrics
 from lookaside_server._web.status_page import add_routes
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PORT = 50055
-DEFAULT_HOST = "[::]"
-
-
-@dataclass
-class ServerConfig:
-    """What to listen on and where endpoints come from (``source`` wins over ``static_file``)."""
-
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    #: Port of the HTTP status page (/, /status.json, /healthz); 0 = any free port, None = no HTTP listener.
-    http_port: int | None = None
-    #: Address the HTTP listener binds; None = the same as ``host``.
-    http_host: str | None = None
-    #: If the HTTP port cannot be bound, log a warning and serve gRPC anyway (used for the default port).
-    http_optional: bool = False
-    static_file: str | os.PathLike[str] | None = None
-    poll_interval: float = 1.0
-    #: Seconds in-flight calls get to finish on stop.
-    grace: float = 5.0
-    #: A ready-made source (e.g. Kubernetes EndpointSlices); overrides ``static_file``.
-    source: EndpointSource | None = field(default=None, compare=False)
-    #: Namespaces clients may resolve (others get PERMISSION_DENIED); None = no restriction.
-    allow_namespaces: frozenset[str] | None = None
-    #: Also serve xDS (ADS, state of the world, v3) on the same port for stock gRPC ``xds:///`` clients.
-    xds: bool = True
-    #: Shape of the xDS resources (``lookaside_server._xds_resources.XdsOptions``); None = the defaults.
-    xds_options: object | None = field(default=None, compare=False)
-    #: TLS for the gRPC port (``_tls.TlsConfig``; with a client CA: mutual TLS); None = plaintext.
-    tls: TlsConfig | None = None
-    #: Per-namespace service rules (namespace -> services, ``*`` = all of it; see ``_access.AccessPolicy``).
-    allow_services: Mapping[str, frozenset[str]] | None = field(default=None, compare=False)
-    #: Client certificate identity globs (needs mutual TLS); None = any client.
-    allow_client_identities: tuple[str, ...] | None = None
-    #: Message size, stream and keepalive limits of the gRPC port.
-    limits: Limits = field(default_factory=Limits)
-    #: Most targets the static file source subscribes at once (None: no limit; Kubernetes has its own).
-    max_targets: int | None = None
-
-    def make_source(self) -> EndpointSource:
-        """The configured endpoint source; raise ValueError if none is configured."""
-        if self.source is not None:
-            return self.source
-        if self.static_file:
-            return StaticFileSource(self.static_file, poll_interval=self.poll_interval,
-                                    max_targets=self.max_targets)
-        raise ValueError("no endpoint source configured (set a static file)")
-
 
 def _host_port(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
@@ -91,15 +38,13 @@ class LookasideServer:
         self.source = config.make_source()
         self.registry = Registry(self.source)
         self.health = health.aio.HealthServicer()
-        if config.allow_client_identities is not None and (config.tls is None or not config.tls.mutual):
-            raise ValueError("--allow-client-identity needs mutual TLS (--tls-cert, --tls-key and "
-                             "--tls-client-ca)")
         #: Counters and gauges of this server (``/metrics``), in a registry of its own.
         self.slots = StreamSlots(config.limits.max_watches, config.limits.max_watches_per_peer)
         self.metrics = ServerMetrics(self.slots)
         #: The one access policy every RPC goes through.
-        self.access = AccessPolicy(config.allow_namespaces, config.allow_services,
-                                   config.allow_client_identities, on_deny=self.metrics.deny)
+        access = config.security.access
+        self.access = AccessPolicy(access.namespaces, access.services, access.client_identities,
+                                   on_deny=self.metrics.deny)
         #: The TLS material in use (None: plaintext; valid after start).
         self.tls: CertificateStore | None = None
         self._server: grpc.aio.Server | None = None
@@ -114,7 +59,7 @@ class LookasideServer:
     @property
     def address(self) -> str:
         """``host:port`` actually bound (valid after start)."""
-        return _host_port(self.config.host, self.port)
+        return _host_port(self.config.listen.host, self.port)
 
     async def start(self) -> int:
         """Start the source, bind and start serving; return the bound port."""
@@ -125,7 +70,7 @@ class LookasideServer:
             server = grpc.aio.server(interceptors=[ServerGuard(self.access, self.slots, self.metrics)],
                                      options=limits.server_options(),
                                      maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
-            servicer = StatusServicer(self.registry, allow_namespaces=self.config.allow_namespaces,
+            servicer = StatusServicer(self.registry, allow_namespaces=self.config.security.access.namespaces,
                                       access=self.access)
             pb.add_LookasideServicer_to_server(servicer, server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -133,16 +78,16 @@ class LookasideServer:
             reflection.enable_server_reflection(
                 (pb.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME, *xds_services), server)
-            address = _host_port(self.config.host, self.config.port)
-            if self.config.tls is not None:
-                credentials, self.tls = server_credentials(self.config.tls)
+            address = _host_port(self.config.listen.host, self.config.listen.port)
+            if self.config.security.tls is not None:
+                credentials, self.tls = server_credentials(self.config.security.tls)
                 bound = server.add_secure_port(address, credentials)
             else:
                 bound = server.add_insecure_port(address)
             self.metrics.attach(self.registry, asyncio.get_running_loop(), self.tls)
             if bound == 0:
-                raise OSError(f"cannot bind {_host_port(self.config.host, self.config.port)}")
-            if self.config.http_port is not None:
+                raise OSError(f"cannot bind {_host_port(self.config.listen.host, self.config.listen.port)}")
+            if self.config.http.port is not None:
                 self._start_http()
             await server.start()
         except BaseException:
@@ -156,35 +101,36 @@ class LookasideServer:
         self.port = bound
         for service in ("", pb.SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("listening on %s (%s)", self.address, "plaintext" if self.config.tls is None else
-                 "mutual TLS" if self.config.tls.mutual else "TLS")
+        tls = self.config.security.tls
+        log.info("listening on %s (%s)", self.address,
+                 "plaintext" if tls is None else "mutual TLS" if tls.mutual else "TLS")
         return bound
 
     def _add_xds(self, server: grpc.aio.Server, load: LoadBoard | None = None) -> tuple[str, ...]:
         """Serve ADS on ``server`` if enabled (locality weights from ``load``, the client load reports);
         return the service names to list in reflection."""
-        if not self.config.xds:
+        if not self.config.xds.enabled:
             return ()
         try:
             from lookaside_server._xds.stream import SERVICE_NAME, add_xds_to_server
         except ImportError as e:
             log.warning("xDS is off: %s (install the xds-protos package)", e)
             return ()
-        self.xds = add_xds_to_server(self.registry, server, self.config.xds_options,  # type: ignore[arg-type]
-                                     getattr(self.config, "allow_namespaces", None), access=self.access,
+        self.xds = add_xds_to_server(self.registry, server, self.config.xds.options,
+                                     self.config.security.access.namespaces, access=self.access,
                                      load=load)
         return (SERVICE_NAME,)
 
     def _start_http(self) -> None:
-        assert self.config.http_port is not None
-        http = HttpServer(self.config.http_host or self.config.host, self.config.http_port)
+        assert self.config.http.port is not None
+        http = HttpServer(self.config.http.host or self.config.listen.host, self.config.http.port)
         add_routes(http, self.registry, asyncio.get_running_loop(), lambda: self.address)
         self.metrics.add_route(http)
         try:
             self.http_port = http.start()
         except OSError as e:
-            where = _host_port(http.host.strip("[]"), self.config.http_port)
-            if not self.config.http_optional:
+            where = _host_port(http.host.strip("[]"), self.config.http.port)
+            if not self.config.http.optional:
                 raise OSError(f"cannot bind the HTTP status listener {where}: {e}") from e
             log.warning("no status page: cannot bind %s (%s); set --http-port/LB_HTTP_PORT", where, e)
             return
@@ -192,7 +138,7 @@ class LookasideServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, end Watch streams, give in-flight calls ``grace`` seconds, stop the source."""
-        grace = self.config.grace if grace is None else grace
+        grace = self.config.listen.grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
         if self._http is not None:
             await asyncio.to_thread(self._http.stop)

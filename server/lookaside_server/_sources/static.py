@@ -13,13 +13,16 @@ import ipaddress
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from lookaside_server._core.model import BackendEndpoint, Endpoints, Target
 from lookaside_server._core.names import namespace_problem, port_name_problem, service_problem
 from lookaside_server._sources.base import EndpointSource, Publish, TargetNotFound, TooManyTargets
+
+if TYPE_CHECKING:
+    from lookaside_server._config import StaticFileConfig
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +136,11 @@ class StaticFileSource(EndpointSource):
         self._task: asyncio.Task[None] | None = None
         self._missing_logged = False
         self._check_lock = asyncio.Lock()
+
+    @classmethod
+    def from_config(cls, config: StaticFileConfig) -> StaticFileSource:
+        """The source a :class:`~lookaside_server._config.StaticFileConfig` describes."""
+        return cls(config.path, poll_interval=config.poll_interval, max_targets=config.max_targets)
 
     async def start(self, publish: Publish) -> None:
         """Load the file (raising if it is missing or invalid) and start polling it."""
