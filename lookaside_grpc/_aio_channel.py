@@ -1,268 +1,247 @@
 """``Channel`` for grpc.aio: balances each call over pooled per-backend ``grpc.aio`` channels.
 
-When a pick is available synchronously (watch mode with a known set, or a batched pick on hand) the real
-grpc.aio call object is returned as is; otherwise a deferred call awaits the pick and then delegates.
+A call starts at once when a pick is available synchronously (watch mode with a known set, a batched pick
+on hand); otherwise it starts once its awaited pick arrives (``_calls._aio``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
-from collections.abc import AsyncIterator, Callable, Generator
-from typing import Any
+from collections.abc import AsyncIterable, Awaitable, Callable
+from typing import TypeVar, Unpack
 
 import grpc
 import grpc.aio
 
 from lookaside_grpc import _balancer
-from lookaside_grpc._balancer import (
-    DEFAULT_INIT_TIMEOUT,
-    DEFAULT_MAX_STALENESS,
-    AioBalancer,
-    Options,
-    make_target,
+from lookaside_grpc._balancer import AioBalancer, Lease
+from lookaside_grpc._calls import _aio
+from lookaside_grpc._calls._engine import (
+    AioMethods,
+    CallArgs,
+    Deserializer,
+    Metadata,
+    Method,
+    Serializer,
+    deadline_of,
+    pick_aio,
 )
-from lookaside_grpc._channel import ChannelCommon, _MultiCallable
+from lookaside_grpc._channel import CLOSED, DEFAULT_INIT_TIMEOUT, pick_wait
+from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._errors import PickError, aio_error
-from lookaside_grpc._health import AdaptiveThrottle
 from lookaside_grpc._policies import RoutingPolicy
-from lookaside_grpc._resolvers import WATCH, Mode
-from lookaside_grpc._retry import AioUnaryStreamCall, AioUnaryUnaryCall, remaining
+from lookaside_grpc._settings import ClientOptions, Mode, Settings, make_settings, make_target
+from lookaside_grpc._stats import Stats
+from lookaside_grpc._target import Target
 
-log = logging.getLogger(__name__)
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
-DoneCallback = Callable[[Any], None]
+
+class ChannelClosed(grpc.aio.UsageError, ValueError):  # type: ignore[misc]
+    """A call on a closed channel: grpc.aio's UsageError, and a ValueError as on a closed sync channel."""
 
 
-class _Deferred:
-    """A call waiting for its pick: every grpc.aio call method awaits the pick, then delegates."""
+class _Multi:
+    """What the four aio multicallables share: the channel, the method and the shape."""
 
-    def __init__(
-        self, multi: _AioMultiCallable, request: Any, timeout: float | None, args: tuple[Any, ...]
-    ) -> None:
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._call: Any = None
-        self._callbacks: list[DoneCallback] = []
-        self._task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(
-            self._start(multi, request, timeout, args)
-        )
-        self._task.add_done_callback(self._started)
+    __slots__ = ("_channel", "_m", "_shape")
 
-    @staticmethod
-    async def _start(
-        multi: _AioMultiCallable, request: Any, timeout: float | None, args: tuple[Any, ...]
-    ) -> Any:
-        start = time.monotonic()
-        try:
-            ep = await multi._resolver.pick(multi._policy, timeout)
-        except PickError as e:
-            raise aio_error(e) from None
-        if timeout is not None:
-            timeout = max(0.0, timeout - (time.monotonic() - start))
-        slot, mc = multi._entry(ep.address)
-        call = multi._track(slot, mc, request, timeout, *args)
-        wrap = multi._wrap
-        return call if wrap is None else wrap(multi, slot, call, request, args)
+    def __init__(self, channel: Channel, m: Method[grpc.aio.Channel, _aio.AioBackend], shape: str) -> None:
+        self._channel = channel
+        self._m = m
+        self._shape = shape
 
-    def _started(self, task: asyncio.Task[Any]) -> None:
-        if not task.cancelled() and task.exception() is None:
-            self._call = call = task.result()
-            for cb in self._callbacks:
-                call.add_done_callback(lambda _c, cb=cb: cb(self))
+    def _start(
+        self,
+        request: object,
+        timeout: float | None,
+        metadata: Metadata | grpc.aio.Metadata | None,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+    ) -> _aio.AioCall[object, object]:
+        ch = self._channel
+        if ch._closed:
+            raise ChannelClosed(CLOSED)
+        balancer = ch._balancer
+        deadline = deadline_of(timeout)
+        args = CallArgs(metadata, credentials, wait_for_ready, compression)  # type: ignore[arg-type]
+        ep = balancer.resolver.pick_nowait(balancer.policy)
+        at: Endpoint | Callable[[], Awaitable[Endpoint]]
+        if ep is not None:
+            at = ep
         else:
-            for cb in self._callbacks:
-                cb(self)
-        self._callbacks.clear()
+            wait, code = pick_wait(timeout, wait_for_ready, ch._init_timeout)
 
-    async def _real(self) -> Any:
-        return await self._task
+            async def at() -> Endpoint:
+                try:
+                    return await pick_aio(balancer, wait, bool(wait_for_ready), code)
+                except PickError as e:
+                    raise aio_error(e) from None
 
-    # RpcContext
-    def cancelled(self) -> bool:
-        return self._call.cancelled() if self._call is not None else self._task.cancelled()  # type: ignore[no-any-return]
-
-    def done(self) -> bool:
-        return self._call.done() if self._call is not None else self._task.done()  # type: ignore[no-any-return]
-
-    def time_remaining(self) -> float | None:
-        if self._call is not None:
-            return self._call.time_remaining()  # type: ignore[no-any-return]
-        return remaining(self._deadline)
-
-    def cancel(self) -> bool:
-        if self._call is not None:
-            return self._call.cancel()  # type: ignore[no-any-return]
-        return self._task.cancel()
-
-    def add_done_callback(self, callback: DoneCallback) -> None:
-        if self._call is not None:
-            self._call.add_done_callback(lambda _c: callback(self))
-        elif self._task.done():
-            callback(self)
-        else:
-            self._callbacks.append(callback)
-
-    # Call
-    async def _status(self, name: str) -> Any:
-        try:
-            call = await self._task
-        except grpc.aio.AioRpcError as e:
-            return getattr(e, name)()
-        return await getattr(call, name)()
-
-    async def initial_metadata(self) -> Any:
-        return await self._status("initial_metadata")
-
-    async def trailing_metadata(self) -> Any:
-        return await self._status("trailing_metadata")
-
-    async def code(self) -> grpc.StatusCode:
-        return await self._status("code")  # type: ignore[no-any-return]
-
-    async def details(self) -> str:
-        return await self._status("details")  # type: ignore[no-any-return]
-
-    async def wait_for_connection(self) -> None:
-        await (await self._task).wait_for_connection()
-
-    # unary response
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self._response().__await__()
-
-    async def _response(self) -> Any:
-        return await (await self._task)
-
-    # streaming response
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._responses()
-
-    async def _responses(self) -> AsyncIterator[Any]:
-        call = await self._task
-        async for response in call:
-            yield response
-
-    async def read(self) -> Any:
-        return await (await self._task).read()
-
-    # streaming request
-    async def write(self, request: Any) -> None:
-        await (await self._task).write(request)
-
-    async def done_writing(self) -> None:
-        await (await self._task).done_writing()
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} call={self._call!r} pending={not self._task.done()}>"
+        return _aio.start(self._shape, self._m, request, deadline, args, at)
 
 
-class _DeferredUnaryUnaryCall(_Deferred, grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
-    """Deferred unary-unary call."""
-
-
-class _DeferredUnaryStreamCall(_Deferred, grpc.aio.UnaryStreamCall):  # type: ignore[misc]
-    """Deferred unary-stream call."""
-
-
-class _DeferredStreamUnaryCall(_Deferred, grpc.aio.StreamUnaryCall):  # type: ignore[misc]
-    """Deferred stream-unary call."""
-
-
-class _DeferredStreamStreamCall(_Deferred, grpc.aio.StreamStreamCall):  # type: ignore[misc]
-    """Deferred stream-stream call."""
-
-
-class _AioMultiCallable(_MultiCallable):
-    """The four aio call shapes: real call on a synchronous pick, else a deferred call."""
-
-    __slots__ = ()
-    _deferred: type[_Deferred] = _Deferred
-    #: The call wrapper carrying the one retry (unary-unary, unary-stream), or None: the real call as is.
-    _wrap: Any = None
-
-    def _invoke(self, request: Any, timeout: float | None, args: tuple[Any, ...]) -> Any:
-        ep = self._resolver.pick_nowait(self._policy)
-        if ep is None:
-            return self._deferred(self, request, timeout, args)
-        # counted, started, wrapped for the retry where the shape has one (as _Deferred._start, inline here)
-        slot, mc = self._entry(ep.address)
-        call = self._track(slot, mc, request, timeout, *args)
-        wrap = self._wrap
-        return call if wrap is None else wrap(self, slot, call, request, args)
-
-
-class _UnaryRequest(_AioMultiCallable):
-    """``__call__`` of the unary-request shapes, as grpc.aio spells it (keyword-only options)."""
-
+class _UnaryUnary(_Multi, grpc.aio.UnaryUnaryMultiCallable[Req, Resp]):
     __slots__ = ()
 
     def __call__(
         self,
-        request: Any,
+        request: Req,
         *,
         timeout: float | None = None,
-        metadata: Any = None,
+        metadata: Metadata | grpc.aio.Metadata | None = None,
         credentials: grpc.CallCredentials | None = None,
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self._invoke(request, timeout, (metadata, credentials, wait_for_ready, compression))
+    ) -> grpc.aio.UnaryUnaryCall[Req, Resp]:
+        call = self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
+        assert isinstance(call, grpc.aio.UnaryUnaryCall)
+        return call
 
 
-class _StreamRequest(_AioMultiCallable):
-    """``__call__`` of the stream-request shapes, as grpc.aio spells it."""
-
+class _UnaryStream(_Multi, grpc.aio.UnaryStreamMultiCallable[Req, Resp]):
     __slots__ = ()
 
     def __call__(
         self,
-        request_iterator: Any = None,
+        request: Req,
+        *,
         timeout: float | None = None,
-        metadata: Any = None,
+        metadata: Metadata | grpc.aio.Metadata | None = None,
         credentials: grpc.CallCredentials | None = None,
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
-    ) -> Any:
-        return self._invoke(request_iterator, timeout, (metadata, credentials, wait_for_ready, compression))
+    ) -> grpc.aio.UnaryStreamCall[Req, Resp]:
+        call = self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
+        assert isinstance(call, grpc.aio.UnaryStreamCall)
+        return call
 
 
-class _UnaryUnary(_UnaryRequest, grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
+class _StreamUnary(_Multi, grpc.aio.StreamUnaryMultiCallable[Req, Resp]):
     __slots__ = ()
-    _deferred = _DeferredUnaryUnaryCall
-    _wrap = AioUnaryUnaryCall
+
+    def __call__(
+        self,
+        request_iterator: AsyncIterable[Req] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | grpc.aio.Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> grpc.aio.StreamUnaryCall[Req, Resp]:
+        call = self._start(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
+        assert isinstance(call, grpc.aio.StreamUnaryCall)
+        return call
 
 
-class _UnaryStream(_UnaryRequest, grpc.aio.UnaryStreamMultiCallable):  # type: ignore[misc]
+class _StreamStream(_Multi, grpc.aio.StreamStreamMultiCallable[Req, Resp]):
     __slots__ = ()
-    _deferred = _DeferredUnaryStreamCall
-    _wrap = AioUnaryStreamCall
+
+    def __call__(
+        self,
+        request_iterator: AsyncIterable[Req] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | grpc.aio.Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> grpc.aio.StreamStreamCall[Req, Resp]:
+        call = self._start(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
+        assert isinstance(call, grpc.aio.StreamStreamCall)
+        return call
 
 
-class _StreamUnary(_StreamRequest, grpc.aio.StreamUnaryMultiCallable):  # type: ignore[misc]
-    __slots__ = ()
-    _deferred = _DeferredStreamUnaryCall
+def _backend(m: object) -> Method[grpc.aio.Channel, _aio.AioBackend]:
+    return m  # type: ignore[return-value]
 
 
-class _StreamStream(_StreamRequest, grpc.aio.StreamStreamMultiCallable):  # type: ignore[misc]
-    __slots__ = ()
-    _deferred = _DeferredStreamStreamCall
-
-
-class Channel(ChannelCommon, grpc.aio.Channel):
+class Channel(grpc.aio.Channel):
     """A ``grpc.aio.Channel`` balancing every call over the pods of one Kubernetes Service.
 
     Build it with :func:`lookaside_grpc.aio.channel`; use it in the event loop that makes the calls.
+    ``get_state``/``channel_ready`` report READY only while the target has a ready endpoint.
     """
 
-    _shapes = {
-        "unary_unary": _UnaryUnary,
-        "unary_stream": _UnaryStream,
-        "stream_unary": _StreamUnary,
-        "stream_stream": _StreamStream,
-    }
+    def __init__(self, lease: Lease[AioBalancer], init_timeout: float = DEFAULT_INIT_TIMEOUT) -> None:
+        self._lease = lease
+        self._balancer = lease.balancer
+        self._init_timeout = init_timeout
+        self._closed = False
+        self._finalizer = _balancer.finalize_holder(self, lease)
 
-    def __init__(self, balancer: AioBalancer) -> None:
-        super().__init__(balancer)
+    @property
+    def target(self) -> Target:
+        """The Kubernetes Service port the calls are balanced over."""
+        return self._balancer.target
+
+    @property
+    def settings(self) -> Settings:
+        """The settings this channel's (shared) balancer was built from."""
+        return self._balancer.settings
+
+    @property
+    def mode(self) -> Mode:
+        """:class:`Watch` or :class:`PerCall`."""
+        return self._balancer.settings.mode
+
+    @property
+    def policy(self) -> RoutingPolicy:
+        """The routing policy picking backends."""
+        return self._balancer.policy
+
+    def stats(self) -> Stats:
+        """Counters of this channel's balancer (shared with channels/interceptors of equal settings)."""
+        return self._balancer.stats()
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Serializer[Req] | None = None,
+        response_deserializer: Deserializer[Resp] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.aio.UnaryUnaryMultiCallable[Req, Resp]:
+        m = AioMethods.unary_unary(
+            self._balancer, method, request_serializer, response_deserializer, bool(_registered_method)
+        )
+        return _UnaryUnary(self, _backend(m), "unary_unary")
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Serializer[Req] | None = None,
+        response_deserializer: Deserializer[Resp] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.aio.UnaryStreamMultiCallable[Req, Resp]:
+        m = AioMethods.unary_stream(
+            self._balancer, method, request_serializer, response_deserializer, bool(_registered_method)
+        )
+        return _UnaryStream(self, _backend(m), "unary_stream")
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Serializer[Req] | None = None,
+        response_deserializer: Deserializer[Resp] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.aio.StreamUnaryMultiCallable[Req, Resp]:
+        m = AioMethods.stream_unary(
+            self._balancer, method, request_serializer, response_deserializer, bool(_registered_method)
+        )
+        return _StreamUnary(self, _backend(m), "stream_unary")
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Serializer[Req] | None = None,
+        response_deserializer: Deserializer[Resp] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.aio.StreamStreamMultiCallable[Req, Resp]:
+        m = AioMethods.stream_stream(
+            self._balancer, method, request_serializer, response_deserializer, bool(_registered_method)
+        )
+        return _StreamStream(self, _backend(m), "stream_stream")
 
     async def __aenter__(self) -> Channel:
         return self
@@ -271,63 +250,63 @@ class Channel(ChannelCommon, grpc.aio.Channel):
         await self.close()
 
     async def close(self, grace: float | None = None) -> None:
-        """Release the balancer; the last user stops the watch task and closes every pooled channel (with
-        ``grace``) and the lookaside channel."""
-        if self._release():
+        """Give the balancer back; the last holder stops the watch task and closes every pooled channel
+        (with ``grace``) and the lookaside channel."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer.detach()
+        if self._lease.release():
             await self._balancer.aclose(grace)
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        """State of the lookaside channel (the per-backend channels come and go)."""
-        return self._balancer.lookaside_channel.get_state(try_to_connect)  # type: ignore[no-any-return]
+        """READY while the target has a ready endpoint (CONNECTING/TRANSIENT_FAILURE/IDLE otherwise)."""
+        if self._closed:
+            return grpc.ChannelConnectivity.SHUTDOWN
+        if try_to_connect:
+            self._balancer.resolver.connect()
+        return self._balancer.connectivity()
 
     async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        await self._balancer.lookaside_channel.wait_for_state_change(last_observed_state)
+        """Return once the state differs from ``last_observed_state``."""
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def on_state(state: grpc.ChannelConnectivity) -> None:
+            if state is not last_observed_state:
+                loop.call_soon_threadsafe(changed.set)
+
+        self._balancer.subscribe(on_state)
+        try:
+            await changed.wait()
+        finally:
+            self._balancer.unsubscribe(on_state)
 
     async def channel_ready(self) -> None:
-        """Wait until the lookaside channel is READY."""
-        await self._balancer.lookaside_channel.channel_ready()
+        """Wait until the target has a ready endpoint."""
+        state = self.get_state(try_to_connect=True)
+        while state is not grpc.ChannelConnectivity.READY:
+            await self.wait_for_state_change(state)
+            state = self.get_state(try_to_connect=True)
 
 
 def channel(
-    service: str,
+    target: Target | str,
     *,
-    namespace: str = "default",
-    lookaside: str = "127.0.0.1:50055",
-    mode: Mode = WATCH,
-    policy: str | RoutingPolicy = "round_robin",
-    port: str | int = "",
-    credentials: grpc.ChannelCredentials | None = None,
-    options: Options = (),
-    lookaside_credentials: grpc.ChannelCredentials | None = None,
-    batch: int = 1,
+    namespace: str | None = None,
+    port: str | int | None = None,
     init_timeout: float = DEFAULT_INIT_TIMEOUT,
-    max_staleness: float | None = DEFAULT_MAX_STALENESS,
-    pick_cache_ttl: float = 0.0,
-    throttle: bool | AdaptiveThrottle = True,
-    tls_server_name: str | None = None,
+    **options: Unpack[ClientOptions],
 ) -> Channel:
-    """The grpc.aio twin of :func:`lookaside_grpc.channel`: same arguments, same ``watch`` default.
+    """The grpc.aio twin of :func:`lookaside_grpc.channel`: same arguments, same behaviour.
 
-    Channels with identical settings made in the same running event loop share one balancer; outside a
-    running loop each channel gets its own. Unary-unary and unary-stream calls carry the transparent retry
-    (once, on another endpoint, when UNAVAILABLE arrives before any response message, within the call's
-    deadline; the failing address is ejected): they return a thin wrapper around the real grpc.aio call,
-    which does the retry while it is awaited / iterated. Stream-request calls are returned as is.
+    Channels with equal settings made in the same running event loop share one balancer; outside a
+    running loop each channel gets its own (started on first use in a loop).
     """
-    target = make_target(service, namespace, port, lookaside, mode, batch)
+    settings = make_settings(make_target(target, namespace, port), options)
     try:
-        loop: object = asyncio.get_running_loop()
+        asyncio.get_running_loop()
+        share = True
     except RuntimeError:
-        loop = None
-    settings = _balancer.settings(
-        credentials=credentials,
-        options=options,
-        lookaside_credentials=lookaside_credentials,
-        init_timeout=init_timeout,
-        max_staleness=max_staleness,
-        pick_cache_ttl=pick_cache_ttl,
-        throttle=throttle,
-        tls_server_name=tls_server_name,
-    )
-    share = loop is not None  # no sharing outside a running loop
-    return Channel(_balancer.shared("aio", AioBalancer, target, mode, policy, settings, loop, share=share))
+        share = False
+    return Channel(_balancer.lease_aio(settings, share), init_timeout)

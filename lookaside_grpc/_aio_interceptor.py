@@ -2,146 +2,201 @@
 
 grpc.aio sorts a channel's interceptors by shape (one object lands in one shape's list only), so the four
 shapes are four objects sharing one core: pass ``LookasideInterceptor(...).interceptors`` (or
-``lookaside_grpc.aio.interceptors(...)``) as ``interceptors=``. The ``LookasideInterceptor`` object itself is
-the unary-unary one, so ``interceptors=[LookasideInterceptor(...)]`` balances unary-unary calls only.
+``lookaside_grpc.aio.interceptors(...)``) as ``interceptors=``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Unpack
 
 import grpc
 import grpc.aio
 
 from lookaside_grpc._balancer import AioBalancer
+from lookaside_grpc._calls import _aio
+from lookaside_grpc._calls._engine import AioMethods, CallArgs, Method, deadline_of, pick_aio
 from lookaside_grpc._errors import PickError
-from lookaside_grpc._health import retryable
-from lookaside_grpc._interceptor import _multi
-from lookaside_grpc._pool import Slot
-from lookaside_grpc._routing import InterceptorCommon, RouterCore, Target
+from lookaside_grpc._routing import DEFAULT_ROUTE_WAIT, Route, RouterCore, lease_aio, serialize
+from lookaside_grpc._settings import ClientOptions
+from lookaside_grpc._stats import Stats
+from lookaside_grpc._target import Target
+
+_FACTORIES: dict[str, Callable[..., Method[grpc.aio.Channel, object]]] = {
+    "unary_unary": AioMethods.unary_unary,
+    "unary_stream": AioMethods.unary_stream,
+    "stream_unary": AioMethods.stream_unary,
+    "stream_stream": AioMethods.stream_stream,
+}
 
 
 def _loop_key() -> object:
     return asyncio.get_running_loop()
 
 
-async def _start(
-    core: RouterCore, details: Any, kind: str
-) -> tuple[Any, Slot[Any], Any, float | None] | None:
-    """Pick and count the call; (the method's multicallable, slot, backend multicallable, timeout), or None
-    to use the original channel."""
+def _method(route: Route[AioBalancer], shape: str) -> _aio.AioMethod:
+    m = route.methods.get(shape)
+    if m is None:
+        m = route.methods[shape] = _FACTORIES[shape](
+            route.balancer, route.method, serialize, route.response_class.FromString, False
+        )
+    return m  # type: ignore[return-value]
+
+
+async def _intercept(
+    core: RouterCore[AioBalancer],
+    shape: str,
+    continuation: Callable[[grpc.aio.ClientCallDetails, object], Awaitable[object]],
+    details: grpc.aio.ClientCallDetails,
+    request: object,
+) -> object:
+    """Balance the call, or hand it to the original channel (``continuation``)."""
+    deadline = deadline_of(details.timeout)
     route = core.route(details.method)
-    if route is None:
-        return None
-    timeout = details.timeout
-    ep = route.resolver.pick_nowait(route.policy)
-    if ep is None:
-        start = time.monotonic()
+    if route is not None:
+        balancer = route.balancer
         try:
-            ep = await route.resolver.pick(route.policy, core.wait_for(timeout))
+            ep = await pick_aio(balancer, core.wait_for(details.timeout), False, grpc.StatusCode.UNAVAILABLE)
         except PickError as e:
-            route.balancer.counters.fallback(e.reason)
-            return None
-        if timeout is not None:
-            timeout = max(0.0, timeout - (time.monotonic() - start))
-    multi = _multi(route, kind)
-    slot, mc = multi._entry(ep.address)
-    return multi, slot, mc, timeout
-
-
-def _call(multi: Any, slot: Slot[Any], mc: Any, request: Any, timeout: float | None, details: Any) -> Any:
-    # grpc.aio does not show compression to interceptors: the channel's default applies
-    return multi._track(
-        slot, mc, request, timeout, details.metadata, details.credentials, details.wait_for_ready, None
-    )
+            balancer.counters.fallback(e.reason)
+        else:
+            # grpc.aio does not show compression to interceptors: the channel's default applies
+            args = CallArgs(details.metadata, details.credentials, details.wait_for_ready, None)  # type: ignore[arg-type]
+            return _aio.start(shape, _method(route, shape), request, deadline, args, ep)
+    return await continuation(details, request)
 
 
 class _Shape:
-    def __init__(self, core: RouterCore) -> None:
+    def __init__(self, core: RouterCore[AioBalancer]) -> None:
         self._core = core
 
 
 class _UnaryUnary(_Shape, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        started = await _start(self._core, client_call_details, "unary_unary")
-        if started is None:
-            return await continuation(client_call_details, request)
-        multi, slot, mc, timeout = started
-        deadline = None if timeout is None else time.monotonic() + timeout
-        call = _call(multi, slot, mc, request, timeout, client_call_details)
-        try:
-            await call
-        except grpc.aio.AioRpcError as e:
-            if not retryable(e):
-                return call  # the error reaches the caller when it awaits the call
-            d = client_call_details
-            retry = multi._retry_call(
-                slot.address, deadline, request, (d.metadata, d.credentials, d.wait_for_ready, None)
-            )
-            return call if retry is None else retry[1]
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-        multi._succeeded(slot.address)
-        return call
-
-
-def _passthrough(kind: str) -> Callable[..., Any]:
-    """The ``intercept_*`` method of the shapes without a retry: the balanced call as is."""
-
-    async def intercept(self: _Shape, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        started = await _start(self._core, client_call_details, kind)
-        if started is None:
-            return await continuation(client_call_details, request)
-        multi, slot, mc, timeout = started
-        return _call(multi, slot, mc, request, timeout, client_call_details)
-
-    intercept.__name__ = intercept.__qualname__ = f"intercept_{kind}"
-    return intercept
+    async def intercept_unary_unary(  # type: ignore[override]
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, object], Awaitable[object]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: object,
+    ) -> object:
+        return await _intercept(self._core, "unary_unary", continuation, client_call_details, request)
 
 
 class _UnaryStream(_Shape, grpc.aio.UnaryStreamClientInterceptor):
-    intercept_unary_stream = _passthrough("unary_stream")
+    async def intercept_unary_stream(  # type: ignore[override]
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, object], Awaitable[object]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: object,
+    ) -> object:
+        return await _intercept(self._core, "unary_stream", continuation, client_call_details, request)
 
 
 class _StreamUnary(_Shape, grpc.aio.StreamUnaryClientInterceptor):
-    intercept_stream_unary = _passthrough("stream_unary")
+    async def intercept_stream_unary(  # type: ignore[override]
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, object], Awaitable[object]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request_iterator: object,
+    ) -> object:
+        return await _intercept(self._core, "stream_unary", continuation, client_call_details, request_iterator)
 
 
 class _StreamStream(_Shape, grpc.aio.StreamStreamClientInterceptor):
-    intercept_stream_stream = _passthrough("stream_stream")
+    async def intercept_stream_stream(  # type: ignore[override]
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, object], Awaitable[object]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request_iterator: object,
+    ) -> object:
+        return await _intercept(self._core, "stream_stream", continuation, client_call_details, request_iterator)
 
 
-class LookasideInterceptor(InterceptorCommon, _UnaryUnary):
-    """grpc.aio lookaside interceptor; same arguments and behaviour as the sync
+class LookasideInterceptor(_UnaryUnary):
+    """grpc.aio lookaside interceptor: same arguments and behaviour as the sync
     :class:`lookaside_grpc.LookasideInterceptor` (grpc.aio does not show compression to interceptors, so the
     channel's default compression applies to balanced calls).
 
     ``grpc.aio.insecure_channel(addr, interceptors=LookasideInterceptor(...).interceptors)`` balances all
-    four call shapes. Balancers are made per running event loop; ``await close()`` releases them.
+    four call shapes. Balancers are made per running event loop; ``await close()`` (or ``async with``)
+    gives them back.
     """
 
-    _kind = "aio"
-    _balancer_factory = AioBalancer
-    _loop_key = staticmethod(_loop_key)
+    def __init__(
+        self,
+        routes: Mapping[str, Target | str] | None = None,
+        *,
+        route_wait: float = DEFAULT_ROUTE_WAIT,
+        strict: bool = False,
+        **options: Unpack[ClientOptions],
+    ) -> None:
+        super().__init__(
+            RouterCore(
+                routes or {},
+                options,
+                route_wait=route_wait,
+                strict=strict,
+                lease=lease_aio,
+                loop_key=_loop_key,
+            )
+        )
 
     @functools.cached_property
-    def interceptors(self) -> list[Any]:
+    def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
         """One interceptor per call shape, for ``grpc.aio.*_channel(interceptors=...)``."""
         core = self._core
         return [self, _UnaryStream(core), _StreamUnary(core), _StreamStream(core)]
 
+    @property
+    def routes(self) -> dict[str, Target]:
+        """gRPC service name -> target."""
+        return dict(self._core.routes)
+
+    def stats(self) -> Stats:
+        """Counters: the interceptor's own fallbacks plus those of the balancers it uses."""
+        return self._core.stats()
+
     async def close(self, grace: float | None = None) -> None:
-        """Release the balancers; the last user of each closes it."""
-        await asyncio.gather(*(b.aclose(grace) for b in self._core.release_all()), return_exceptions=True)
+        """Give the balancers back; the last holder of each closes it."""
+        await asyncio.gather(
+            *(lease.balancer.aclose(grace) for lease in self._core.release_all()), return_exceptions=True
+        )
+
+    async def __aenter__(self) -> LookasideInterceptor:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 def interceptors(
-    lookaside: str = "127.0.0.1:50055", routes: Mapping[str, Target | str] | None = None, **kwargs: Any
-) -> list[Any]:
-    """The four grpc.aio interceptors (one per call shape) of one :class:`LookasideInterceptor`."""
-    return LookasideInterceptor(lookaside, routes, **kwargs).interceptors
+    routes: Mapping[str, Target | str] | None = None,
+    *,
+    route_wait: float = DEFAULT_ROUTE_WAIT,
+    strict: bool = False,
+    **options: Unpack[ClientOptions],
+) -> list[grpc.aio.ClientInterceptor]:
+    """The four grpc.aio interceptors (one per call shape) of one :class:`LookasideInterceptor` (to close
+    them, keep the interceptor: ``LookasideInterceptor(...).interceptors``)."""
+    return LookasideInterceptor(routes, route_wait=route_wait, strict=strict, **options).interceptors
+
+
+def intercepted_channel(
+    address: str,
+    routes: Mapping[str, Target | str],
+    *,
+    route_wait: float = DEFAULT_ROUTE_WAIT,
+    strict: bool = False,
+    **options: Unpack[ClientOptions],
+) -> tuple[grpc.aio.Channel, LookasideInterceptor]:
+    """A grpc.aio channel to ``address`` (the fallback path) with the interceptors, both built from the same
+    ``credentials`` and ``options``; close both (``await interceptor.close()`` after the channel)."""
+    interceptor = LookasideInterceptor(routes, route_wait=route_wait, strict=strict, **options)
+    creds = options.get("credentials")
+    opts = list(options.get("options", ()))
+    if creds is None:
+        ch = grpc.aio.insecure_channel(address, opts, interceptors=interceptor.interceptors)
+    else:
+        ch = grpc.aio.secure_channel(address, creds, opts, interceptors=interceptor.interceptors)
+    return ch, interceptor

@@ -1,6 +1,7 @@
-"""The per-target core: resolver + policy + channel pool + ejection + counters, shared by channels and
-interceptors (one implementation): a balancer is created per (target, lookaside, mode, policy, port,
-credentials, options...) and reused through ``acquire``/``release`` with reference counting."""
+"""The per-target core: resolver + policy + channel pool + ejection + counters + connectivity, shared by
+channels and interceptors. One balancer exists per :class:`Settings` (and flavour, and event loop for aio);
+holders take a :class:`Lease` and the last lease given back (``close()``, or the holder being garbage
+collected) stops its threads/tasks and closes its channels."""
 
 from __future__ import annotations
 
@@ -8,39 +9,34 @@ import asyncio
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
 
 import grpc
 import grpc.aio
 
 from lookaside_grpc import protocol
 from lookaside_grpc._endpoints import Endpoint
-from lookaside_grpc._health import AdaptiveThrottle, Ejector
+from lookaside_grpc._health import Ejector
 from lookaside_grpc._policies import RoutingPolicy, resolve_policy
 from lookaside_grpc._pool import ChannelPool
 from lookaside_grpc._resolvers import (
-    MODES,
-    WATCH,
+    AioLookasideCalls,
     AioPerCallResolver,
     AioResolver,
     AioWatchResolver,
-    Mode,
+    Connectivity,
+    LookasideCalls,
     PerCallResolver,
+    Query,
     SyncResolver,
-    Target,
     WatchResolver,
 )
+from lookaside_grpc._settings import OptionValue, PerCall, Settings, Watch
 from lookaside_grpc._stats import Counters, Stats, track, untrack
 
 log = logging.getLogger(__name__)
-
-#: How long a call without its own timeout waits for the first endpoint set (or a Resolve).
-DEFAULT_INIT_TIMEOUT = 10.0
-#: How long the last endpoint set (or the last picks) keeps serving after the lookaside stopped confirming it.
-#: Five minutes rides out a lookaside restart or upgrade comfortably, while bounding the risk of sending calls
-#: to pod IPs Kubernetes has since reused for other pods. None = forever.
-DEFAULT_MAX_STALENESS: float | None = 300.0
 
 #: How often a balancer reports its load (ReportLoad) when its policy is server-assisted; the lookaside's
 #: answer may ask for another interval.
@@ -48,210 +44,64 @@ LOAD_REPORT_INTERVAL = 1.0
 #: Most endpoints one load report lists (the lookaside ignores more).
 MAX_REPORT_ENDPOINTS = 1000
 
-#: The lookaside channel reconnects quickly after a lookaside restart (grpc's default backoff grows to 120 s).
-LOOKASIDE_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
-
-Options = Sequence[tuple[str, Any]]
+C = TypeVar("C", grpc.Channel, grpc.aio.Channel)
+StateCallback = Callable[[Connectivity], None]
 
 
-def make_target(
-    service: str, namespace: str, port: str | int, lookaside: str, mode: str, batch: int
-) -> Target:
-    """Validate the factory arguments shared by the sync and aio channels."""
-    if not service:
-        raise ValueError("service name must not be empty")
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    if batch < 1:
-        raise ValueError("batch must be >= 1")
-    return Target(service, namespace, str(port), lookaside, batch)
+def _options(opts: Iterable[tuple[str, OptionValue]]) -> list[tuple[str, OptionValue]]:
+    return list(opts)
 
 
-def _policy_key(policy: str | RoutingPolicy) -> object:
-    return policy if isinstance(policy, str) else ("instance", id(policy))
-
-
-_registry: dict[object, list[Any]] = {}  # key -> [balancer, refcount]
-_registry_lock = threading.Lock()
-
-
-def balancer_key(
-    kind: str, target: Target, mode: str, policy: str | RoutingPolicy, **settings: Any
-) -> object:
-    """The sharing key of a balancer; unhashable settings make it unique (no sharing)."""
-    key = (kind, target, mode, _policy_key(policy), *sorted((k, _hashable(v)) for k, v in settings.items()))
-    try:
-        hash(key)
-    except TypeError:
-        return object()
-    return key
-
-
-def _hashable(value: Any) -> Any:
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    if isinstance(value, list | tuple):
-        return tuple(_hashable(v) for v in value)
-    return ("id", id(value))  # credentials, throttles, loops...: shared only when the same object
-
-
-def acquire(key: object, factory: Callable[[], Any]) -> Any:
-    """The live balancer for ``key`` (made by ``factory`` on first use), with one more reference."""
-    with _registry_lock:
-        entry = _registry.get(key)
-        if entry is None:
-            entry = _registry[key] = [factory(), 0]
-            entry[0]._key = key
-        entry[1] += 1
-        return entry[0]
-
-
-def release(balancer: Any) -> bool:
-    """Drop one reference; True when it was the last one (the caller then closes the balancer)."""
-    key = getattr(balancer, "_key", None)
-    with _registry_lock:
-        entry = _registry.get(key)
-        if entry is None or entry[0] is not balancer:
-            return True
-        entry[1] -= 1
-        if entry[1] > 0:
-            return False
-        del _registry[key]
-        return True
-
-
-def settings(
-    *,
-    credentials: grpc.ChannelCredentials | None,
-    options: Options,
-    lookaside_credentials: grpc.ChannelCredentials | None,
-    init_timeout: float,
-    max_staleness: float | None,
-    pick_cache_ttl: float,
-    throttle: bool | AdaptiveThrottle,
-    tls_server_name: str | None = None,
-) -> dict[str, Any]:
-    """The balancer settings of a channel or interceptor (the sharing key is built from them)."""
-    out: dict[str, Any] = dict(
-        credentials=credentials,
-        options=tuple(options),
-        lookaside_credentials=lookaside_credentials,
-        init_timeout=init_timeout,
-        max_staleness=max_staleness,
-        pick_cache_ttl=pick_cache_ttl,
-        throttle=throttle,
-    )
-    if tls_server_name is not None:  # only when given: keeps the key shared with interceptors' balancers
-        out["tls_server_name"] = tls_server_name
-    return out
-
-
-def shared(
-    kind: str,
-    factory: Callable[..., Any],
-    target: Target,
-    mode: Mode,
-    policy: str | RoutingPolicy,
-    settings: dict[str, Any],
-    loop: object = None,
-    share: bool = True,
-) -> Any:
-    """The balancer for these settings, shared by every channel and interceptor asking for the same ones
-    (aio ones per event loop ``loop``; none when not ``share``), with one more reference (give it back
-    with :func:`release`)."""
-    extra = {"loop": loop} if loop is not None else {}
-    key = balancer_key(kind, target, mode, policy, **extra, **settings) if share else object()
-    return acquire(key, lambda: factory(target, mode=mode, policy=policy, **settings))
-
-
-#: The channel arguments naming the TLS server (and the :authority) of backends dialled by IP.
-TLS_NAME_OPTIONS = ("grpc.ssl_target_name_override", "grpc.default_authority")
-
-
-def backend_options(
-    target: Target, credentials: grpc.ChannelCredentials | None, options: Options, tls_server_name: str | None
-) -> tuple[tuple[str, Any], ...]:
-    """The options of the per-backend channels. Backends are dialled by pod IP, so with channel credentials
-    the TLS server name to verify (and the :authority) is ``tls_server_name``, by default the Service DNS
-    name ``<service>.<namespace>.svc``; options the user set themselves win; ``tls_server_name=""`` adds
-    nothing (the certificate must then name the pod IP)."""
-    opts = tuple(options)
-    if credentials is None or tls_server_name == "":
-        return opts
-    name = tls_server_name or f"{target.service}.{target.namespace}.svc"
-    given = {key for key, _ in opts}
-    return opts + tuple((key, name) for key in TLS_NAME_OPTIONS if key not in given)
-
-
-def _open_channel(
-    grpc_module: Any, address: str, credentials: grpc.ChannelCredentials | None, options: Options
-) -> Any:
-    """A ``grpc`` or ``grpc.aio`` (``grpc_module``) channel to ``address``, secure when given credentials."""
+def open_sync(address: str, credentials: grpc.ChannelCredentials | None, options: Iterable[tuple[str, OptionValue]]) -> grpc.Channel:
+    """A sync channel through ``grpc.insecure_channel``/``secure_channel`` (so instrumentation that wraps
+    them, as OpenTelemetry's, sees the backend calls too)."""
     if credentials is None:
-        return grpc_module.insecure_channel(address, options=list(options))
-    return grpc_module.secure_channel(address, credentials, options=list(options))
+        return grpc.insecure_channel(address, options=_options(options))
+    return grpc.secure_channel(address, credentials, options=_options(options))
 
 
-class _BalancerBase:
-    """What the sync and aio balancers share: construction (pool, lookaside channel, resolver, ejector), the
-    pool's retirement rule, load reports, ejection and stats. Subclasses name their ``grpc`` module, their
-    resolver classes and how a retired backend channel is closed."""
+def open_aio(
+    address: str, credentials: grpc.ChannelCredentials | None, options: Iterable[tuple[str, OptionValue]]
+) -> grpc.aio.Channel:
+    """A grpc.aio channel to ``address``, secure when given credentials."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=_options(options))
+    return grpc.aio.secure_channel(address, credentials, options=_options(options))
 
-    #: ``grpc`` or ``grpc.aio``: the module the pooled and lookaside channels come from.
-    _grpc: Any
-    _watch_resolver: Callable[..., Any]
-    _per_call_resolver: Callable[..., Any]
 
-    def __init__(
-        self,
-        target: Target,
-        *,
-        mode: Mode = WATCH,
-        policy: str | RoutingPolicy = "round_robin",
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Options = (),
-        lookaside_credentials: grpc.ChannelCredentials | None = None,
-        init_timeout: float = DEFAULT_INIT_TIMEOUT,
-        max_staleness: float | None = DEFAULT_MAX_STALENESS,
-        pick_cache_ttl: float = 0.0,
-        throttle: bool | AdaptiveThrottle = True,
-        tls_server_name: str | None = None,
-    ) -> None:
-        self.target = target
-        self.mode = mode
-        self.policy = resolve_policy(policy)
+class BalancerBase(Generic[C]):
+    """What the sync and aio balancers share: pool, ejection, load reports, connectivity and stats."""
+
+    resolver: SyncResolver | AioResolver
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        mode = settings.mode
+        self.query = Query(settings.target, settings.lookaside, mode.batch if isinstance(mode, PerCall) else 1)
+        self.target = settings.target
+        self.policy: RoutingPolicy = resolve_policy(settings.policy)
         self.counters = Counters()
-        self._key: object = None
+        self.closed = False
         #: Latency feedback for the policy, or None when it needs none: then calls are not timed at all.
         self.observe: Callable[[str, float], None] | None = None
-        #: Whether this balancer reports its load to the lookaside (server-assisted policies, and the load
-        #: routers of per_call mode).
-        self.reports_load = False
+        self.reports_load = self.policy.reports_load or (
+            isinstance(mode, PerCall) and self.policy.router_type in protocol.LOAD_ROUTERS
+        )
+        if self.policy.needs_latency or self.reports_load:
+            self.observe = self.policy.observe
         self.report_interval = LOAD_REPORT_INTERVAL
         self.client_id = secrets.token_hex(8)
         self._reported_picks: dict[str, int] = {}
         #: Load reports sent / failed (for tests and debugging).
         self.reports_sent = 0
         self.reports_failed = 0
-        mod = self._grpc
-        opts = backend_options(target, credentials, options, tls_server_name)
-        self.pool: ChannelPool[Any] = ChannelPool(
-            lambda address: _open_channel(mod, address, credentials, opts), self._close_retired
-        )
-        self.lookaside_channel = _open_channel(
-            mod, target.lookaside, lookaside_credentials, LOOKASIDE_CHANNEL_OPTIONS
-        )
-        self._stub = stub = protocol.LookasideStub(self.lookaside_channel)
-        kw: dict[str, Any] = {"max_staleness": max_staleness, "counters": self.counters}
-        if mode == WATCH:
-            self.resolver = self._watch_resolver(target, stub, self._on_change, init_timeout, **kw)
-        else:
-            kw.update(pick_cache_ttl=pick_cache_ttl, throttle=throttle)
-            self.resolver = self._per_call_resolver(target, stub, init_timeout, **kw)
-        self._setup_load()
+        self._subscribers: list[StateCallback] = []
+        self._state_lock = threading.Lock()
+        self._last_state: Connectivity | None = None
+
+    def _finish_init(self, pool: ChannelPool[C]) -> None:
+        self.pool = pool
+        self.policy.bind(pool)
         self.ejector = Ejector(
             self.resolver.population, self.resolver.set_ejected, self.counters, on_eject=self._on_eject
         )
@@ -259,18 +109,45 @@ class _BalancerBase:
         self.probation = self.ejector.probation
         track(self)
 
-    def _close_retired(self, channel: Any) -> None:
-        raise NotImplementedError
+    def _resolver_kwargs(self) -> dict[str, object]:
+        s = self.settings
+        return {"max_staleness": s.max_staleness, "counters": self.counters, "on_state": self._on_state}
 
-    def _setup_load(self) -> None:
-        """Wire the policy to the pool (in-flight counts) and decide on call timing and load reports."""
-        policy = self.policy
-        policy.bind(self.pool)
-        self.reports_load = policy.reports_load or (
-            self.mode != WATCH and policy.router_type in protocol.LOAD_ROUTERS
-        )
-        if policy.needs_latency or self.reports_load:
-            self.observe = policy.observe
+    # -- connectivity --------------------------------------------------------------------------------------
+
+    def connectivity(self) -> Connectivity:
+        """READY when the target has a ready endpoint (see the resolvers); SHUTDOWN once closed."""
+        if self.closed:
+            return Connectivity.SHUTDOWN
+        return self.resolver.connectivity()
+
+    def subscribe(self, callback: StateCallback) -> None:
+        """Call ``callback`` with the current state now and with every change after."""
+        with self._state_lock:
+            self._subscribers.append(callback)
+        callback(self.connectivity())
+
+    def unsubscribe(self, callback: StateCallback) -> None:
+        with self._state_lock:
+            try:
+                self._subscribers.remove(callback)
+            except ValueError:
+                pass
+
+    def _on_state(self) -> None:
+        state = self.connectivity()
+        with self._state_lock:
+            if state is self._last_state:
+                return
+            self._last_state = state
+            subscribers = list(self._subscribers)
+        for cb in subscribers:
+            try:
+                cb(state)
+            except Exception:
+                log.exception("connectivity callback failed")
+
+    # -- feedback from calls --------------------------------------------------------------------------------
 
     def load_report(self) -> protocol.LoadReport:
         """This client's load per endpoint of the current set: calls in flight (the pool's counts), the
@@ -330,6 +207,10 @@ class _BalancerBase:
         """A call to ``address`` failed with UNAVAILABLE before any response: eject it for a cool-down."""
         self.ejector.eject(address)
 
+    def succeeded(self, address: str) -> None:
+        """A call to ``address`` got a response: a restored address leaves probation."""
+        self.ejector.succeeded(address)
+
     def repick(self, failed: str) -> Endpoint | None:
         """Another endpoint than ``failed`` for the one retry, from the known set; None if there is none."""
         cands = tuple(e for e in self.resolver.candidates() if e.address != failed)
@@ -346,9 +227,11 @@ class _BalancerBase:
     def _stats_items(self) -> Iterable[tuple[str, Stats]]:
         return [(str(self.target), self.stats())]
 
-    def _closed(self) -> None:
+    def _mark_closed(self) -> None:
+        self.closed = True
         self.ejector.close()
         untrack(self)
+        self._on_state()
 
     def _on_change(self, current: set[str]) -> None:
         # Addresses not in the new set are retired: their channels close after their in-flight calls.
@@ -357,24 +240,50 @@ class _BalancerBase:
         if gone:
             log.info("%s: retiring channels to %s", self.target, sorted(gone))
             self.pool.retire(gone)
+            self.ejector.forget(gone)
 
 
-class Balancer(_BalancerBase):
+class Balancer(BalancerBase[grpc.Channel]):
     """Sync core for one target: blocking channels, a watch thread, a load report thread."""
 
-    _grpc = grpc
-    _watch_resolver = WatchResolver
-    _per_call_resolver = PerCallResolver
     resolver: SyncResolver
 
-    def __init__(self, target: Target, **kwargs: Any) -> None:
-        """Arguments as :class:`_BalancerBase`."""
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
         self._report_stop = threading.Event()
         self._reporter: threading.Thread | None = None
-        super().__init__(target, **kwargs)
+        self.lookaside_channel = open_sync(
+            settings.lookaside, settings.lookaside_credentials, settings.lookaside_options()
+        )
+        self.calls = LookasideCalls(self.lookaside_channel)
+        backend_opts = settings.backend_options()
+        creds = settings.credentials
+        pool: ChannelPool[grpc.Channel] = ChannelPool(
+            lambda address: open_sync(address, creds, backend_opts), self._close_retired
+        )
+        mode = settings.mode
+        if isinstance(mode, Watch):
+            self.resolver = WatchResolver(
+                self.query,
+                self.calls,
+                self._on_change,
+                max_staleness=settings.max_staleness,
+                liveness_window=settings.liveness_window(),
+                counters=self.counters,
+                on_state=self._on_state,
+            )
+        else:
+            self.resolver = PerCallResolver(
+                self.query,
+                self.calls,
+                pick_cache_ttl=mode.pick_cache_ttl,
+                throttle=mode.throttle,
+                **self._resolver_kwargs(),
+            )
+        self._finish_init(pool)
         if self.reports_load:
             self._reporter = threading.Thread(
-                target=self._report_loop, name=f"lookaside-load-{target}", daemon=True
+                target=self._report_loop, name=f"lookaside-load-{self.target}", daemon=True
             )
             self._reporter.start()
 
@@ -384,44 +293,73 @@ class Balancer(_BalancerBase):
 
     def _report_loop(self) -> None:
         while not self._report_stop.wait(self.report_interval):
+            ack: protocol.LoadReportAck | None
             try:
-                ack = self._stub.ReportLoad(self.load_report(), timeout=max(0.5, self.report_interval))
+                ack = self.calls.report_load(self.load_report(), timeout=max(0.5, self.report_interval))
             except Exception as e:  # keep reporting whatever happens
                 self._report_failed(e)
                 ack = None
             self._report_done(ack)
 
     def close(self) -> None:
-        """Stop the resolver (joining its thread), then close the pooled and the lookaside channels."""
-        self._closed()
+        """Stop the resolver, close the lookaside channel (ending a Watch whatever object it is) and every
+        pooled channel, then join the threads."""
+        if self.closed:
+            return
+        self._mark_closed()
         self._report_stop.set()
-        if self._reporter is not None and self._reporter is not threading.current_thread():
-            self._reporter.join(timeout=5)
         self.resolver.close()
+        self.lookaside_channel.close()
         for ch in self.pool.close():
             ch.close()
-        self.lookaside_channel.close()
+        self.resolver.join()
+        if self._reporter is not None and self._reporter is not threading.current_thread():
+            self._reporter.join(timeout=5)
 
 
-class AioBalancer(_BalancerBase):
+class AioBalancer(BalancerBase[grpc.aio.Channel]):
     """Aio core for one target: grpc.aio channels, a watch task, a load report task."""
 
-    _grpc = grpc.aio
-    _watch_resolver = AioWatchResolver
-    _per_call_resolver = AioPerCallResolver
     resolver: AioResolver
 
-    def __init__(self, target: Target, **kwargs: Any) -> None:
-        """Arguments as :class:`_BalancerBase`."""
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
         self._closing: set[asyncio.Task[None]] = set()
         self._reporter: asyncio.Task[None] | None = None
-        self._report_closed = False
-        super().__init__(target, **kwargs)
+        self.lookaside_channel = open_aio(
+            settings.lookaside, settings.lookaside_credentials, settings.lookaside_options()
+        )
+        self.calls = AioLookasideCalls(self.lookaside_channel)
+        backend_opts = settings.backend_options()
+        creds = settings.credentials
+        pool: ChannelPool[grpc.aio.Channel] = ChannelPool(
+            lambda address: open_aio(address, creds, backend_opts), self._close_retired
+        )
+        mode = settings.mode
+        if isinstance(mode, Watch):
+            self.resolver = AioWatchResolver(
+                self.query,
+                self.calls,
+                self._on_change,
+                max_staleness=settings.max_staleness,
+                liveness_window=settings.liveness_window(),
+                counters=self.counters,
+                on_state=self._on_state,
+            )
+        else:
+            self.resolver = AioPerCallResolver(
+                self.query,
+                self.calls,
+                pick_cache_ttl=mode.pick_cache_ttl,
+                throttle=mode.throttle,
+                **self._resolver_kwargs(),
+            )
+        self._finish_init(pool)
         self._start_reporter()
 
     def _start_reporter(self) -> None:
         """Start the load report task in the running loop (once; later from the first endpoint set)."""
-        if not self.reports_load or self._reporter is not None or self._report_closed:
+        if not self.reports_load or self._reporter is not None or self.closed:
             return
         try:
             loop = asyncio.get_running_loop()
@@ -437,8 +375,9 @@ class AioBalancer(_BalancerBase):
     async def _report_loop(self) -> None:
         while True:
             await asyncio.sleep(self.report_interval)
+            ack: protocol.LoadReportAck | None
             try:
-                ack = await self._stub.ReportLoad(self.load_report(), timeout=max(0.5, self.report_interval))
+                ack = await self.calls.report_load(self.load_report(), timeout=max(0.5, self.report_interval))
             except Exception as e:  # keep reporting whatever happens (cancellation is no Exception)
                 self._report_failed(e)
                 ack = None
@@ -455,8 +394,9 @@ class AioBalancer(_BalancerBase):
 
     async def aclose(self, grace: float | None = None) -> None:
         """Stop the resolver task, then close every pooled channel and the lookaside channel."""
-        self._closed()
-        self._report_closed = True
+        if self.closed:
+            return
+        self._mark_closed()
         reporter, self._reporter = self._reporter, None
         if reporter is not None and not reporter.done():
             reporter.cancel()
@@ -468,3 +408,139 @@ class AioBalancer(_BalancerBase):
         channels = self.pool.close()
         await asyncio.gather(*(ch.close(grace) for ch in channels), *self._closing, return_exceptions=True)
         await self.lookaside_channel.close()
+
+
+# -- sharing ---------------------------------------------------------------------------------------------
+
+B = TypeVar("B", Balancer, AioBalancer)
+
+
+class _Entry:
+    __slots__ = ("balancer", "refs")
+
+    def __init__(self, balancer: Balancer | AioBalancer) -> None:
+        self.balancer = balancer
+        self.refs = 0
+
+
+_registry: dict[object, _Entry] = {}
+_registry_lock = threading.Lock()
+
+
+class Lease(Generic[B]):
+    """One holder's reference to a shared balancer; :meth:`release` gives it back (idempotent). A holder
+    that is garbage collected without closing gives it back through :func:`weakref.finalize`."""
+
+    __slots__ = ("balancer", "_key", "_released", "__weakref__")
+
+    def __init__(self, balancer: B, key: object) -> None:
+        self.balancer: B = balancer
+        self._key = key
+        self._released = False
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> bool:
+        """Give the reference back; True when this was the last one (the caller closes the balancer)."""
+        with _registry_lock:
+            if self._released:
+                return False
+            self._released = True
+            entry = _registry.get(self._key)
+            if entry is None or entry.balancer is not self.balancer:
+                return True
+            entry.refs -= 1
+            if entry.refs > 0:
+                return False
+            del _registry[self._key]
+            return True
+
+
+def _hashable_key(parts: tuple[object, ...]) -> object:
+    try:
+        hash(parts)
+    except TypeError:  # an unhashable option value: this balancer is not shared
+        return object()
+    return parts
+
+
+def lease_sync(settings: Settings) -> Lease[Balancer]:
+    """A lease on the sync balancer for ``settings`` (made on first use)."""
+    key = _hashable_key(("sync", settings))
+    with _registry_lock:
+        entry = _registry.get(key)
+        if entry is None or not isinstance(entry.balancer, Balancer):
+            entry = _registry[key] = _Entry(Balancer(settings))
+        entry.refs += 1
+        balancer = entry.balancer
+        assert isinstance(balancer, Balancer)
+        return Lease(balancer, key)
+
+
+def lease_aio(settings: Settings, share: bool) -> Lease[AioBalancer]:
+    """A lease on the aio balancer for ``settings`` in the running loop (none shared outside one)."""
+    if share:
+        key = _hashable_key(("aio", id(asyncio.get_running_loop()), settings))
+    else:
+        key = object()
+    with _registry_lock:
+        entry = _registry.get(key)
+        if entry is None or not isinstance(entry.balancer, AioBalancer):
+            entry = _registry[key] = _Entry(AioBalancer(settings))
+        entry.refs += 1
+        balancer = entry.balancer
+        assert isinstance(balancer, AioBalancer)
+        return Lease(balancer, key)
+
+
+def release_sync(lease: Lease[Balancer], *, background: bool = False) -> None:
+    """Give ``lease`` back; the last holder closes the balancer (in a thread when ``background``: from a
+    garbage-collection finalizer nothing may block)."""
+    if lease.release():
+        if background:
+            threading.Thread(target=lease.balancer.close, name="lookaside-close", daemon=True).start()
+        else:
+            lease.balancer.close()
+
+
+def release_aio_in_gc(lease: Lease[AioBalancer], loop: asyncio.AbstractEventLoop | None) -> None:
+    """Finalizer of an aio holder dropped without ``close()``: close the balancer in its loop if that
+    still runs (its tasks die with the loop otherwise)."""
+    if not lease.release():
+        return
+    balancer = lease.balancer
+    if loop is None or loop.is_closed():
+        balancer.closed = True
+        return
+
+    def close() -> None:
+        task = loop.create_task(balancer.aclose())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    try:
+        loop.call_soon_threadsafe(close)
+    except RuntimeError:  # the loop closed meanwhile
+        balancer.closed = True
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+def finalize_holder(holder: object, lease: Lease[Balancer] | Lease[AioBalancer]) -> weakref.finalize[..., None]:
+    """Release ``lease`` when ``holder`` is garbage collected without having closed it."""
+    if isinstance(lease.balancer, Balancer):
+        return weakref.finalize(holder, release_sync, lease, background=True)
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    return weakref.finalize(holder, release_aio_in_gc, lease, loop)
+
+
+def live_balancers() -> int:
+    """Balancers currently shared (for tests)."""
+    with _registry_lock:
+        return len(_registry)

@@ -11,7 +11,9 @@ from collections import deque
 from collections.abc import Callable
 
 import grpc
+import grpc.aio
 
+from lookaside_grpc import _timers
 from lookaside_grpc._stats import Counters
 
 log = logging.getLogger(__name__)
@@ -23,11 +25,13 @@ MAX_EJECTION = 30.0
 MAX_EJECTED_FRACTION = 0.5
 
 
-def retryable(err: BaseException) -> bool:
+def retryable(err: object) -> bool:
     """UNAVAILABLE before any response byte (no initial metadata): connection refused or reset."""
+    if not isinstance(err, grpc.Call | grpc.aio.AioRpcError):
+        return False
     try:
-        return err.code() is grpc.StatusCode.UNAVAILABLE and not err.initial_metadata()  # type: ignore[attr-defined]
-    except Exception:  # not a grpc.Call
+        return err.code() is grpc.StatusCode.UNAVAILABLE and not err.initial_metadata()
+    except Exception:  # a call object that cannot tell
         return False
 
 
@@ -36,7 +40,8 @@ class Ejector:
 
     ``ejected`` (a frozenset swapped atomically) is what pickers read; ``probation`` holds restored addresses
     whose backoff resets on their next success (pickers test ``if probation:`` - an empty dict - per call).
-    Cool-downs are restored by timers, so nothing is checked per call.
+    Cool-downs are restored by the process's one timer thread (``_timers``), so nothing is checked per call
+    and no thread is started per address.
     """
 
     def __init__(
@@ -57,7 +62,7 @@ class Ejector:
         self.ejected: frozenset[str] = frozenset()
         self.probation: dict[str, bool] = {}
         self._cooldown: dict[str, float] = {}
-        self._timers: dict[str, threading.Timer] = {}
+        self._timers: dict[str, _timers.Handle] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -80,9 +85,7 @@ class Ejector:
             self._cooldown[address] = min(cool * 2, self.maximum)
             self.probation.pop(address, None)
             self.ejected = ejected = self.ejected | {address}
-            timer = self._timers[address] = threading.Timer(cool, self._restore, (address,))
-            timer.daemon = True
-            timer.start()
+            self._timers[address] = _timers.call_later(cool, lambda: self._restore(address))
         log.warning("ejecting %s for %.1fs after UNAVAILABLE", address, cool)
         self._counters.ejection(address)
         self._on_change(ejected)
@@ -99,6 +102,13 @@ class Ejector:
             self.probation[address] = True
         log.info("%s back in rotation after its cool-down", address)
         self._on_change(ejected)
+
+    def forget(self, addresses: set[str]) -> None:
+        """These addresses left the endpoint set: drop their cool-down state (bounded under churn)."""
+        with self._lock:
+            for a in addresses:
+                self._cooldown.pop(a, None)
+                self.probation.pop(a, None)
 
     def succeeded(self, address: str) -> None:
         """A call to ``address`` succeeded: a restored address gets its backoff reset."""

@@ -1,84 +1,55 @@
 """``LookasideInterceptor``: lookaside balancing for a channel the application already has.
 
-``grpc.intercept_channel(grpc.insecure_channel("greet:50051"), LookasideInterceptor(...))``: calls of the
-routed gRPC services are sent over the shared per-backend channel pool (the same balancers as
-``lookaside_grpc.channel``); everything else, and any call that cannot be routed, goes through the original
-channel unchanged.
+``grpc.intercept_channel(channel, LookasideInterceptor(routes, ...))``: calls of the routed gRPC services go
+over the shared per-backend channel pool (the same balancers and call engine as ``lookaside_grpc.channel``);
+everything else, and any call that cannot be balanced, goes through the original channel unchanged.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import Any
+import asyncio
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar, Unpack
 
 import grpc
 
-from lookaside_grpc._balancer import Balancer
-from lookaside_grpc._channel import _MultiCallable, begin_call, begin_future
+from lookaside_grpc._balancer import Balancer, release_sync
+from lookaside_grpc._calls import _sync
+from lookaside_grpc._calls._engine import CallArgs, Method, SyncMethods, deadline_of, pick_sync
+from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._errors import PickError
-from lookaside_grpc._pool import Slot
-from lookaside_grpc._retry import UnaryStreamCall, UnaryUnaryFuture
-from lookaside_grpc._routing import InterceptorCommon, Route, RouterCore
+from lookaside_grpc._routing import DEFAULT_ROUTE_WAIT, Route, RouterCore, lease_sync, serialize
+from lookaside_grpc._settings import ClientOptions
+from lookaside_grpc._stats import Stats
+from lookaside_grpc._target import Target
+
+M = TypeVar("M")
+_FACTORIES: dict[str, Callable[..., Method[grpc.Channel, object]]] = {
+    "unary_unary": SyncMethods.unary_unary,
+    "unary_stream": SyncMethods.unary_stream,
+    "stream_unary": SyncMethods.stream_unary,
+    "stream_stream": SyncMethods.stream_stream,
+}
 
 
-def _serialize(message: Any) -> bytes:
-    return message.SerializeToString()  # type: ignore[no-any-return]
+def _no_loop() -> object:
+    return None
 
 
-def _multi(route: Route, kind: str) -> _MultiCallable:
-    m = route.multi.get(kind)
+def _method(route: Route[Balancer], shape: str) -> Method[grpc.Channel, object]:
+    m = route.methods.get(shape)
     if m is None:
-        m = route.multi[kind] = _MultiCallable(
-            route.balancer, kind, route.method, _serialize, route.response_class.FromString, False
+        m = route.methods[shape] = _FACTORIES[shape](
+            route.balancer, route.method, serialize, route.response_class.FromString, False
         )
-    return m
+    return m  # type: ignore[return-value]
 
 
-def _start(
-    core: RouterCore, route: Route, kind: str, timeout: float | None
-) -> tuple[_MultiCallable, Slot[Any], Any, float | None] | None:
-    """Pick and count the call on a backend: (the method's multicallable, slot, backend multicallable,
-    timeout left); None (fallback counted) if no endpoint can be had in time."""
-    ep = route.resolver.pick_nowait(route.policy)
-    if ep is None:
-        start = time.monotonic()
-        try:
-            ep = route.resolver.pick(route.policy, core.wait_for(timeout))
-        except PickError as e:
-            route.balancer.counters.fallback(e.reason)
-            return None
-        if timeout is not None:
-            timeout = max(0.0, timeout - (time.monotonic() - start))
-    multi = _multi(route, kind)
-    slot, mc = multi._entry(ep.address)
-    return multi, slot, mc, timeout
-
-
-def _intercept(kind: str, begin: Callable[..., Any]) -> Callable[..., Any]:
-    """The ``intercept_*`` method of shape ``kind``: route and pick, then ``begin(multi, slot, mc, request,
-    timeout, args)`` starts the balanced call; else the original channel (``continuation``)."""
-
-    def intercept(
-        self: LookasideInterceptor, continuation: Any, client_call_details: Any, request: Any
-    ) -> Any:
-        core = self._core
-        route = core.route(client_call_details.method)
-        if route is not None:
-            started = _start(core, route, kind, client_call_details.timeout)
-            if started is not None:
-                multi, slot, mc, timeout = started
-                d = client_call_details
-                args = (d.metadata, d.credentials, d.wait_for_ready, d.compression)
-                return begin(multi, slot, mc, request, timeout, args)
-        return continuation(client_call_details, request)
-
-    intercept.__name__ = intercept.__qualname__ = f"intercept_{kind}"
-    return intercept
+def _args(d: grpc.ClientCallDetails) -> CallArgs:
+    return CallArgs(d.metadata, d.credentials, d.wait_for_ready, getattr(d, "compression", None))
 
 
 class LookasideInterceptor(
-    InterceptorCommon,
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
     grpc.StreamUnaryClientInterceptor,
@@ -86,25 +57,45 @@ class LookasideInterceptor(
 ):
     """Balances the calls of the routed gRPC services of an existing channel via the lookaside.
 
-    ``routes`` maps fully-qualified gRPC service names (``"greet.GreetService"``) to a :class:`Target` or a
-    ``"service[.namespace][:port]"`` string. Per call the interceptor picks an endpoint (per ``mode``) and
-    sends the call over the shared per-backend channel pool (the same balancers as
-    :func:`lookaside_grpc.channel`, shared when the settings match). Request/response classes come from the
-    protobuf descriptor pool (the generated ``*_pb2`` module must be imported). A call goes through the
-    original channel unchanged when its method is unknown to the pool, its service has no route, or no
-    endpoint can be had within ``route_wait`` seconds (at most half the call's timeout), or the last set
-    is older than ``max_staleness`` seconds. Unary-request calls failing with UNAVAILABLE before any response
-    are retried once on another endpoint (the failing one is ejected for a cool-down). Other arguments as
-    :func:`lookaside_grpc.channel`.
+    ``routes`` maps fully qualified gRPC service names (``"greet.GreetService"``) to a :class:`Target` or
+    ``"service.namespace[:port]"``. Request/response classes come from the protobuf descriptor pool (a
+    service whose ``.proto`` holds only the service is found too); a route naming a service the pool does
+    not know logs a WARNING and is counted (``strict=True`` raises ValueError instead). A call uses the
+    original channel when its service has no route or is unknown, when no endpoint arrives within
+    ``route_wait`` seconds on a cold start (at most half the call's timeout), and at once while the
+    lookaside is failing with no usable set. Unary-request calls failing with UNAVAILABLE before any
+    response are retried once on another endpoint.
+
+    ``options``: :class:`ClientOptions`, as ``channel()``. Backends are dialled with ``credentials`` and
+    ``options``: pass the ones the wrapped channel was built with (grpc does not expose a channel's own),
+    or build both at once with :func:`lookaside_grpc.intercepted_channel`.
     """
 
-    _kind = "sync"
-    _balancer_factory = Balancer
+    def __init__(
+        self,
+        routes: Mapping[str, Target | str] | None = None,
+        *,
+        route_wait: float = DEFAULT_ROUTE_WAIT,
+        strict: bool = False,
+        **options: Unpack[ClientOptions],
+    ) -> None:
+        self._core: RouterCore[Balancer] = RouterCore(
+            routes or {}, options, route_wait=route_wait, strict=strict, lease=lease_sync, loop_key=_no_loop
+        )
+
+    @property
+    def routes(self) -> dict[str, Target]:
+        """gRPC service name -> target."""
+        return dict(self._core.routes)
+
+    def stats(self) -> Stats:
+        """Counters: the interceptor's own fallbacks plus those of the balancers it uses."""
+        return self._core.stats()
 
     def close(self) -> None:
-        """Release the balancers (the last user closes each: watch threads joined, pooled channels closed)."""
-        for b in self._core.release_all():
-            b.close()
+        """Give the balancers back (the last holder of each closes it); later calls raise ValueError."""
+        for lease in self._core.release_all():
+            release_sync(lease)
 
     def __enter__(self) -> LookasideInterceptor:
         return self
@@ -112,17 +103,130 @@ class LookasideInterceptor(
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    intercept_unary_unary = _intercept("unary_unary", UnaryUnaryFuture)
-    intercept_unary_stream = _intercept("unary_stream", UnaryStreamCall)
-    _intercept_stream_unary = _intercept("stream_unary", begin_future)
-    _intercept_stream_stream = _intercept("stream_stream", begin_call)
+    def _start(self, details: grpc.ClientCallDetails) -> tuple[Route[Balancer], Endpoint] | None:
+        core = self._core
+        route = core.route(details.method)
+        if route is None:
+            return None
+        balancer = route.balancer
+        try:
+            ep = pick_sync(balancer, core.wait_for(details.timeout), False, grpc.StatusCode.UNAVAILABLE)
+        except PickError as e:
+            balancer.counters.fallback(e.reason)
+            return None
+        return route, ep
 
-    def intercept_stream_unary(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return self._intercept_stream_unary(continuation, client_call_details, request_iterator)
+    def intercept_unary_unary(  # type: ignore[override]
+        self, continuation: Callable[..., object], client_call_details: grpc.ClientCallDetails, request: object
+    ) -> object:
+        deadline = deadline_of(client_call_details.timeout)
+        started = self._start(client_call_details)
+        if started is None:
+            return continuation(client_call_details, request)
+        route, ep = started
+        m = _method(route, "unary_unary")
+        return _sync.UnaryUnaryFuture(m, ep, request, deadline, _args(client_call_details))  # type: ignore[arg-type]
 
-    def intercept_stream_stream(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return self._intercept_stream_stream(continuation, client_call_details, request_iterator)
+    def intercept_unary_stream(  # type: ignore[override]
+        self, continuation: Callable[..., object], client_call_details: grpc.ClientCallDetails, request: object
+    ) -> object:
+        deadline = deadline_of(client_call_details.timeout)
+        started = self._start(client_call_details)
+        if started is None:
+            return continuation(client_call_details, request)
+        route, ep = started
+        m = _method(route, "unary_stream")
+        return _sync.unary_stream(m, ep, request, deadline, _args(client_call_details))  # type: ignore[arg-type]
+
+    def intercept_stream_unary(  # type: ignore[override]
+        self,
+        continuation: Callable[..., object],
+        client_call_details: grpc.ClientCallDetails,
+        request_iterator: Iterator[object],
+    ) -> object:
+        deadline = deadline_of(client_call_details.timeout)
+        started = self._start(client_call_details)
+        if started is None:
+            return continuation(client_call_details, request_iterator)
+        route, ep = started
+        m = _method(route, "stream_unary")
+        return _sync.stream_unary_future(m, ep, request_iterator, deadline, _args(client_call_details))  # type: ignore[arg-type]
+
+    def intercept_stream_stream(  # type: ignore[override]
+        self,
+        continuation: Callable[..., object],
+        client_call_details: grpc.ClientCallDetails,
+        request_iterator: Iterator[object],
+    ) -> object:
+        deadline = deadline_of(client_call_details.timeout)
+        started = self._start(client_call_details)
+        if started is None:
+            return continuation(client_call_details, request_iterator)
+        route, ep = started
+        m = _method(route, "stream_stream")
+        return _sync.stream_stream(m, ep, request_iterator, deadline, _args(client_call_details))  # type: ignore[arg-type]
+
+
+class InterceptedChannel(grpc.Channel):
+    """The original channel with a :class:`LookasideInterceptor`, both built from the same credentials and
+    options; ``close()`` closes both."""
+
+    def __init__(self, original: grpc.Channel, interceptor: LookasideInterceptor) -> None:
+        self.original = original
+        self.interceptor = interceptor
+        self._channel = grpc.intercept_channel(original, interceptor)
+
+    def unary_unary(self, *args: object, **kwargs: object) -> grpc.UnaryUnaryMultiCallable[object, object]:  # type: ignore[override]
+        return self._channel.unary_unary(*args, **kwargs)  # type: ignore[arg-type]
+
+    def unary_stream(self, *args: object, **kwargs: object) -> grpc.UnaryStreamMultiCallable[object, object]:  # type: ignore[override]
+        return self._channel.unary_stream(*args, **kwargs)  # type: ignore[arg-type]
+
+    def stream_unary(self, *args: object, **kwargs: object) -> grpc.StreamUnaryMultiCallable[object, object]:  # type: ignore[override]
+        return self._channel.stream_unary(*args, **kwargs)  # type: ignore[arg-type]
+
+    def stream_stream(self, *args: object, **kwargs: object) -> grpc.StreamStreamMultiCallable[object, object]:  # type: ignore[override]
+        return self._channel.stream_stream(*args, **kwargs)  # type: ignore[arg-type]
+
+    def subscribe(
+        self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False
+    ) -> None:
+        self.original.subscribe(callback, try_to_connect)
+
+    def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
+        self.original.unsubscribe(callback)
+
+    def close(self) -> None:
+        self.interceptor.close()
+        self._channel.close()
+
+    def __enter__(self) -> InterceptedChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def intercepted_channel(
+    address: str,
+    routes: Mapping[str, Target | str],
+    *,
+    route_wait: float = DEFAULT_ROUTE_WAIT,
+    strict: bool = False,
+    **options: Unpack[ClientOptions],
+) -> InterceptedChannel:
+    """A channel to ``address`` (the fallback path) whose routed calls are balanced: the original channel
+    and the backends are dialled with the same ``credentials`` and ``options`` (message size limits,
+    keepalive, ...)."""
+    creds = options.get("credentials")
+    opts = list(options.get("options", ()))
+    original = grpc.secure_channel(address, creds, opts) if creds is not None else grpc.insecure_channel(address, opts)
+    try:
+        interceptor = LookasideInterceptor(routes, route_wait=route_wait, strict=strict, **options)
+    except BaseException:
+        original.close()
+        raise
+    return InterceptedChannel(original, interceptor)
+
+
+__all__ = ["InterceptedChannel", "LookasideInterceptor", "asyncio", "intercepted_channel"]

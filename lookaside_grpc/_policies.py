@@ -67,13 +67,15 @@ class RoutingPolicy(abc.ABC):
 
 
 class RoundRobin(RoutingPolicy):
-    """Cycles through the set in order; lock-free (``next()`` on an itertools.count is atomic)."""
+    """Cycles through the set in order from a random start (so many fresh clients making one call each
+    spread like one long-lived client); lock-free (``next()`` on an itertools.count is atomic)."""
 
     router_type = protocol.ROUNDROBIN
     name = "round_robin"
 
-    def __init__(self) -> None:
-        self._next = itertools.count().__next__
+    def __init__(self, start: int | None = None) -> None:
+        first = random.randrange(1 << 30) if start is None else start
+        self._next = itertools.count(first).__next__
 
     def pick(self, endpoints: Sequence[Endpoint]) -> Endpoint:
         return endpoints[self._next() % len(endpoints)]

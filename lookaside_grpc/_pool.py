@@ -10,11 +10,14 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
 ChannelT = TypeVar("ChannelT")
+#: Most retired addresses whose picks are kept one by one (the rest are summed under RETIRED_OTHERS).
+MAX_RETIRED = 1024
+RETIRED_OTHERS = "(retired)"
 
 
 class Slot(Generic[ChannelT]):
@@ -103,6 +106,19 @@ class ChannelPool(Generic[ChannelT]):
         self._closed = False
         #: Picks of the slots retired so far, by address (live slots count their own).
         self.retired_picks: Counter[str] = Counter()
+        #: Bumped whenever slots are retired: per-method caches compare it to drop what they hold of them.
+        self.generation = 0
+
+    def _count_retired(self, slot: Slot[ChannelT]) -> None:
+        """Keep a retired slot's picks; beyond :data:`MAX_RETIRED` addresses they go to ``"(retired)"`` so
+        endpoint churn cannot grow the counters without bound."""
+        picks = slot.picks
+        if not picks:
+            return
+        key = slot.address
+        if key not in self.retired_picks and len(self.retired_picks) >= MAX_RETIRED:
+            key = RETIRED_OTHERS
+        self.retired_picks[key] += picks
 
     def picks(self) -> dict[str, int]:
         """Calls started per address, over the pool's lifetime."""
@@ -130,7 +146,9 @@ class ChannelPool(Generic[ChannelT]):
         with self._lock:
             slots = [s for a in addresses if (s := self._slots.pop(a, None)) is not None]
             for slot in slots:
-                self.retired_picks[slot.address] += slot.picks
+                self._count_retired(slot)
+            if slots:
+                self.generation += 1
         for slot in slots:
             slot.retire()
 
@@ -149,8 +167,9 @@ class ChannelPool(Generic[ChannelT]):
             slots = list(self._slots.values())
             self._slots.clear()
             for slot in slots:
-                self.retired_picks[slot.address] += slot.picks
-        channels: list[Any] = []
+                self._count_retired(slot)
+            self.generation += 1
+        channels: list[ChannelT] = []
         for slot in slots:
             with slot._lock:
                 if slot.closed:

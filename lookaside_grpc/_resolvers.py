@@ -1,9 +1,14 @@
-"""Resolution modes behind one interface: ``pick_nowait(policy)`` (hot path) and ``pick(policy, timeout)``.
+"""Resolution modes behind one interface: ``pick_nowait(policy)`` (hot path) and ``pick(policy, ...)``.
 
 ``per_call``: one lookaside ``Resolve`` per call as in the original design (``batch`` > 1 asks for that many
 picks at once and serves them in order). ``watch``: one background ``Watch`` stream per target keeps the local
-endpoint set; calls pick locally with the policy, with no extra round trip. Sync resolvers use a daemon thread
-and blocking stubs, aio resolvers a task and grpc.aio stubs; everything else here is shared.
+endpoint set; calls pick locally with the policy, with no extra round trip. The state handling is sans-I/O
+(``_WatchCore``, ``_PerCallCore``); sync resolvers add a daemon thread and blocking calls, aio resolvers a
+task and grpc.aio calls.
+
+Waiting follows grpc's channel semantics: while the first answer is on its way (CONNECTING) a pick waits;
+once the lookaside failed with no usable set, or the set holds no ready endpoint (TRANSIENT_FAILURE), a pick
+fails at once unless the call asked ``wait_for_ready``.
 """
 
 from __future__ import annotations
@@ -14,63 +19,106 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
 import grpc
 import grpc.aio
 
-from lookaside_grpc import protocol
+from lookaside_grpc import _timers, protocol
 from lookaside_grpc._endpoints import Endpoint, EndpointState
 from lookaside_grpc._errors import CALLER_ERRORS, PickError, from_lookaside_error
 from lookaside_grpc._health import AdaptiveThrottle
 from lookaside_grpc._policies import RoutingPolicy
 from lookaside_grpc._stats import LOCAL_ROTATION, STALE, THROTTLED, Counters
+from lookaside_grpc._target import Target
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["watch", "per_call"]
-WATCH: Mode = "watch"
-PER_CALL: Mode = "per_call"
-MODES: tuple[Mode, ...] = (WATCH, PER_CALL)
+Connectivity = grpc.ChannelConnectivity
+_SERVICE = f"/{protocol.SERVICE_NAME}"
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
-    """What to resolve (a Kubernetes Service port) and where (the lookaside address)."""
+class Query:
+    """What to resolve (a :class:`Target`) and where (the lookaside address); ``batch`` picks per Resolve."""
 
-    service: str
-    namespace: str
-    port: str
+    target: Target
     lookaside: str
     batch: int = 1
 
     def __str__(self) -> str:
-        return f"{self.service}.{self.namespace}" + (f":{self.port}" if self.port else "")
+        return str(self.target)
 
     def resolve_request(self, router_type: int) -> protocol.Request:
         """The Resolve request for one call (or one batch of picks)."""
+        t = self.target
         return protocol.Request(
             router=router_type,  # type: ignore[arg-type]
-            service=self.service,
-            namespace=self.namespace,
-            port=self.port,
+            service=t.service,
+            namespace=t.namespace,
+            port=t.port,
             count=self.batch,
         )
 
     def watch_request(self) -> protocol.WatchRequest:
         """The Watch request for this target."""
-        return protocol.WatchRequest(service=self.service, namespace=self.namespace, port=self.port)
+        t = self.target
+        return protocol.WatchRequest(service=t.service, namespace=t.namespace, port=t.port)
 
     def endpoints_from_response(self, resp: protocol.Response) -> list[Endpoint]:
-        """The picks of a Resolve response; an original-style answer (address only) uses ``port``."""
+        """The picks of a Resolve response; an original-style answer (address only) uses the port number."""
         if resp.endpoints:
             return [Endpoint.from_proto(e) for e in resp.endpoints]
         if not resp.address:
             return []
-        port = resp.port or (int(self.port) if self.port.isascii() and self.port.isdigit() else 0)
+        port = resp.port or self.target.port_number or 0
         return [Endpoint(resp.address, port)] if port else []
+
+
+class LookasideCalls:
+    """The lookaside's RPCs on a sync channel, typed (the generated stub is not)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.resolve: grpc.UnaryUnaryMultiCallable[protocol.Request, protocol.Response] = channel.unary_unary(
+            f"{_SERVICE}/Resolve", protocol.Request.SerializeToString, protocol.Response.FromString
+        )
+        self.watch: grpc.UnaryStreamMultiCallable[protocol.WatchRequest, protocol.EndpointSet] = (
+            channel.unary_stream(
+                f"{_SERVICE}/Watch", protocol.WatchRequest.SerializeToString, protocol.EndpointSet.FromString
+            )
+        )
+        self.report_load: grpc.UnaryUnaryMultiCallable[protocol.LoadReport, protocol.LoadReportAck] = (
+            channel.unary_unary(
+                f"{_SERVICE}/ReportLoad",
+                protocol.LoadReport.SerializeToString,
+                protocol.LoadReportAck.FromString,
+            )
+        )
+
+
+class AioLookasideCalls:
+    """The lookaside's RPCs on a grpc.aio channel, typed."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.resolve: grpc.aio.UnaryUnaryMultiCallable[protocol.Request, protocol.Response] = (
+            channel.unary_unary(
+                f"{_SERVICE}/Resolve", protocol.Request.SerializeToString, protocol.Response.FromString
+            )
+        )
+        self.watch: grpc.aio.UnaryStreamMultiCallable[protocol.WatchRequest, protocol.EndpointSet] = (
+            channel.unary_stream(
+                f"{_SERVICE}/Watch", protocol.WatchRequest.SerializeToString, protocol.EndpointSet.FromString
+            )
+        )
+        self.report_load: grpc.aio.UnaryUnaryMultiCallable[protocol.LoadReport, protocol.LoadReportAck] = (
+            channel.unary_unary(
+                f"{_SERVICE}/ReportLoad",
+                protocol.LoadReport.SerializeToString,
+                protocol.LoadReportAck.FromString,
+            )
+        )
 
 
 class Backoff:
@@ -89,65 +137,90 @@ class Backoff:
         return delay
 
 
-class SyncResolver(Protocol):
+class ResolverBase(Protocol):
+    """What a balancer and the call engine use of a resolver, sync or aio."""
+
+    query: Query
+
+    def pick_nowait(self, policy: RoutingPolicy) -> Endpoint | None: ...
+    def set_ejected(self, ejected: frozenset[str]) -> None: ...
+    def population(self) -> int: ...
+    def candidates(self) -> tuple[Endpoint, ...]: ...
+    def connectivity(self) -> Connectivity: ...
+
+
+class SyncResolver(ResolverBase, Protocol):
     """How a sync balancer gets endpoints."""
 
-    target: Target
-
-    def pick_nowait(self, policy: RoutingPolicy) -> Endpoint | None: ...
-    def pick(self, policy: RoutingPolicy, timeout: float | None) -> Endpoint: ...
-    def set_ejected(self, ejected: frozenset[str]) -> None: ...
-    def population(self) -> int: ...
-    def candidates(self) -> tuple[Endpoint, ...]: ...
+    def pick(
+        self, policy: RoutingPolicy, wait: float | None, wait_for_ready: bool, on_timeout: grpc.StatusCode
+    ) -> Endpoint: ...
+    def connect(self) -> None: ...
     def close(self) -> None: ...
+    def join(self) -> None: ...
 
 
-class AioResolver(Protocol):
+class AioResolver(ResolverBase, Protocol):
     """How an aio balancer gets endpoints."""
 
-    target: Target
-
-    def pick_nowait(self, policy: RoutingPolicy) -> Endpoint | None: ...
-    async def pick(self, policy: RoutingPolicy, timeout: float | None) -> Endpoint: ...
-    def set_ejected(self, ejected: frozenset[str]) -> None: ...
-    def population(self) -> int: ...
-    def candidates(self) -> tuple[Endpoint, ...]: ...
+    async def pick(
+        self, policy: RoutingPolicy, wait: float | None, wait_for_ready: bool, on_timeout: grpc.StatusCode
+    ) -> Endpoint: ...
+    def connect(self) -> None: ...
     async def aclose(self) -> None: ...
 
 
 #: Called with the addresses of every endpoint set received (the pool retires the others).
 OnChange = Callable[[set[str]], None]
+#: Called whenever the resolver's connectivity may have changed.
+OnState = Callable[[], None]
+
+
+def _silent(err: PickError | None) -> bool:
+    """Whether a broken stream means the lookaside went silent (keepalive pings unanswered) rather than
+    answering with an error or closing the connection."""
+    text = "" if err is None else err.details.lower()
+    return "ping timeout" in text or "keepalive" in text
+
+
+def _timeout_error(code: grpc.StatusCode, what: str, last: object) -> PickError:
+    tail = f"; last error: {last}" if last else ""
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return PickError(code, f"Deadline Exceeded while waiting for {what}{tail}")
+    return PickError(code, f"no answer in time while waiting for {what}{tail}")
 
 
 class _WatchCore:
     """State handling shared by the sync and aio watch resolvers.
 
-    While the Watch stream is up, the set is confirmed continuously; once it breaks, the last set keeps
-    serving for ``max_staleness`` seconds (None = forever), then the set is marked stale (a timer, nothing
-    is checked per call) and picks fail with UNAVAILABLE (channels) or fall back (interceptors).
+    While the Watch stream is up the set counts as confirmed; keepalive pings on the lookaside channel end
+    the stream when the lookaside goes silent (process stopped, network partition). Once it breaks, the last
+    set keeps serving until ``max_staleness`` seconds after the lookaside was last known alive (when it
+    went silent: up to ``liveness_window`` seconds before the break); then it is dropped (a timer, nothing is
+    checked per call) and picks fail with UNAVAILABLE (channels) or fall back (interceptors).
     """
 
     def __init__(
         self,
-        target: Target,
-        stub: Any,
+        query: Query,
         on_change: OnChange,
-        init_timeout: float,
         *,
-        max_staleness: float | None = None,
-        counters: Counters | None = None,
+        max_staleness: float | None,
+        liveness_window: float,
+        counters: Counters,
+        on_state: OnState,
     ) -> None:
-        self.target = target
+        self.query = query
         self.state = EndpointState()
-        self._stub = stub
         self._on_change = on_change
-        self._init_timeout = init_timeout
+        self._on_state = on_state
         self._closed = False
         self.max_staleness = max_staleness
-        self._counters = counters or Counters()
-        #: monotonic time the stream broke (None while it is up and has delivered a set).
+        self.liveness_window = liveness_window
+        self._counters = counters
+        #: monotonic time the lookaside was last known alive, once the stream broke (None while it is up).
         self._broken_since: float | None = None
-        self._stale_timer: threading.Timer | None = None
+        self._stale_timer: _timers.Handle | None = None
         self._stale_lock = threading.Lock()
 
     def set_ejected(self, ejected: frozenset[str]) -> None:
@@ -161,13 +234,21 @@ class _WatchCore:
         state = self.state
         return () if state.stale else state.full
 
+    def connectivity(self) -> Connectivity:
+        """READY with a ready endpoint; TRANSIENT_FAILURE when the set is empty, stale or never came because
+        the lookaside failed; CONNECTING while the first answer is on its way."""
+        state = self.state
+        if state.endpoints:
+            return Connectivity.READY
+        if state.received or state.error is not None:
+            return Connectivity.TRANSIENT_FAILURE
+        return Connectivity.CONNECTING
+
     def _start_stale_timer(self, delay: float) -> None:
         with self._stale_lock:
             if self._closed or self._stale_timer is not None:
                 return
-            timer = self._stale_timer = threading.Timer(max(0.0, delay), self._check_stale)
-            timer.daemon = True
-            timer.start()
+            self._stale_timer = _timers.call_later(delay, self._check_stale)
 
     def _check_stale(self) -> None:
         with self._stale_lock:
@@ -182,11 +263,15 @@ class _WatchCore:
         if self.state.received and not self.state.stale:
             log.warning(
                 "%s: no word from lookaside %s for %.3gs (max_staleness): dropping the last set",
-                self.target,
-                self.target.lookaside,
+                self.query,
+                self.query.lookaside,
                 self.max_staleness,
             )
             self.state.expire()
+            self._state_changed()
+
+    def _state_changed(self) -> None:
+        self._on_state()
 
     def _cancel_stale_timer(self) -> None:
         with self._stale_lock:
@@ -196,11 +281,12 @@ class _WatchCore:
 
     def _apply(self, es: protocol.EndpointSet) -> None:
         self._broken_since = None
+        self._cancel_stale_timer()
         added, removed = self.state.update((Endpoint.from_proto(e) for e in es.endpoints), es.version)
         if added or removed:
             log.info(
                 "%s: endpoint set v%d: %d endpoints (+%d -%d)",
-                self.target,
+                self.query,
                 es.version,
                 len(self.state.endpoints),
                 len(added),
@@ -214,52 +300,50 @@ class _WatchCore:
         if err is None:
             return PickError(grpc.StatusCode.UNAVAILABLE, "the lookaside ended the Watch stream")
         if isinstance(err, grpc.RpcError):
-            return from_lookaside_error(err, str(self.target), self.target.lookaside)
-        log.exception("%s: Watch failed", self.target)  # keep watching whatever happens
+            return from_lookaside_error(err, str(self.query), self.query.lookaside)
+        log.exception("%s: Watch failed", self.query)  # keep watching whatever happens
         return PickError(grpc.StatusCode.UNAVAILABLE, f"Watch failed: {err!r}")
 
     def _broken(self, err: PickError, backoff: float) -> None:
         self.state.error = err
         if self._broken_since is None:
-            self._broken_since = time.monotonic()
+            now = time.monotonic()
+            # a silent lookaside was last heard of up to one keepalive window ago
+            self._broken_since = now - (self.liveness_window if _silent(err) else 0.0)
             if self.max_staleness is not None and self.state.received:
-                self._start_stale_timer(self.max_staleness)
+                self._start_stale_timer(self._broken_since + self.max_staleness - now)
         log.warning(
             "%s: Watch on lookaside %s broke (%s); retrying in %.2fs, keeping %d endpoints",
-            self.target,
-            self.target.lookaside,
+            self.query,
+            self.query.lookaside,
             err,
             backoff,
             len(self.state.endpoints),
         )
 
-    def _ready(self, policy: RoutingPolicy) -> Endpoint | None:
-        """A pick if a set is known; raise if it is empty or the lookaside rejected the target."""
+    def _ready(self, policy: RoutingPolicy, wait_for_ready: bool) -> Endpoint | None:
+        """A pick if a ready endpoint is known; None to wait; raise to fail the call now."""
         state = self.state
-        if state.received:
-            eps = state.endpoints
-            if eps:
-                return policy.pick(eps)
-            if state.stale:
-                raise PickError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"the endpoint set of {self.target} is stale: lookaside {self.target.lookaside} has not "
-                    f"confirmed it for more than {self.max_staleness}s; last error: {state.error}",
-                    reason=STALE,
-                )
-            raise PickError(grpc.StatusCode.UNAVAILABLE, f"no endpoints for {self.target}: the set is empty")
+        eps = state.endpoints
+        if eps:
+            return policy.pick(eps)
         err = state.error
-        if isinstance(err, PickError) and err.code in CALLER_ERRORS:
+        if isinstance(err, PickError) and err.code in CALLER_ERRORS and not state.received:
             raise err
+        if wait_for_ready:
+            return None
+        if state.stale:
+            raise PickError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the endpoint set of {self.query} is stale: lookaside {self.query.lookaside} has not "
+                f"confirmed it for more than {self.max_staleness}s; last error: {state.error}",
+                reason=STALE,
+            )
+        if state.received:
+            raise PickError(grpc.StatusCode.UNAVAILABLE, f"no ready endpoint for {self.query}")
+        if isinstance(err, PickError):
+            raise PickError(err.code, err.details, err.reason)
         return None
-
-    def _timed_out(self, waited: float) -> PickError:
-        last = f"; last error: {self.state.error}" if self.state.error else ""
-        return PickError(
-            grpc.StatusCode.UNAVAILABLE,
-            f"no endpoint set for {self.target} from lookaside {self.target.lookaside} "
-            f"within {waited:.3g}s{last}",
-        )
 
     def pick_nowait(self, policy: RoutingPolicy) -> Endpoint | None:
         """The hot path: pick from the known set, no I/O."""
@@ -267,73 +351,108 @@ class _WatchCore:
         return policy.pick(eps) if eps else None
 
 
+def _cancel(call: object) -> None:
+    """Cancel a call if it can be (instrumented channels may hand out plain generators)."""
+    cancel = getattr(call, "cancel", None)
+    if callable(cancel):
+        try:
+            cancel()
+        except Exception:
+            log.debug("cancelling %r failed", call, exc_info=True)
+
+
 class WatchResolver(_WatchCore):
     """Sync ``watch`` mode: a daemon thread follows the Watch stream and reconnects with backoff."""
 
     def __init__(
-        self, target: Target, stub: Any, on_change: OnChange, init_timeout: float, **kw: Any
+        self,
+        query: Query,
+        calls: LookasideCalls,
+        on_change: OnChange,
+        *,
+        max_staleness: float | None,
+        liveness_window: float,
+        counters: Counters,
+        on_state: OnState,
     ) -> None:
-        super().__init__(target, stub, on_change, init_timeout, **kw)
+        super().__init__(
+            query,
+            on_change,
+            max_staleness=max_staleness,
+            liveness_window=liveness_window,
+            counters=counters,
+            on_state=on_state,
+        )
+        self._calls = calls
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._call: Any = None
-        self._thread = threading.Thread(target=self._run, name=f"lookaside-watch-{target}", daemon=True)
+        self._call: object = None
+        self._thread = threading.Thread(target=self._run, name=f"lookaside-watch-{query}", daemon=True)
         self._thread.start()
 
-    def pick(self, policy: RoutingPolicy, timeout: float | None) -> Endpoint:
-        """Wait for the first set up to ``timeout`` (or the init timeout), then pick."""
-        waited = self._init_timeout if timeout is None else timeout
-        deadline = time.monotonic() + waited
+    def connect(self) -> None:
+        """The watch thread always runs: nothing to start."""
+
+    def pick(
+        self, policy: RoutingPolicy, wait: float | None, wait_for_ready: bool, on_timeout: grpc.StatusCode
+    ) -> Endpoint:
+        """Wait up to ``wait`` seconds (None = no limit) for a ready endpoint, then pick."""
+        deadline = None if wait is None else time.monotonic() + wait
         with self._cond:
             while True:
-                ep = self._ready(policy)
+                ep = self._ready(policy, wait_for_ready)
                 if ep is not None:
                     return ep
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._stop.is_set():
-                    raise self._timed_out(waited)
-                self._cond.wait(remaining)
+                if self._stop.is_set():
+                    raise PickError(grpc.StatusCode.UNAVAILABLE, "the lookaside channel is closed")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise _timeout_error(on_timeout, f"endpoints of {self.query}", self.state.error)
+                self._cond.wait(left)
 
-    def _notify(self) -> None:
+    def _state_changed(self) -> None:
         with self._cond:
             self._cond.notify_all()
+        self._on_state()
 
     def _run(self) -> None:
-        request = self.target.watch_request()
+        request = self.query.watch_request()
         backoff = Backoff()
         while not self._stop.is_set():
             try:
-                call = self._stub.Watch(request)
+                call: Iterator[protocol.EndpointSet] = self._calls.watch(request)
                 with self._cond:
                     self._call = call
                 if self._stop.is_set():
-                    call.cancel()
+                    _cancel(call)
                     break
                 for es in call:
                     backoff.reset()
                     self._apply(es)
-                    self._notify()
+                    self._state_changed()
                 err = self._watch_error(None)
             except Exception as e:
-                if self._stop.is_set() and isinstance(e, grpc.RpcError):
+                if self._stop.is_set():
                     break
                 err = self._watch_error(e)
             delay = backoff.next()
             self._broken(err, delay)
-            self._notify()
+            self._state_changed()
             self._stop.wait(delay)
-        log.debug("%s: watch thread stopped", self.target)
+        log.debug("%s: watch thread stopped", self.query)
 
     def close(self) -> None:
-        """Stop the stream and join the thread."""
+        """Stop the stream (the thread ends once the lookaside channel is closed too: :meth:`join`)."""
         self._closed = True
         self._cancel_stale_timer()
         self._stop.set()
         with self._cond:
             call = self._call
             self._cond.notify_all()
-        if call is not None:
-            call.cancel()
+        _cancel(call)
+
+    def join(self) -> None:
+        """Wait for the watch thread (not from itself)."""
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
@@ -342,69 +461,105 @@ class AioWatchResolver(_WatchCore):
     """Aio ``watch`` mode: a task follows the Watch stream; started on first use inside the event loop."""
 
     def __init__(
-        self, target: Target, stub: Any, on_change: OnChange, init_timeout: float, **kw: Any
+        self,
+        query: Query,
+        calls: AioLookasideCalls,
+        on_change: OnChange,
+        *,
+        max_staleness: float | None,
+        liveness_window: float,
+        counters: Counters,
+        on_state: OnState,
     ) -> None:
-        super().__init__(target, stub, on_change, init_timeout, **kw)
+        super().__init__(
+            query,
+            on_change,
+            max_staleness=max_staleness,
+            liveness_window=liveness_window,
+            counters=counters,
+            on_state=on_state,
+        )
+        self._calls = calls
         self._task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
+        self._changed: asyncio.Event | None = None
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._start()
+        self.connect()
 
-    def _start(self) -> None:
+    def connect(self) -> None:
+        """Start the watch task in the running loop (once)."""
         if self._task is None and not self._closed:
             self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"lookaside-watch-{self.target}"
+                self._run(), name=f"lookaside-watch-{self.query}"
             )
+
+    def connectivity(self) -> Connectivity:
+        if self._task is None and not self.state.endpoints:
+            return Connectivity.IDLE
+        return super().connectivity()
 
     def pick_nowait(self, policy: RoutingPolicy) -> Endpoint | None:
         eps = self.state.endpoints
         if eps:
             return policy.pick(eps)
         if self._task is None:
-            self._start()
+            self.connect()
         return None
 
-    async def pick(self, policy: RoutingPolicy, timeout: float | None) -> Endpoint:
-        """Wait for the first set up to ``timeout`` (or the init timeout), then pick."""
-        self._start()
-        waited = self._init_timeout if timeout is None else timeout
-        deadline = time.monotonic() + waited
+    def changed(self) -> asyncio.Event:
+        """An event set at the next state change."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    async def pick(
+        self, policy: RoutingPolicy, wait: float | None, wait_for_ready: bool, on_timeout: grpc.StatusCode
+    ) -> Endpoint:
+        """Wait up to ``wait`` seconds (None = no limit) for a ready endpoint, then pick."""
+        self.connect()
+        deadline = None if wait is None else time.monotonic() + wait
         while True:
-            changed = self._changed
-            ep = self._ready(policy)
+            changed = self.changed()
+            ep = self._ready(policy, wait_for_ready)
             if ep is not None:
                 return ep
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._closed:
-                raise self._timed_out(waited)
+            if self._closed:
+                raise PickError(grpc.StatusCode.UNAVAILABLE, "the lookaside channel is closed")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise _timeout_error(on_timeout, f"endpoints of {self.query}", self.state.error)
             try:
-                await asyncio.wait_for(changed.wait(), remaining)
+                await asyncio.wait_for(changed.wait(), left)
             except TimeoutError:
                 pass
 
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+    def _state_changed(self) -> None:
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            try:
+                changed.set()
+            except RuntimeError:  # expired from the timer thread: wake the loop's waiters later
+                pass
+        self._on_state()
 
     async def _run(self) -> None:
-        request = self.target.watch_request()
+        request = self.query.watch_request()
         backoff = Backoff()
         while True:
             try:
-                call = self._stub.Watch(request)
+                call = self._calls.watch(request)
                 async for es in call:
                     backoff.reset()
                     self._apply(es)
-                    self._notify()
+                    self._state_changed()
                 err = self._watch_error(None)
             except Exception as e:  # cancellation is no Exception: it ends the task
                 err = self._watch_error(e)
             delay = backoff.next()
             self._broken(err, delay)
-            self._notify()
+            self._state_changed()
             await asyncio.sleep(delay)
 
     async def aclose(self) -> None:
@@ -418,7 +573,7 @@ class AioWatchResolver(_WatchCore):
                 await task
             except asyncio.CancelledError:
                 pass
-        self._notify()
+        self._state_changed()
 
 
 class _PerCallCore:
@@ -435,22 +590,20 @@ class _PerCallCore:
 
     def __init__(
         self,
-        target: Target,
-        stub: Any,
-        init_timeout: float,
+        query: Query,
         *,
-        max_staleness: float | None = None,
-        counters: Counters | None = None,
-        pick_cache_ttl: float = 0.0,
-        throttle: bool | AdaptiveThrottle = True,
+        max_staleness: float | None,
+        counters: Counters,
+        pick_cache_ttl: float,
+        throttle: bool | AdaptiveThrottle,
+        on_state: OnState,
     ) -> None:
-        self.target = target
-        self._stub = stub
-        self._init_timeout = init_timeout
+        self.query = query
         self._picks: deque[Endpoint] = deque()
         self._requests: dict[int, protocol.Request] = {}
         self.max_staleness = max_staleness
-        self._counters = counters or Counters()
+        self._counters = counters
+        self._on_state = on_state
         self.pick_cache_ttl = pick_cache_ttl
         self._cached: tuple[Endpoint, ...] = ()
         self._cache_until = 0.0
@@ -461,6 +614,8 @@ class _PerCallCore:
         self._known_version: int | None = None
         self._last_ok = 0.0
         self.ejected: frozenset[str] = frozenset()
+        self._state = Connectivity.IDLE
+        self._closed = False
 
     def set_ejected(self, ejected: frozenset[str]) -> None:
         self.ejected = ejected
@@ -472,10 +627,22 @@ class _PerCallCore:
         """The known set to pick a retry from (empty once stale)."""
         return self._fresh_known()
 
+    def connectivity(self) -> Connectivity:
+        """IDLE before the first Resolve; READY after one that named an endpoint (while its set is fresh);
+        TRANSIENT_FAILURE after a failed one."""
+        if self._state is Connectivity.READY and not self._fresh_known():
+            return Connectivity.TRANSIENT_FAILURE
+        return self._state
+
+    def _set_state(self, state: Connectivity) -> None:
+        if state is not self._state:
+            self._state = state
+            self._on_state()
+
     def _request(self, policy: RoutingPolicy) -> protocol.Request:
         req = self._requests.get(policy.router_type)
         if req is None:
-            req = self._requests[policy.router_type] = self.target.resolve_request(policy.router_type)
+            req = self._requests[policy.router_type] = self.query.resolve_request(policy.router_type)
         return req
 
     def _local(self, policy: RoutingPolicy, eps: tuple[Endpoint, ...]) -> Endpoint:
@@ -504,7 +671,7 @@ class _PerCallCore:
             return ()
         return known
 
-    def _before(self, policy: RoutingPolicy, timeout: float | None) -> tuple[Endpoint | None, float]:
+    def _before(self, policy: RoutingPolicy, wait: float | None) -> tuple[Endpoint | None, float | None]:
         """A pick on hand (batched or cached) or a local one if the Resolve is throttled; else None and how
         long the Resolve may take."""
         ep = self.pick_nowait(policy)
@@ -514,36 +681,43 @@ class _PerCallCore:
         if known and self.throttler is not None and self.throttler.throttle():
             self._counters.fallback(THROTTLED)
             return self._local(policy, known), 0.0
-        wait = self._init_timeout if timeout is None else timeout
-        if known:  # leave the call time to go elsewhere if the lookaside does not answer
+        if known and wait is not None:  # leave the call time to go elsewhere if the lookaside is slow
             wait *= 0.5
         return None, wait
 
-    def _failed(self, err: grpc.RpcError, policy: RoutingPolicy) -> Endpoint:
+    def _failed(
+        self, err: grpc.RpcError, policy: RoutingPolicy, whole_wait: bool, on_timeout: grpc.StatusCode
+    ) -> Endpoint:
         self._counters.resolve(False)
         if self.throttler is not None:
             self.throttler.record(False)
-        error = from_lookaside_error(err, str(self.target), self.target.lookaside)
+        error = from_lookaside_error(err, str(self.query), self.query.lookaside)
         if error.code in CALLER_ERRORS:
             raise error
+        self._set_state(Connectivity.TRANSIENT_FAILURE)
         known = self._fresh_known()
         if known:
             self._counters.fallback(LOCAL_ROTATION)
             return self._local(policy, known)
+        timed_out = isinstance(err, grpc.Call | grpc.aio.AioRpcError) and (
+            err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        )
+        if timed_out and whole_wait:
+            raise _timeout_error(on_timeout, f"a Resolve of {self.query}", error)
         if self.known:
             error.reason = STALE
             error.details += f" (last known set older than max_staleness={self.max_staleness}s)"
         raise error
 
-    def _take(self, resp: protocol.Response, policy: RoutingPolicy) -> Endpoint:
+    def _take(self, resp: protocol.Response, policy: RoutingPolicy | None) -> Endpoint | None:
+        """Keep what a Resolve answered; the first pick for the call (``policy`` None: keep them all)."""
         self._counters.resolve(True)
         if self.throttler is not None:
             self.throttler.record(True)
-        eps = self.target.endpoints_from_response(resp)
+        eps = self.query.endpoints_from_response(resp)
         if not eps:
-            raise PickError(
-                grpc.StatusCode.UNAVAILABLE, f"the lookaside returned no endpoint for {self.target}"
-            )
+            self._set_state(Connectivity.TRANSIENT_FAILURE)
+            raise PickError(grpc.StatusCode.UNAVAILABLE, f"the lookaside returned no endpoint for {self.query}")
         now = time.monotonic()
         self._last_ok = now
         if resp.version != self._known_version or not self.known:
@@ -551,10 +725,14 @@ class _PerCallCore:
             self.known = tuple(dict.fromkeys(eps))
         elif len(self.known) < self.MAX_KNOWN:
             self.known = tuple(dict.fromkeys(self.known + tuple(eps)))
+        self._set_state(Connectivity.READY)
         if self.pick_cache_ttl > 0:
             self._cached = tuple(eps)
             self._cache_until = now + self.pick_cache_ttl
-            return self._local(policy, self._cached)
+            return None if policy is None else self._local(policy, self._cached)
+        if policy is None:
+            self._picks.extend(eps)
+            return None
         if len(eps) > 1:
             self._picks.extend(eps[1:])
         first = eps[0]
@@ -563,35 +741,142 @@ class _PerCallCore:
         return first
 
 
+#: How long a ``wait_for_ready`` call waits between Resolves while the lookaside has no endpoint for it.
+_READY_POLL = 0.05
+
+
 class PerCallResolver(_PerCallCore):
     """Sync ``per_call`` mode: a blocking Resolve whenever no batched or cached pick is on hand."""
 
-    def pick(self, policy: RoutingPolicy, timeout: float | None) -> Endpoint:
-        ep, wait = self._before(policy, timeout)
-        if ep is not None:
-            return ep
+    def __init__(self, query: Query, calls: LookasideCalls, **kw: object) -> None:
+        super().__init__(query, **kw)  # type: ignore[arg-type]
+        self._calls = calls
+
+    def pick(
+        self, policy: RoutingPolicy, wait: float | None, wait_for_ready: bool, on_timeout: grpc.StatusCode
+    ) -> Endpoint:
+        deadline = None if wait is None else time.monotonic() + wait
+        delay = _READY_POLL
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ep, rpc_wait = self._before(policy, left)
+            if ep is not None:
+                return ep
+            try:
+                resp = self._calls.resolve(
+                    self._request(policy), timeout=rpc_wait, wait_for_ready=wait_for_ready or None
+                )
+            except grpc.RpcError as e:
+                try:
+                    return self._failed(e, policy, rpc_wait == left, on_timeout)
+                except PickError as err:
+                    if not wait_for_ready or err.code is not grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    last: PickError = err
+            else:
+                try:
+                    ep = self._take(resp, policy)
+                    assert ep is not None
+                    return ep
+                except PickError as err:
+                    if not wait_for_ready:
+                        raise
+                    last = err
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= delay:
+                raise _timeout_error(on_timeout, f"a ready endpoint of {self.query}", last)
+            time.sleep(delay)  # wait_for_ready: ask again until the target has a ready endpoint
+            delay = min(delay * 2, 1.0)
+
+    def connect(self) -> None:
+        """Try one Resolve in the background (``try_to_connect``); its picks serve the next calls."""
+        if self._state is Connectivity.IDLE and not self._closed:
+            self._set_state(Connectivity.CONNECTING)
+            threading.Thread(target=self._probe, name=f"lookaside-connect-{self.query}", daemon=True).start()
+
+    def _probe(self) -> None:
         try:
-            resp = self._stub.Resolve(self._request(policy), timeout=wait)
-        except grpc.RpcError as e:
-            return self._failed(e, policy)
-        return self._take(resp, policy)
+            self._take(self._calls.resolve(self._request_any(), timeout=10.0), None)
+        except (grpc.RpcError, PickError) as e:
+            log.debug("%s: connect Resolve failed: %s", self.query, e)
+            self._set_state(Connectivity.TRANSIENT_FAILURE)
+
+    def _request_any(self) -> protocol.Request:
+        return self.query.resolve_request(protocol.ROUNDROBIN)
 
     def close(self) -> None:
         """Nothing runs in the background."""
+        self._closed = True
+
+    def join(self) -> None:
+        """Nothing to wait for."""
 
 
 class AioPerCallResolver(_PerCallCore):
     """Aio ``per_call`` mode: an awaited Resolve whenever no batched or cached pick is on hand."""
 
-    async def pick(self, policy: RoutingPolicy, timeout: float | None) -> Endpoint:
-        ep, wait = self._before(policy, timeout)
-        if ep is not None:
-            return ep
+    def __init__(self, query: Query, calls: AioLookasideCalls, **kw: object) -> None:
+        super().__init__(query, **kw)  # type: ignore[arg-type]
+        self._calls = calls
+        self._probe_task: asyncio.Task[None] | None = None
+
+    async def pick(
+        self, policy: RoutingPolicy, wait: float | None, wait_for_ready: bool, on_timeout: grpc.StatusCode
+    ) -> Endpoint:
+        deadline = None if wait is None else time.monotonic() + wait
+        delay = _READY_POLL
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ep, rpc_wait = self._before(policy, left)
+            if ep is not None:
+                return ep
+            try:
+                resp = await self._calls.resolve(
+                    self._request(policy), timeout=rpc_wait, wait_for_ready=wait_for_ready or None
+                )
+            except grpc.RpcError as e:
+                try:
+                    return self._failed(e, policy, rpc_wait == left, on_timeout)
+                except PickError as err:
+                    if not wait_for_ready or err.code is not grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    last: PickError = err
+            else:
+                try:
+                    ep = self._take(resp, policy)
+                    assert ep is not None
+                    return ep
+                except PickError as err:
+                    if not wait_for_ready:
+                        raise
+                    last = err
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= delay:
+                raise _timeout_error(on_timeout, f"a ready endpoint of {self.query}", last)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def connect(self) -> None:
+        """Try one Resolve in a task (``try_to_connect``); its picks serve the next calls."""
+        if self._state is Connectivity.IDLE and not self._closed:
+            self._set_state(Connectivity.CONNECTING)
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe())
+
+    async def _probe(self) -> None:
         try:
-            resp = await self._stub.Resolve(self._request(policy), timeout=wait)
-        except grpc.RpcError as e:
-            return self._failed(e, policy)
-        return self._take(resp, policy)
+            resp = await self._calls.resolve(self.query.resolve_request(protocol.ROUNDROBIN), timeout=10.0)
+            self._take(resp, None)
+        except (grpc.RpcError, PickError) as e:
+            log.debug("%s: connect Resolve failed: %s", self.query, e)
+            self._set_state(Connectivity.TRANSIENT_FAILURE)
 
     async def aclose(self) -> None:
-        """Nothing runs in the background."""
+        """Cancel a connect probe still running."""
+        self._closed = True
+        task, self._probe_task = self._probe_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass

@@ -1,28 +1,27 @@
-"""What the sync and aio interceptors share: routes (gRPC service -> Kubernetes target), method resolution
-through the protobuf descriptor pool, and per-method routes bound to the shared balancers."""
+"""What the sync and aio interceptors share: routes (gRPC service -> :class:`Target`), method resolution
+through the protobuf descriptor pool, per-method routes bound to shared balancers, and the pick rule
+(wait at most ``route_wait`` on a cold start, fall back at once while the lookaside is failing)."""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Generic, TypeVar
 
 import grpc
+import grpc.aio
 from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.message import Message
 
 from lookaside_grpc import _balancer
-from lookaside_grpc._balancer import (
-    DEFAULT_INIT_TIMEOUT,
-    DEFAULT_MAX_STALENESS,
-    Options,
-    make_target,
-)
-from lookaside_grpc._health import AdaptiveThrottle
-from lookaside_grpc._policies import RoutingPolicy
-from lookaside_grpc._resolvers import WATCH, Mode
-from lookaside_grpc._stats import NO_ROUTE, UNKNOWN_METHOD, Counters, Stats, track, untrack
+from lookaside_grpc._balancer import AioBalancer, Balancer, Lease
+from lookaside_grpc._calls._engine import Method
+from lookaside_grpc._settings import Settings, make_settings
+from lookaside_grpc._stats import NO_ROUTE, UNKNOWN_METHOD, UNRESOLVED_ROUTE, Counters, Stats, track, untrack
+from lookaside_grpc._target import Target
 
 log = logging.getLogger(__name__)
 
@@ -30,96 +29,114 @@ log = logging.getLogger(__name__)
 #: (capped at half the call's own timeout, so the fallback keeps time to complete).
 DEFAULT_ROUTE_WAIT = 1.0
 
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A Kubernetes Service port that calls of a gRPC service are balanced over."""
-
-    service: str
-    namespace: str = "default"
-    port: str | int = ""
-
-    @classmethod
-    def parse(cls, value: Target | str) -> Target:
-        """``Target`` as is, or ``"service[.namespace][:port]"``."""
-        if isinstance(value, Target):
-            return value
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"a route target must be a Target or 'service.namespace[:port]', got {value!r}")
-        name, _, port = value.partition(":")
-        service, _, namespace = name.partition(".")
-        return cls(service, namespace or "default", port)
-
-    def __str__(self) -> str:
-        return f"{self.service}.{self.namespace}" + (f":{self.port}" if self.port else "")
+B = TypeVar("B", Balancer, AioBalancer)
+MessageClass = type[Message]
 
 
-def method_classes(method: str) -> tuple[type[Any], type[Any]] | None:
-    """Request and response classes of ``/pkg.Service/Method`` from the default descriptor pool, or None."""
+def _service(name: str) -> object | None:
     try:
-        _, service, name = method.split("/")
-        desc = descriptor_pool.Default().FindServiceByName(service).methods_by_name[name]
-        return (
-            message_factory.GetMessageClass(desc.input_type),
-            message_factory.GetMessageClass(desc.output_type),
-        )
-    except (KeyError, ValueError, TypeError):
+        return descriptor_pool.Default().FindServiceByName(name)
+    except KeyError:
         return None
 
 
-class Route:
-    """One method of a routed service: its balancer and, per call shape, the cached multicallable."""
+def find_service(name: str) -> object | None:
+    """The service descriptor of ``name`` from the default pool. A ``.proto`` holding only the service (its
+    messages imported from other files) is registered by its ``_pb2`` module, which the generated
+    ``_pb2_grpc`` module does not import: the ``_pb2`` siblings of loaded ``_pb2_grpc`` modules are imported
+    once to find it."""
+    found = _service(name)
+    if found is not None:
+        return found
+    for module in [m for m in list(sys.modules) if m.endswith("_pb2_grpc")]:
+        sibling = module[: -len("_grpc")]
+        if sibling in sys.modules:
+            continue
+        try:
+            importlib.import_module(sibling)
+        except Exception:  # no such module, or it fails to import: not ours to fix
+            continue
+        found = _service(name)
+        if found is not None:
+            return found
+    return None
 
-    __slots__ = ("balancer", "resolver", "policy", "method", "request_class", "response_class", "multi")
 
-    def __init__(self, balancer: Any, method: str, classes: tuple[type[Any], type[Any]]) -> None:
-        self.balancer = balancer
-        self.resolver = balancer.resolver
-        self.policy = balancer.policy
+def method_classes(method: str) -> tuple[MessageClass, MessageClass] | None:
+    """Request and response classes of ``/pkg.Service/Method`` from the descriptor pool, or None."""
+    try:
+        _, service, name = method.split("/")
+    except ValueError:
+        return None
+    desc = find_service(service)
+    if desc is None:
+        return None
+    md = getattr(desc, "methods_by_name", {}).get(name)
+    if md is None:
+        return None
+    return message_factory.GetMessageClass(md.input_type), message_factory.GetMessageClass(md.output_type)
+
+
+class Route(Generic[B]):
+    """One method of a routed service on one balancer: its classes and, per call shape, the engine's
+    :class:`Method` (made on first use)."""
+
+    __slots__ = ("balancer", "method", "request_class", "response_class", "methods")
+
+    def __init__(self, balancer: B, method: str, classes: tuple[MessageClass, MessageClass]) -> None:
+        self.balancer: B = balancer
         self.method = method
         self.request_class, self.response_class = classes
-        self.multi: dict[str, Any] = {}
+        self.methods: dict[str, Method[grpc.Channel, object] | Method[grpc.aio.Channel, object]] = {}
 
 
-class RouterCore:
-    """Routes and shared balancers of one interceptor; ``kind`` is "sync" or "aio"."""
+def serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+class RouterCore(Generic[B]):
+    """Routes and leased balancers of one interceptor; ``lease`` makes a balancer's lease for settings."""
 
     def __init__(
         self,
-        kind: str,
-        lookaside: str,
         routes: Mapping[str, Target | str],
+        options: Mapping[str, object],
         *,
-        mode: Mode,
-        policy: str | RoutingPolicy,
-        batch: int,
         route_wait: float,
-        settings: dict[str, Any],
-        balancer_factory: Callable[..., Any],
+        strict: bool,
+        lease: Callable[[Settings], Lease[B]],
         loop_key: Callable[[], object],
     ) -> None:
-        self.kind = kind
-        self.lookaside = lookaside
+        if not isinstance(routes, Mapping):
+            raise TypeError(f"routes must map gRPC service names to targets, got {routes!r}")
         self.routes = {svc: Target.parse(t) for svc, t in routes.items()}
-        self.targets = {
-            svc: make_target(t.service, t.namespace, t.port, lookaside, mode, batch)
-            for svc, t in self.routes.items()
-        }
-        self.mode = mode
-        self.policy = policy
+        self.settings = {svc: make_settings(t, options) for svc, t in self.routes.items()}
+        if not self.routes:  # still validate the options
+            make_settings(Target("x", "x"), options)
+        if not route_wait >= 0:
+            raise ValueError(f"route_wait must be >= 0, got {route_wait!r}")
         self.route_wait = route_wait
-        self.settings = settings
-        self._factory = balancer_factory
+        self._lease = lease
         self._loop_key = loop_key
         self.counters = Counters()
         #: (loop key, method) -> Route, or the fallback reason (str) for methods that are not routed
-        self._methods: dict[tuple[object, str], Route | str] = {}
-        self._balancers: dict[tuple[object, str], Any] = {}
+        self._methods: dict[tuple[object, str], Route[B] | str] = {}
+        self._leases: dict[tuple[object, Target], Lease[B]] = {}
         self._lock = threading.Lock()
-        self._closed = False
+        self.closed = False
+        unresolved = [svc for svc in self.routes if find_service(svc) is None]
+        for svc in unresolved:
+            self.counters.fallback(UNRESOLVED_ROUTE)
+            log.warning(
+                "route %r: no such gRPC service in the protobuf descriptor pool (is its _pb2 module "
+                "imported?); its calls will use the original channel",
+                svc,
+            )
+        if strict and unresolved:
+            raise ValueError(f"routes name gRPC services unknown to the descriptor pool: {unresolved}")
         track(self)
 
-    def route(self, method: str | bytes) -> Route | None:
+    def route(self, method: str | bytes) -> Route[B] | None:
         """The route of ``method``, or None (counted as a fallback) to use the original channel."""
         if isinstance(method, bytes):
             method = method.decode()
@@ -132,49 +149,50 @@ class RouterCore:
             return None
         return r
 
-    def _build(self, lk: object, method: str) -> Route | str:
+    def _build(self, lk: object, method: str) -> Route[B] | str:
         service = method.split("/")[1] if method.count("/") == 2 else ""
-        target = self.targets.get(service)
+        target = self.routes.get(service)
+        r: Route[B] | str
         if target is None:
-            r: Route | str = NO_ROUTE
+            r = NO_ROUTE
         else:
             classes = method_classes(method)
             if classes is None:
                 log.info("%s is not in the protobuf descriptor pool: using the original channel", method)
                 r = UNKNOWN_METHOD
             else:
-                r = Route(self._balancer(lk, target), method, classes)
+                r = Route(self._balancer(lk, service, target), method, classes)
         with self._lock:
-            if self._closed:
+            if self.closed:
                 raise ValueError("lookaside interceptor is closed")
             return self._methods.setdefault((lk, method), r)
 
-    def _balancer(self, lk: object, target: Any) -> Any:
+    def _balancer(self, lk: object, service: str, target: Target) -> B:
         with self._lock:
-            b = self._balancers.get((lk, str(target)))
-            if b is None:
-                b = self._balancers[(lk, str(target))] = _balancer.shared(
-                    self.kind, self._factory, target, self.mode, self.policy, self.settings, lk
-                )
-            return b
+            if self.closed:
+                raise ValueError("lookaside interceptor is closed")
+            lease = self._leases.get((lk, target))
+            if lease is None:
+                lease = self._leases[(lk, target)] = self._lease(self.settings[service])
+            return lease.balancer
 
     def wait_for(self, timeout: float | None) -> float:
         """How long a call may wait for a pick before falling back."""
         return self.route_wait if timeout is None else min(self.route_wait, timeout * 0.5)
 
-    def release_all(self) -> list[Any]:
-        """Drop this interceptor's references; return the balancers to close (last users)."""
+    def release_all(self) -> list[Lease[B]]:
+        """Drop this interceptor's leases; return those whose balancer the caller must close."""
         with self._lock:
-            self._closed = True
-            balancers = list(self._balancers.values())
-            self._balancers.clear()
+            self.closed = True
+            leases = list(self._leases.values())
+            self._leases.clear()
             self._methods.clear()
         untrack(self)
-        return [b for b in balancers if _balancer.release(b)]
+        return [lease for lease in leases if lease.release()]
 
     def stats(self) -> Stats:
         with self._lock:
-            balancers = list(self._balancers.values())
+            balancers = [lease.balancer for lease in self._leases.values()]
         out = self.counters.snapshot()
         for b in balancers:
             out.merge(b.stats())
@@ -185,61 +203,9 @@ class RouterCore:
         return [("interceptor", self.counters.snapshot())]
 
 
-def _no_loop() -> object:
-    return None
+def lease_sync(settings: Settings) -> Lease[Balancer]:
+    return _balancer.lease_sync(settings)
 
 
-class InterceptorCommon:
-    """What the sync and aio ``LookasideInterceptor`` share: their arguments, the core built from them, the
-    routes and the counters. Subclasses name their kind, balancer class and per-loop key."""
-
-    _kind = "sync"
-    _balancer_factory: Callable[..., Any]
-    _loop_key: Callable[[], object] = staticmethod(_no_loop)
-
-    def __init__(
-        self,
-        lookaside: str = "127.0.0.1:50055",
-        routes: Mapping[str, Target | str] | None = None,
-        *,
-        mode: Mode = WATCH,
-        policy: str | RoutingPolicy = "round_robin",
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Options = (),
-        lookaside_credentials: grpc.ChannelCredentials | None = None,
-        batch: int = 1,
-        route_wait: float = DEFAULT_ROUTE_WAIT,
-        max_staleness: float | None = DEFAULT_MAX_STALENESS,
-        pick_cache_ttl: float = 0.0,
-        throttle: bool | AdaptiveThrottle = True,
-    ) -> None:
-        settings = _balancer.settings(
-            credentials=credentials,
-            options=options,
-            lookaside_credentials=lookaside_credentials,
-            init_timeout=DEFAULT_INIT_TIMEOUT,
-            max_staleness=max_staleness,
-            pick_cache_ttl=pick_cache_ttl,
-            throttle=throttle,
-        )
-        self._core = RouterCore(
-            self._kind,
-            lookaside,
-            routes or {},
-            mode=mode,
-            policy=policy,
-            batch=batch,
-            route_wait=route_wait,
-            settings=settings,
-            balancer_factory=self._balancer_factory,
-            loop_key=self._loop_key,
-        )
-
-    @property
-    def routes(self) -> dict[str, Target]:
-        """gRPC service name -> target."""
-        return dict(self._core.routes)
-
-    def stats(self) -> Stats:
-        """Counters: the interceptor's own fallbacks plus those of the balancers it uses."""
-        return self._core.stats()
+def lease_aio(settings: Settings) -> Lease[AioBalancer]:
+    return _balancer.lease_aio(settings, share=True)

@@ -1,0 +1,316 @@
+"""grpc.aio calls of the four shapes. One call object per call: it starts on a picked endpoint at once, or
+once an awaited pick arrives; a unary-request call fails over once to another endpoint when it gets
+UNAVAILABLE before any response (retried while it is awaited / iterated); ``cancel()`` works at any point,
+including while the pick is still pending (then ``cancelled()`` is True at once and ``code()`` CANCELLED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from typing import Generic, TypeVar
+
+import grpc
+import grpc.aio
+
+from lookaside_grpc._calls._engine import Bound, CallArgs, Method, Req, Resp, remaining
+from lookaside_grpc._endpoints import Endpoint
+from lookaside_grpc._health import retryable
+from lookaside_grpc._pool import Slot
+
+M = TypeVar("M")
+#: What starts a backend call: the bound multicallable (shape-specific) applied to request and options.
+AioBackend = Callable[..., grpc.aio.Call]
+AioMethod = Method[grpc.aio.Channel, AioBackend]
+DoneCallback = Callable[[object], None]
+#: grpc's text for a call cancelled by the application.
+CANCELLED_DETAILS = "Locally cancelled by application!"
+
+
+class AioCall(Generic[Req, Resp]):
+    """What the four aio call shapes share: starting (now or after the pick), retry, cancel, status."""
+
+    def __init__(
+        self,
+        m: AioMethod,
+        request: object,
+        deadline: float | None,
+        args: CallArgs,
+        retry: bool,
+        start: Endpoint | Callable[[], Awaitable[Endpoint]],
+    ) -> None:
+        self._m = m
+        self._request = request
+        self._deadline = deadline
+        self._args = args
+        self._retry = retry
+        self._retried = False
+        self._call: grpc.aio.Call | None = None
+        self._slot: Slot[grpc.aio.Channel] | None = None
+        self._cancelled = False
+        self._callbacks: list[DoneCallback] = []
+        self._task: asyncio.Task[None] | None = None
+        if isinstance(start, Endpoint):
+            self._begin(m.enter(start.address))
+        else:
+            self._task = asyncio.get_running_loop().create_task(self._pick_then_begin(start))
+            self._task.add_done_callback(self._pick_done)
+
+    async def _pick_then_begin(self, pick: Callable[[], Awaitable[Endpoint]]) -> None:
+        ep = await pick()
+        self._begin(self._m.enter(ep.address))
+
+    def _pick_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            self._cancelled = True
+        else:
+            task.exception()  # retrieved: awaiting the call raises it
+        if self._call is None:  # the pick failed or was cancelled: the call is over
+            self._fire()
+
+    def _fire(self) -> None:
+        callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb(self)
+
+    def _begin(self, bound: Bound[grpc.aio.Channel, AioBackend]) -> None:
+        m = self._m
+        t0 = m.clock()
+        a = self._args
+        slot = bound.slot
+        try:
+            call = bound.call(
+                self._request,
+                timeout=remaining(self._deadline),
+                metadata=a.metadata,
+                credentials=a.credentials,
+                wait_for_ready=a.wait_for_ready,
+                compression=a.compression,
+            )
+        except BaseException:
+            m.finished(slot, t0)
+            raise
+        call.add_done_callback(lambda _c: m.finished(slot, t0))
+        self._call, self._slot = call, slot
+        if self._callbacks:
+            callbacks, self._callbacks = self._callbacks, []
+            for cb in callbacks:
+                call.add_done_callback(lambda _c, cb=cb: cb(self))
+
+    async def _started(self) -> grpc.aio.Call:
+        """The current backend call, once started (raises the pick's failure, or CancelledError)."""
+        call = self._call
+        if call is not None:
+            return call
+        if self._cancelled:
+            raise asyncio.CancelledError()
+        task = self._task
+        assert task is not None
+        await task
+        assert self._call is not None
+        return self._call
+
+    def _failover(self, err: grpc.aio.AioRpcError) -> grpc.aio.Call | None:
+        """The retry attempt's call, or None (then ``err`` stands); the deadline is the first attempt's."""
+        if self._retried or not self._retry or not retryable(err) or self._slot is None:
+            return None
+        self._retried = True
+        nxt = self._m.retry_bound(self._slot.address, self._deadline)
+        if nxt is None:
+            return None
+        self._begin(nxt)
+        return self._call
+
+    def _succeeded(self) -> None:
+        if self._slot is not None:
+            self._m.succeeded(self._slot.address)
+
+    # RpcContext
+    def cancelled(self) -> bool:
+        if self._cancelled:
+            return True
+        return self._call.cancelled() if self._call is not None else False
+
+    def done(self) -> bool:
+        if self._call is not None:
+            return self._call.done()
+        return self._cancelled or (self._task is not None and self._task.done())
+
+    def time_remaining(self) -> float | None:
+        return remaining(self._deadline)
+
+    def cancel(self) -> bool:
+        call = self._call
+        if call is not None:
+            self._retried = True  # a cancelled call is never retried
+            return call.cancel()
+        task = self._task
+        if self._cancelled or task is None or task.done():
+            return False
+        self._cancelled = True
+        task.cancel()
+        self._fire()
+        return True
+
+    def add_done_callback(self, callback: DoneCallback) -> None:
+        call = self._call
+        if call is not None:
+            call.add_done_callback(lambda _c: callback(self))
+        elif self.done():
+            callback(self)
+        else:
+            self._callbacks.append(callback)
+
+    # Call
+    async def _settled(self) -> grpc.aio.Call | grpc.aio.AioRpcError | None:
+        """The backend call, the pick's failure, or None when cancelled before it started."""
+        if self._cancelled and self._call is None:
+            return None
+        try:
+            return await self._started()
+        except grpc.aio.AioRpcError as e:
+            return e
+        except asyncio.CancelledError:
+            if self._cancelled:
+                return None
+            raise
+
+    async def initial_metadata(self) -> grpc.aio.Metadata:
+        got = await self._settled()
+        if isinstance(got, grpc.aio.Call):
+            return await got.initial_metadata()
+        return grpc.aio.Metadata()
+
+    async def trailing_metadata(self) -> grpc.aio.Metadata:
+        got = await self._settled()
+        if isinstance(got, grpc.aio.Call):
+            return await got.trailing_metadata()
+        return grpc.aio.Metadata()
+
+    async def code(self) -> grpc.StatusCode:
+        got = await self._settled()
+        if got is None:
+            return grpc.StatusCode.CANCELLED
+        if isinstance(got, grpc.aio.AioRpcError):
+            return got.code()
+        return await got.code()
+
+    async def details(self) -> str:
+        got = await self._settled()
+        if got is None:
+            return CANCELLED_DETAILS
+        if isinstance(got, grpc.aio.AioRpcError):
+            return got.details() or ""
+        return await got.details()
+
+    async def debug_error_string(self) -> str:
+        got = await self._settled()
+        if isinstance(got, grpc.aio.AioRpcError):
+            return got.debug_error_string() or ""
+        return ""
+
+    async def wait_for_connection(self) -> None:
+        await (await self._started()).wait_for_connection()
+
+    # unary response
+    def __await__(self) -> Generator[None, None, Resp]:
+        return self._response().__await__()
+
+    async def _response(self) -> Resp:
+        call = await self._started()
+        try:
+            response: Resp = await call  # type: ignore[misc]
+        except grpc.aio.AioRpcError as e:
+            retry = self._failover(e)
+            if retry is None:
+                raise
+            response = await retry  # type: ignore[misc]
+        self._succeeded()
+        return response
+
+    # streaming response
+    def __aiter__(self) -> AsyncIterator[Resp]:
+        return self._responses()
+
+    async def _responses(self) -> AsyncIterator[Resp]:
+        call = await self._started()
+        it: AsyncIterator[Resp] = call.__aiter__()  # type: ignore[attr-defined]
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            return
+        except grpc.aio.AioRpcError as e:
+            retry = self._failover(e)
+            if retry is None:
+                raise
+            it = retry.__aiter__()  # type: ignore[attr-defined]
+            try:
+                first = await it.__anext__()
+            except StopAsyncIteration:
+                return
+        self._succeeded()
+        yield first
+        async for response in it:
+            yield response
+
+    async def read(self) -> object:
+        call = await self._started()
+        first = not getattr(self, "_reading", False)
+        self._reading = True
+        try:
+            response: object = await call.read()  # type: ignore[attr-defined]
+        except grpc.aio.AioRpcError as e:
+            retry = self._failover(e) if first else None
+            if retry is None:
+                raise
+            response = await retry.read()  # type: ignore[attr-defined]
+        if first and response is not grpc.aio.EOF:
+            self._succeeded()
+        return response
+
+    # streaming request
+    async def write(self, request: Req) -> None:
+        await (await self._started()).write(request)  # type: ignore[attr-defined]
+
+    async def done_writing(self) -> None:
+        await (await self._started()).done_writing()  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} call={self._call!r} cancelled={self._cancelled}>"
+
+
+class UnaryUnaryCall(AioCall[Req, Resp], grpc.aio.UnaryUnaryCall[Req, Resp]):
+    """A balanced grpc.aio unary-unary call."""
+
+
+class UnaryStreamCall(AioCall[Req, Resp], grpc.aio.UnaryStreamCall[Req, Resp]):
+    """A balanced grpc.aio unary-stream call."""
+
+
+class StreamUnaryCall(AioCall[Req, Resp], grpc.aio.StreamUnaryCall[Req, Resp]):
+    """A balanced grpc.aio stream-unary call."""
+
+
+class StreamStreamCall(AioCall[Req, Resp], grpc.aio.StreamStreamCall[Req, Resp]):
+    """A balanced grpc.aio stream-stream call."""
+
+
+SHAPES: dict[str, tuple[type[AioCall[object, object]], bool]] = {
+    "unary_unary": (UnaryUnaryCall, True),
+    "unary_stream": (UnaryStreamCall, True),
+    "stream_unary": (StreamUnaryCall, False),
+    "stream_stream": (StreamStreamCall, False),
+}
+
+
+def start(
+    shape: str,
+    m: AioMethod,
+    request: object,
+    deadline: float | None,
+    args: CallArgs,
+    at: Endpoint | Callable[[], Awaitable[Endpoint]],
+) -> AioCall[object, object]:
+    """Start a call of ``shape`` on endpoint ``at`` (or once the awaited pick ``at()`` returns one)."""
+    cls, retry = SHAPES[shape]
+    return cls(m, request, deadline, args, retry, at)

@@ -1,0 +1,477 @@
+"""Sync calls of the four shapes, started on a picked endpoint, with the one transparent retry: a unary
+request that fails with UNAVAILABLE before any response (connection refused or reset: nothing reached the
+application) is sent once more to another endpoint within the time left, and the failing address is
+ejected for a cool-down. Blocking unary calls retry inline; ``future()`` and response streams return call
+objects that retry. Backend calls may be plain iterators (instrumented channels): nothing here needs more."""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+import grpc
+
+from lookaside_grpc._calls import _compat
+from lookaside_grpc._calls._engine import (
+    Bound,
+    CallArgs,
+    Method,
+    Req,
+    Resp,
+    deadline_of,
+    remaining,
+)
+from lookaside_grpc._endpoints import Endpoint
+from lookaside_grpc._health import retryable
+from lookaside_grpc._pool import Slot
+
+T = TypeVar("T")
+M = TypeVar("M")
+SyncMethod = Method[grpc.Channel, M]
+UU = grpc.UnaryUnaryMultiCallable
+US = grpc.UnaryStreamMultiCallable
+SU = grpc.StreamUnaryMultiCallable
+SS = grpc.StreamStreamMultiCallable
+
+
+class _Once:
+    """Uncount a call exactly once, from whichever of done callback, end of iteration or GC comes first."""
+
+    __slots__ = ("_method", "_slot", "_t0", "_done")
+
+    def __init__(self, method: Method[grpc.Channel, M], slot: Slot[grpc.Channel], t0: float) -> None:
+        self._method: Method[grpc.Channel, object] = method  # type: ignore[assignment]
+        self._slot = slot
+        self._t0 = t0
+        self._done = False
+
+    def __call__(self, _call: object = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._method.finished(self._slot, self._t0)
+
+
+def _blocking(
+    m: SyncMethod[M],
+    ep: Endpoint,
+    deadline: float | None,
+    invoke: Callable[[M, float | None], T],
+    retry: bool,
+) -> T:
+    """A blocking call with ``invoke(backend multicallable, timeout)``; retried once when allowed."""
+    bound = m.enter(ep.address)
+    t0 = m.clock()
+    try:
+        result = invoke(bound.call, remaining(deadline))
+    except grpc.RpcError as e:
+        m.finished(bound.slot, t0)
+        if not (retry and retryable(e)):
+            raise
+        nxt = m.retry_bound(bound.slot.address, deadline)
+        if nxt is None:
+            raise
+        t0 = m.clock()
+        try:
+            result = invoke(nxt.call, remaining(deadline))
+        finally:
+            m.finished(nxt.slot, t0)
+        m.succeeded(nxt.slot.address)
+        return result
+    m.finished(bound.slot, t0)
+    m.succeeded(bound.slot.address)
+    return result
+
+
+def unary_unary(
+    m: SyncMethod[UU[Req, Resp]], ep: Endpoint, request: Req, deadline: float | None, a: CallArgs
+) -> Resp:
+    """Blocking unary-unary ``__call__``."""
+
+    def invoke(mc: UU[Req, Resp], timeout: float | None) -> Resp:
+        return mc(request, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)  # type: ignore[arg-type]
+
+    return _blocking(m, ep, deadline, invoke, retry=True)
+
+
+def unary_unary_with_call(
+    m: SyncMethod[UU[Req, Resp]], ep: Endpoint, request: Req, deadline: float | None, a: CallArgs
+) -> tuple[Resp, grpc.Call]:
+    """Blocking unary-unary ``with_call``."""
+
+    def invoke(mc: UU[Req, Resp], timeout: float | None) -> tuple[Resp, grpc.Call]:
+        return mc.with_call(request, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)  # type: ignore[arg-type]
+
+    return _blocking(m, ep, deadline, invoke, retry=True)
+
+
+def stream_unary(
+    m: SyncMethod[SU[Req, Resp]], ep: Endpoint, requests: Iterator[Req], deadline: float | None, a: CallArgs
+) -> Resp:
+    """Blocking stream-unary ``__call__``: never retried (the request iterator is consumed)."""
+
+    def invoke(mc: SU[Req, Resp], timeout: float | None) -> Resp:
+        return mc(requests, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)  # type: ignore[arg-type]
+
+    return _blocking(m, ep, deadline, invoke, retry=False)
+
+
+def stream_unary_with_call(
+    m: SyncMethod[SU[Req, Resp]], ep: Endpoint, requests: Iterator[Req], deadline: float | None, a: CallArgs
+) -> tuple[Resp, grpc.Call]:
+    """Blocking stream-unary ``with_call``."""
+
+    def invoke(mc: SU[Req, Resp], timeout: float | None) -> tuple[Resp, grpc.Call]:
+        return mc.with_call(requests, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)  # type: ignore[arg-type]
+
+    return _blocking(m, ep, deadline, invoke, retry=False)
+
+
+def _track(m: SyncMethod[M], bound: Bound[grpc.Channel, M], call: object, t0: float) -> _Once:
+    """Uncount ``call`` when it is done (its done callback, if it has one)."""
+    once = _Once(m, bound.slot, t0)
+    add = getattr(call, "add_done_callback", None)
+    if callable(add):
+        add(once)
+    return once
+
+
+def stream_unary_future(
+    m: SyncMethod[SU[Req, Resp]], ep: Endpoint, requests: Iterator[Req], deadline: float | None, a: CallArgs
+) -> grpc.Future[Resp]:
+    """Stream-unary ``future()``: grpc's own future, uncounted when done (no retry)."""
+    bound = m.enter(ep.address)
+    t0 = m.clock()
+    try:
+        fut = bound.call.future(
+            requests, remaining(deadline), a.metadata, a.credentials, a.wait_for_ready, a.compression  # type: ignore[arg-type]
+        )
+    except BaseException:
+        m.finished(bound.slot, t0)
+        raise
+    if not callable(getattr(fut, "add_done_callback", None)):
+        m.finished(bound.slot, t0)
+        return fut
+    _track(m, bound, fut, t0)
+    return fut
+
+
+class UnaryUnaryFuture(grpc.Call, _compat.Future[Resp], Generic[Req, Resp]):
+    """A unary-unary call as ``future()`` returns it (Call + Future), retried once on another endpoint when
+    it fails with UNAVAILABLE before any response byte."""
+
+    def __init__(
+        self, m: SyncMethod[UU[Req, Resp]], ep: Endpoint, request: Req, deadline: float | None, a: CallArgs
+    ) -> None:
+        self._m = m
+        self._request = request
+        self._args = a
+        self._deadline = deadline
+        self._retried = False
+        self._cancelled = False
+        self._finished = threading.Event()
+        self._callbacks: list[Callable[[grpc.Future[Resp]], None]] = []
+        self._lock = threading.Lock()
+        self._attempt(m.enter(ep.address))
+
+    def _attempt(self, bound: Bound[grpc.Channel, UU[Req, Resp]]) -> None:
+        self._slot = bound.slot
+        self._t0 = self._m.clock()
+        a = self._args
+        try:
+            self._inner: grpc.Future[Resp] = bound.call.future(
+                self._request, remaining(self._deadline), a.metadata, a.credentials, a.wait_for_ready, a.compression  # type: ignore[arg-type]
+            )
+        except BaseException:
+            self._m.finished(bound.slot, self._t0)
+            raise
+        self._inner.add_done_callback(self._on_done)
+
+    def _on_done(self, fut: grpc.Future[Resp]) -> None:
+        m = self._m
+        slot = self._slot
+        m.finished(slot, self._t0)
+        if not self._retried and not self._cancelled and retryable(fut):
+            self._retried = True
+            nxt = m.retry_bound(slot.address, self._deadline)
+            if nxt is not None:
+                try:
+                    self._attempt(nxt)
+                    return
+                except Exception:  # the first failure stands
+                    pass
+        elif isinstance(fut, grpc.Call) and fut.code() is grpc.StatusCode.OK:
+            m.succeeded(slot.address)
+        with self._lock:
+            self._finished.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb(self)
+
+    def _final(self, timeout: float | None = None) -> grpc.Future[Resp]:
+        if not self._finished.wait(timeout):
+            raise grpc.FutureTimeoutError()
+        return self._inner
+
+    def _call(self) -> grpc.Call:
+        inner = self._final()
+        assert isinstance(inner, grpc.Call)
+        return inner
+
+    # grpc.Future
+    def cancel(self) -> bool:
+        self._cancelled = True
+        return self._inner.cancel()
+
+    def cancelled(self) -> bool:
+        return self._finished.is_set() and self._inner.cancelled()
+
+    def running(self) -> bool:
+        return not self._finished.is_set()
+
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def result(self, timeout: float | None = None) -> Resp:
+        return self._final(timeout).result()
+
+    def exception(self, timeout: float | None = None) -> Exception | None:
+        return self._final(timeout).exception()
+
+    def traceback(self, timeout: float | None = None) -> object:
+        return self._final(timeout).traceback()
+
+    def add_done_callback(self, fn: Callable[[grpc.Future[Resp]], None]) -> None:
+        with self._lock:
+            if not self._finished.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    # grpc.Call / RpcContext
+    def initial_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._call().initial_metadata()
+
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._call().trailing_metadata()
+
+    def code(self) -> grpc.StatusCode:
+        return self._call().code()
+
+    def details(self) -> str:
+        return self._call().details()
+
+    def debug_error_string(self) -> str:
+        return str(getattr(self._final(), "debug_error_string", lambda: "")())
+
+    def is_active(self) -> bool:
+        return not self._finished.is_set()
+
+    def time_remaining(self) -> float:
+        left = remaining(self._deadline)
+        return float("inf") if left is None else left
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self.add_done_callback(lambda _f: callback())
+        return True
+
+
+class ResponseStream(grpc.Call, _compat.Future[Resp], Iterator[Resp], Generic[Req, Resp]):
+    """A response-streaming call (iterator + Call + Future). A unary-request call is retried once on another
+    endpoint when it fails with UNAVAILABLE before the first response message (``retry`` set). The backend
+    call may be grpc's own or a plain iterator (an instrumented channel's): this object works for both and
+    uncounts the call at its end, on cancel, or when it is garbage collected."""
+
+    def __init__(
+        self,
+        m: SyncMethod[Callable[..., Iterator[Resp]]],
+        ep: Endpoint,
+        request: object,
+        deadline: float | None,
+        a: CallArgs,
+        retry: bool,
+    ) -> None:
+        self._m = m
+        self._request = request
+        self._args = a
+        self._deadline = deadline
+        self._first = True
+        self._retry = retry
+        self._error: grpc.RpcError | None = None
+        self._ended = False
+        self._attempt(m.enter(ep.address))
+
+    def _attempt(self, bound: Bound[grpc.Channel, Callable[..., Iterator[Resp]]]) -> None:
+        self._slot = bound.slot
+        t0 = self._m.clock()
+        a = self._args
+        try:
+            self._inner: Iterator[Resp] = bound.call(
+                self._request, remaining(self._deadline), a.metadata, a.credentials, a.wait_for_ready, a.compression
+            )
+        except BaseException:
+            self._m.finished(bound.slot, t0)
+            raise
+        self._release = _track(self._m, bound, self._inner, t0)
+        self._finalizer = weakref.finalize(self, self._release)
+
+    def __iter__(self) -> ResponseStream[Req, Resp]:
+        return self
+
+    def __next__(self) -> Resp:
+        if not self._first:
+            return self._next()
+        self._first = False
+        try:
+            response = self._next()
+        except grpc.RpcError as e:
+            if not (self._retry and retryable(e)):
+                raise
+            nxt = self._m.retry_bound(self._slot.address, self._deadline)
+            if nxt is None:
+                raise
+            self._error = None
+            self._attempt(nxt)
+            return self._next()
+        self._m.succeeded(self._slot.address)
+        return response
+
+    def _next(self) -> Resp:
+        try:
+            return next(self._inner)
+        except StopIteration:
+            self._ended = True
+            self._release()
+            raise
+        except grpc.RpcError as e:
+            self._error = e
+            self._ended = True
+            self._release()
+            raise
+
+    def _grpc_call(self) -> grpc.Call | None:
+        inner = self._inner
+        return inner if isinstance(inner, grpc.Call) else None
+
+    def _future(self) -> grpc.Future[Resp] | None:
+        inner = self._inner
+        return inner if isinstance(inner, grpc.Future) else None
+
+    # grpc.Call
+    def initial_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        call = self._grpc_call()
+        return call.initial_metadata() if call is not None else ()
+
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        call = self._grpc_call()
+        if call is not None:
+            return call.trailing_metadata()
+        return tuple(self._error.trailing_metadata() or ()) if isinstance(self._error, grpc.Call) else ()  # type: ignore[arg-type]
+
+    def code(self) -> grpc.StatusCode:
+        call = self._grpc_call()
+        if call is not None:
+            return call.code()
+        if isinstance(self._error, grpc.Call):
+            return self._error.code()
+        return grpc.StatusCode.OK if self._ended else grpc.StatusCode.UNKNOWN
+
+    def details(self) -> str:
+        call = self._grpc_call()
+        if call is not None:
+            return call.details()
+        return self._error.details() if isinstance(self._error, grpc.Call) else ""
+
+    def is_active(self) -> bool:
+        call = self._grpc_call()
+        return call.is_active() if call is not None else not self._ended
+
+    def time_remaining(self) -> float:
+        left = remaining(self._deadline)
+        return float("inf") if left is None else left
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        call = self._grpc_call()
+        return call.add_callback(callback) if call is not None else False
+
+    def cancel(self) -> bool:
+        inner = self._inner
+        cancel = getattr(inner, "cancel", None)
+        if callable(cancel):
+            result = bool(cancel())
+        else:  # a plain generator: closing it drops (and so cancels) the call under it
+            close = getattr(inner, "close", None)
+            if callable(close):
+                close()
+            result = True
+        self._release()
+        return result
+
+    # grpc.Future
+    def cancelled(self) -> bool:
+        fut = self._future()
+        return fut.cancelled() if fut is not None else False
+
+    def running(self) -> bool:
+        fut = self._future()
+        return fut.running() if fut is not None else not self._ended
+
+    def done(self) -> bool:
+        fut = self._future()
+        return fut.done() if fut is not None else self._ended
+
+    def result(self, timeout: float | None = None) -> Resp:
+        fut = self._future()
+        if fut is None:
+            raise NotImplementedError("result() of a response stream")
+        return fut.result(timeout)
+
+    def exception(self, timeout: float | None = None) -> Exception | None:
+        fut = self._future()
+        return fut.exception(timeout) if fut is not None else self._error
+
+    def traceback(self, timeout: float | None = None) -> object:
+        fut = self._future()
+        return fut.traceback(timeout) if fut is not None else None
+
+    def add_done_callback(self, fn: Callable[[grpc.Future[Resp]], None]) -> None:
+        fut = self._future()
+        if fut is not None:
+            fut.add_done_callback(lambda _f: fn(self))
+        elif self._ended:
+            fn(self)
+
+    def debug_error_string(self) -> str:
+        return str(getattr(self._inner, "debug_error_string", lambda: "")())
+
+
+def unary_stream(
+    m: SyncMethod[US[Req, Resp]], ep: Endpoint, request: Req, deadline: float | None, a: CallArgs
+) -> ResponseStream[Req, Resp]:
+    """Unary-stream call, retried before its first response message."""
+    return ResponseStream(m, ep, request, deadline, a, retry=True)  # type: ignore[arg-type]
+
+
+def stream_stream(
+    m: SyncMethod[SS[Req, Resp]], ep: Endpoint, requests: Iterator[Req], deadline: float | None, a: CallArgs
+) -> ResponseStream[Req, Resp]:
+    """Stream-stream call: never retried (the request iterator is consumed)."""
+    return ResponseStream(m, ep, requests, deadline, a, retry=False)  # type: ignore[arg-type]
+
+
+__all__ = [
+    "ResponseStream",
+    "UnaryUnaryFuture",
+    "deadline_of",
+    "stream_stream",
+    "stream_unary",
+    "stream_unary_future",
+    "stream_unary_with_call",
+    "time",
+    "unary_stream",
+    "unary_unary",
+    "unary_unary_with_call",
+]
