@@ -28,7 +28,8 @@ from lookaside_server import (
     ServerConfig,
     StaticFileConfig,
 )
-from lookaside_server._cli.security_flags import security_config
+from lookaside_server._cli.flags import build_parser, server_config
+from lookaside_server._cli.security_flags import limits_config, security_config
 from lookaside_server._core.model import Target
 from lookaside_server._security.access import AccessPolicy, parse_identities, parse_service_rules
 
@@ -164,20 +165,21 @@ async def test_xds_omits_denied_names_and_counts_them(tmp_path: Path) -> None:
 
 
 def test_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lookaside_server.__main__ import build_parser
-
     args = build_parser().parse_args(["--static-file", "x", "--allow-service", "default/greet",
                                       "--allow-service", "team-a/*", "--max-watches", "7"])
     got = security_config(args)
-    assert got["allow_services"] == {"default": frozenset({"greet"}), "team-a": frozenset({"*"})}
-    assert got["limits"].max_watches == 7 and got["tls"] is None and got["allow_client_identities"] is None
+    assert got.access.services == {"default": frozenset({"greet"}), "team-a": frozenset({"*"})}
+    assert limits_config(args).max_watches == 7 and got.tls is None and got.access.client_identities is None
     monkeypatch.setenv("LB_ALLOW_SERVICES", "ns/a,ns/b")
     monkeypatch.setenv("LB_MAX_WATCHES_PER_PEER", "3")
     monkeypatch.setenv("LB_LOG_FORMAT", "json")
     args = build_parser().parse_args(["--static-file", "x"])
     got = security_config(args)
-    assert got["allow_services"] == {"ns": frozenset({"a", "b"})} and got["limits"].max_watches_per_peer == 3
+    assert got.access.services == {"ns": frozenset({"a", "b"})}
+    assert limits_config(args).max_watches_per_peer == 3
     assert args.log_format == "json"
+    config = server_config(args)
+    assert config.security.access.services == got.access.services and config.limits.max_watches_per_peer == 3
     args = build_parser().parse_args(["--static-file", "x", "--allow-client-identity", "spiffe://x/*"])
     with pytest.raises(ValueError, match="mutual TLS"):
         security_config(args)

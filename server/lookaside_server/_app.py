@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from lookaside_grpc import protocol as pb
 from lookaside_server._api.load import LoadBoard
 from lookaside_server._api.status import StatusServicer
-from lookaside_server._config import ServerConfig
+from lookaside_server._config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig  # noqa: F401 - re-exported
 from lookaside_server._core.registry import Registry, TargetStatus
 from lookaside_server._security.access import AccessPolicy
 from lookaside_server._security.guard import ServerGuard

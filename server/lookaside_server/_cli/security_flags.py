@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
 
+from lookaside_server._cli.flags import env_argument, integer, number, one_of
+from lookaside_server._config import AccessConfig, SecurityConfig
 from lookaside_server._security.access import parse_identities, parse_service_rules
 from lookaside_server._security.limits import Limits
 from lookaside_server._security.tls import DEFAULT_CHECK_INTERVAL, tls_config_from
@@ -14,30 +15,22 @@ from lookaside_server._web.logging import FORMATS
 _D = Limits()
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name) or default
-
-
-def _num(name: str, default: float) -> float:
-    value = _env(name)
-    return float(value) if value is not None else default
-
-
 def add_security_arguments(p: argparse.ArgumentParser) -> None:
     """TLS, access, limit and log-format flags."""
     g = p.add_argument_group("transport security (TLS)")
-    g.add_argument("--tls-cert", default=_env("LB_TLS_CERT"), metavar="PEM",
-                   help="server certificate chain; with --tls-key turns TLS on for the gRPC port (xDS "
-                        "included); re-read when the file changes, no restart needed (LB_TLS_CERT)")
-    g.add_argument("--tls-key", default=_env("LB_TLS_KEY"), metavar="PEM",
-                   help="private key of --tls-cert, unencrypted PEM (LB_TLS_KEY)")
-    g.add_argument("--tls-client-ca", default=_env("LB_TLS_CLIENT_CA"), metavar="PEM",
-                   help="CA bundle for client certificates: given = mutual TLS, every client must present a "
-                        "certificate signed by it (LB_TLS_CLIENT_CA)")
-    g.add_argument("--tls-reload-interval", type=float,
-                   default=_num("LB_TLS_RELOAD_INTERVAL", DEFAULT_CHECK_INTERVAL), metavar="SECONDS",
-                   help="look at the TLS files at most this often, on new handshakes "
-                        "(LB_TLS_RELOAD_INTERVAL; default %(default)s)")
+    env_argument(g, "--tls-cert", env="LB_TLS_CERT", metavar="PEM",
+                 help="server certificate chain; with --tls-key turns TLS on for the gRPC port (xDS "
+                      "included); re-read when the file changes, no restart needed. An expired, not yet "
+                      "valid or non-server certificate is refused (at start: exit 2; on rotation: the "
+                      "current one stays)")
+    env_argument(g, "--tls-key", env="LB_TLS_KEY", metavar="PEM",
+                 help="private key of --tls-cert, unencrypted PEM")
+    env_argument(g, "--tls-client-ca", env="LB_TLS_CLIENT_CA", metavar="PEM",
+                 help="CA bundle for client certificates: given = mutual TLS, every client must present a "
+                      "certificate signed by it")
+    env_argument(g, "--tls-reload-interval", env="LB_TLS_RELOAD_INTERVAL", type=number(0),
+                 default=DEFAULT_CHECK_INTERVAL, metavar="SECONDS",
+                 help="look at the TLS files at most this often, on new handshakes")
 
     a = p.add_argument_group("access control")
     a.add_argument("--allow-service", action="append", default=None, metavar="NS/SVC",
@@ -51,46 +44,39 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
                         "exempt (LB_ALLOW_CLIENT_IDENTITIES; default: any client the CA vouches for)")
 
     lim = p.add_argument_group("limits")
-    lim.add_argument("--max-message-bytes", type=int,
-                     default=int(_num("LB_MAX_MESSAGE_BYTES", _D.max_message_bytes)),
-                     help="largest request message accepted; larger ones get RESOURCE_EXHAUSTED "
-                          "(LB_MAX_MESSAGE_BYTES; default %(default)s)")
-    lim.add_argument("--max-watches", type=int, default=int(_num("LB_MAX_WATCHES", _D.max_watches)),
-                     help="most Watch and xDS streams open at once (LB_MAX_WATCHES; default %(default)s)")
-    lim.add_argument("--max-watches-per-peer", type=int,
-                     default=int(_num("LB_MAX_WATCHES_PER_PEER", _D.max_watches_per_peer)),
-                     help="most Watch and xDS streams open at once per client IP "
-                          "(LB_MAX_WATCHES_PER_PEER; default %(default)s)")
-    lim.add_argument("--max-concurrent-rpcs", type=int, default=int(_num("LB_MAX_CONCURRENT_RPCS", 0)),
-                     help="most RPCs in progress, streams included; 0 = no limit (LB_MAX_CONCURRENT_RPCS; "
-                          "default %(default)s)")
-    lim.add_argument("--max-pending-requests", type=int,
-                     default=int(_num("LB_MAX_PENDING_REQUESTS", _D.max_pending_requests)),
-                     help="calls queued for the server before new ones are cancelled (grpc's own default "
-                          "is 1000) (LB_MAX_PENDING_REQUESTS; default %(default)s)")
-    lim.add_argument("--keepalive-time", type=float, default=_num("LB_KEEPALIVE_TIME", _D.keepalive_time),
-                     help="seconds between the server's keepalive pings (LB_KEEPALIVE_TIME; default "
-                          "%(default)s)")
-    lim.add_argument("--keepalive-timeout", type=float,
-                     default=_num("LB_KEEPALIVE_TIMEOUT", _D.keepalive_timeout),
-                     help="seconds a ping may go unanswered before the connection is dropped "
-                          "(LB_KEEPALIVE_TIMEOUT; default %(default)s)")
-    lim.add_argument("--min-ping-interval", type=float,
-                     default=_num("LB_MIN_PING_INTERVAL", _D.min_ping_interval),
-                     help="clients may send keepalive pings at most this often, in seconds "
-                          "(LB_MIN_PING_INTERVAL; default %(default)s)")
-    lim.add_argument("--max-connection-idle", type=float,
-                     default=_num("LB_MAX_CONNECTION_IDLE", _D.max_connection_idle or 0),
-                     help="close connections without RPCs for this many seconds; 0 = never "
-                          "(LB_MAX_CONNECTION_IDLE; default %(default)s)")
-    lim.add_argument("--max-connection-age", type=float, default=_num("LB_MAX_CONNECTION_AGE", 0),
-                     help="close connections after this many seconds (streams get 30 s grace; clients "
-                          "reconnect, e.g. to another replica); 0 = never (LB_MAX_CONNECTION_AGE; default "
-                          "%(default)s)")
+    env_argument(lim, "--max-message-bytes", env="LB_MAX_MESSAGE_BYTES", type=integer(1024),
+                 default=_D.max_message_bytes,
+                 help="largest request message accepted; larger ones get RESOURCE_EXHAUSTED")
+    env_argument(lim, "--max-watches", env="LB_MAX_WATCHES", type=integer(1), default=_D.max_watches,
+                 help="most Watch and xDS streams open at once")
+    env_argument(lim, "--max-watches-per-peer", env="LB_MAX_WATCHES_PER_PEER", type=integer(1),
+                 default=_D.max_watches_per_peer,
+                 help="most Watch and xDS streams open at once per client IP")
+    env_argument(lim, "--max-concurrent-rpcs", env="LB_MAX_CONCURRENT_RPCS", type=integer(0), default=0,
+                 help="most RPCs in progress, streams included; 0 = no limit")
+    env_argument(lim, "--max-pending-requests", env="LB_MAX_PENDING_REQUESTS", type=integer(1),
+                 default=_D.max_pending_requests,
+                 help="calls queued for the server before new ones are cancelled (grpc's own default is "
+                      "1000)")
+    env_argument(lim, "--keepalive-time", env="LB_KEEPALIVE_TIME", type=number(above=0),
+                 default=_D.keepalive_time, help="seconds between the server's keepalive pings")
+    env_argument(lim, "--keepalive-timeout", env="LB_KEEPALIVE_TIMEOUT", type=number(above=0),
+                 default=_D.keepalive_timeout,
+                 help="seconds a ping may go unanswered before the connection is dropped")
+    env_argument(lim, "--min-ping-interval", env="LB_MIN_PING_INTERVAL", type=number(above=0),
+                 default=_D.min_ping_interval,
+                 help="clients may send keepalive pings at most this often, in seconds")
+    env_argument(lim, "--max-connection-idle", env="LB_MAX_CONNECTION_IDLE", type=number(0),
+                 default=_D.max_connection_idle or 0,
+                 help="close connections without RPCs for this many seconds; 0 = never")
+    env_argument(lim, "--max-connection-age", env="LB_MAX_CONNECTION_AGE", type=number(0), default=0,
+                 help="close connections after this many seconds (streams get 30 s grace; clients "
+                      "reconnect, e.g. to another replica); 0 = never")
 
-    p.add_argument("--log-format", choices=FORMATS, default=_env("LB_LOG_FORMAT", "text"),
-                   help="'text' or 'json' (one object per line with time, level, logger, message and, "
-                        "where known, target and peer) (LB_LOG_FORMAT; default %(default)s)")
+    env_argument(p, "--log-format", env="LB_LOG_FORMAT", choices=FORMATS, type=one_of(FORMATS),
+                 default="text",
+                 help="'text' or 'json' (one object per line with time, level, logger, message and, where "
+                      "known, target and peer)")
 
 
 def _list(flag: list[str] | None, env: str) -> list[str] | None:
@@ -100,19 +86,23 @@ def _list(flag: list[str] | None, env: str) -> list[str] | None:
     return [value] if value else None
 
 
-def security_config(args: argparse.Namespace) -> dict[str, Any]:
-    """ServerConfig keyword arguments from the flags; ValueError for bad values."""
-    if args.log_format not in FORMATS:
-        raise ValueError(f"--log-format must be one of {', '.join(FORMATS)}, not {args.log_format!r}")
+def security_config(args: argparse.Namespace,
+                    allow_namespaces: frozenset[str] | None = None) -> SecurityConfig:
+    """TLS and access rules from the flags (``allow_namespaces`` from the source flags); ValueError for
+    bad or inconsistent values."""
     tls = tls_config_from(args.tls_cert, args.tls_key, args.tls_client_ca, args.tls_reload_interval)
     identities = parse_identities(_list(args.allow_client_identity, "LB_ALLOW_CLIENT_IDENTITIES"))
     if identities is not None and (tls is None or not tls.mutual):
         raise ValueError("--allow-client-identity (LB_ALLOW_CLIENT_IDENTITIES) needs mutual TLS: "
                          "--tls-cert, --tls-key and --tls-client-ca")
-    for name in ("keepalive_time", "keepalive_timeout", "min_ping_interval"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    limits = Limits(
+    services = parse_service_rules(_list(args.allow_service, "LB_ALLOW_SERVICES")) or None
+    return SecurityConfig(tls=tls, access=AccessConfig(namespaces=allow_namespaces, services=services,
+                                                       client_identities=identities))
+
+
+def limits_config(args: argparse.Namespace) -> Limits:
+    """The gRPC port's limits from the flags (each already range-checked by argparse)."""
+    return Limits(
         max_message_bytes=args.max_message_bytes,
         max_watches=args.max_watches,
         max_watches_per_peer=args.max_watches_per_peer,
@@ -124,10 +114,3 @@ def security_config(args: argparse.Namespace) -> dict[str, Any]:
         max_connection_idle=args.max_connection_idle or None,
         max_connection_age=args.max_connection_age or None,
     )
-    return {
-        "tls": tls,
-        "allow_services": parse_service_rules(_list(args.allow_service, "LB_ALLOW_SERVICES")) or None,
-        "allow_client_identities": identities,
-        "limits": limits,
-        "max_targets": getattr(args, "max_targets", None),
-    }

@@ -7,6 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from lookaside_server._cli.flags import env_argument, integer, number, one_of
 from lookaside_server._sources.base import EndpointSource
 from lookaside_server._sources.kube_config import own_namespace, parse_allow_namespaces
 
@@ -15,39 +16,40 @@ log = logging.getLogger(__name__)
 SOURCES = ("endpointslices", "endpoints", "static")
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name) or default
-
-
 def add_source_arguments(p: argparse.ArgumentParser) -> None:
     """The source flags; each falls back to an environment variable, then a built-in default."""
-    p.add_argument("--source", choices=SOURCES, default=os.environ.get("LB_SOURCE") or None,
-                   help="where endpoints come from (LB_SOURCE; default: 'static' when --static-file is "
-                        "given, else 'endpointslices'; 'endpoints' reads core/v1 Endpoints on old clusters)")
+    env_argument(p, "--source", env="LB_SOURCE", choices=SOURCES, type=one_of(SOURCES),
+                 help="where endpoints come from (default: 'static' when --static-file is given, else "
+                      "'endpointslices'; 'endpoints' reads core/v1 Endpoints on old clusters)")
     p.add_argument("--kubeconfig", default=None,
                    help="kubeconfig file when not running in a pod (default: KUBECONFIG, then "
                         "~/.kube/config; in a pod the service account is used)")
-    p.add_argument("--resync-interval", type=float, default=float(_env("LB_RESYNC_INTERVAL", "300")),
-                   help="seconds between full re-lists of each watched Service (LB_RESYNC_INTERVAL; "
-                        "default %(default)s)")
-    p.add_argument("--watch-timeout", type=float, default=float(_env("LB_WATCH_TIMEOUT", "240")),
-                   help="timeoutSeconds of each Kubernetes WATCH request before it is resumed "
-                        "(LB_WATCH_TIMEOUT; default %(default)s)")
-    p.add_argument("--idle-timeout", type=float, default=float(_env("LB_IDLE_TIMEOUT", "600")),
-                   help="stop watching a Service nobody resolved or watched for this many seconds; 0 = never "
-                        "(LB_IDLE_TIMEOUT; default %(default)s)")
-    p.add_argument("--max-targets", type=int, default=int(_env("LB_MAX_TARGETS", "1000")),
-                   help="most Services watched at once; more answer RESOURCE_EXHAUSTED (LB_MAX_TARGETS; "
-                        "default %(default)s)")
+    s = p.add_argument_group("static file source")
+    env_argument(s, "--static-file", env="LB_STATIC_FILE",
+                 help="YAML/JSON file of 'namespace/service' -> endpoints; changes are seen at once through "
+                      "inotify where the platform has it, else by polling")
+    env_argument(s, "--poll-interval", env="LB_POLL_INTERVAL", type=number(above=0), default=1.0,
+                 help="seconds between looks at the static file (the only change detection without inotify, "
+                      "a safety net with it)")
+    k = p.add_argument_group("Kubernetes sources")
+    env_argument(k, "--resync-interval", env="LB_RESYNC_INTERVAL", type=number(above=0), default=300.0,
+                 help="seconds between full re-lists of each watched Service")
+    env_argument(k, "--watch-timeout", env="LB_WATCH_TIMEOUT", type=number(1), default=240.0,
+                 help="timeoutSeconds of each Kubernetes WATCH request before it is resumed")
+    env_argument(k, "--idle-timeout", env="LB_IDLE_TIMEOUT", type=number(0), default=600.0,
+                 help="stop watching a Service nobody resolved or watched for this many seconds; 0 = never")
+    env_argument(p, "--max-targets", env="LB_MAX_TARGETS", type=integer(1), default=1000,
+                 help="most Services tracked at once (static file: those still in the file); more answer "
+                      "RESOURCE_EXHAUSTED")
     p.add_argument("--allow-namespace", action="append", default=None, metavar="NS[,NS...]",
                    help="namespaces clients may resolve, repeatable or comma-separated, '*' for all "
                         "(LB_ALLOW_NAMESPACES; default for Kubernetes sources: the server's own namespace; "
                         "for the static source: all)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SourceChoice:
-    """What the flags select: a source (None: ServerConfig's static file) and the namespace allow-list."""
+    """What the flags select: a source (None: the static file) and the namespace allow-list."""
 
     kind: str
     source: EndpointSource | None
@@ -66,10 +68,6 @@ def choose_source(args: argparse.Namespace) -> SourceChoice:
         if not args.static_file:
             raise ValueError("the static source needs --static-file (or LB_STATIC_FILE)")
         return SourceChoice(kind, None, allow)
-    if args.max_targets < 1:
-        raise ValueError("--max-targets must be at least 1")
-    if args.resync_interval <= 0 or args.watch_timeout < 1:
-        raise ValueError("--resync-interval must be positive and --watch-timeout at least 1 second")
     from lookaside_server._sources.kubernetes import KubernetesSource, KubeTimings
 
     timings = KubeTimings(resync_interval=args.resync_interval, watch_timeout=args.watch_timeout)
