@@ -36,8 +36,14 @@ class CA:
     _cert: x509.Certificate
 
     def issue(self, common_name: str, *, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (),
-              uris: tuple[str, ...] = (), server: bool = True, client: bool = True) -> KeyPair:
-        """A leaf certificate for ``common_name`` with the given SANs, signed by this CA."""
+              uris: tuple[str, ...] = (), server: bool = True, client: bool = True,
+              not_before: datetime.datetime | None = None, not_after: datetime.datetime | None = None,
+              ca: bool = False) -> KeyPair:
+        """A leaf certificate for ``common_name`` with the given SANs, signed by this CA.
+
+        ``server``/``client``: the extended key usages (serverAuth, clientAuth); ``not_before``/``not_after``
+        the validity period (default: from 5 minutes ago for a day); ``ca``: mark it a CA certificate
+        (BasicConstraints ca=True), which a server must not present."""
         key = ec.generate_private_key(ec.SECP256R1())
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
@@ -51,9 +57,9 @@ class CA:
             .issuer_name(self._cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .not_valid_before(not_before or now - datetime.timedelta(minutes=5))
+            .not_valid_after(not_after or now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         )
         if sans:
@@ -93,6 +99,20 @@ def make_ca(name: str = "lookaside test CA") -> CA:
 def server_pair(ca: CA, *dns: str) -> KeyPair:
     """A server certificate for 127.0.0.1, localhost and lookaside.default.svc (plus ``dns``)."""
     return ca.issue("lookaside", dns=SERVER_DNS + dns, ips=("127.0.0.1",), client=False)
+
+
+def expired_server_pair(ca: CA) -> KeyPair:
+    """A server certificate (as :func:`server_pair`) that expired an hour ago."""
+    now = datetime.datetime.now(datetime.UTC)
+    return ca.issue("lookaside", dns=SERVER_DNS, ips=("127.0.0.1",), client=False,
+                    not_before=now - datetime.timedelta(days=2), not_after=now - datetime.timedelta(hours=1))
+
+
+def future_server_pair(ca: CA) -> KeyPair:
+    """A server certificate (as :func:`server_pair`) valid only from tomorrow."""
+    now = datetime.datetime.now(datetime.UTC)
+    return ca.issue("lookaside", dns=SERVER_DNS, ips=("127.0.0.1",), client=False,
+                    not_before=now + datetime.timedelta(days=1), not_after=now + datetime.timedelta(days=2))
 
 
 def client_pair(ca: CA, uri: str = GOOD_SPIFFE, dns: tuple[str, ...] = ()) -> KeyPair:

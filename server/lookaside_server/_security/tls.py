@@ -7,11 +7,18 @@ content changed and the new set is consistent (the key matches the certificate, 
 the new configuration. Connections already open keep the old certificate; a broken or half-written update
 is logged and ignored (the last good set stays in use) and retried on later handshakes.
 
+A certificate that must not be served is refused (:class:`TlsRefused`), at start (the server does not start;
+the CLI exits 2) and on rotation (the current certificate stays, the refusal is logged once per file set and
+counted): expired, not yet valid, a CA certificate, or one whose key usage / extended key usage does not
+allow TLS server authentication. A not-yet-valid set is looked at again on later checks and taken once it is
+valid.
+
 Key material is never logged: log lines name the files and the SHA-256 fingerprint of the certificate.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import os
@@ -22,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +40,69 @@ DEFAULT_CHECK_INTERVAL = 1.0
 
 class TlsError(ValueError):
     """The TLS files cannot be used (unreadable, not PEM, key not matching the certificate)."""
+
+
+class _Unstable(TlsError):
+    """The files changed while being read (a rotation in progress): look again on the next check."""
+
+
+#: Why a certificate is refused (:attr:`TlsRefused.reason`).
+EXPIRED = "expired"
+NOT_YET_VALID = "not_yet_valid"
+USAGE = "usage"
+
+
+class TlsRefused(TlsError):
+    """A readable certificate that must not be served: expired, not yet valid, or not for TLS servers."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        #: One of EXPIRED, NOT_YET_VALID, USAGE.
+        self.reason = reason
+
+
+def _when(t: datetime.datetime) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def check_server_certificate(cert_pem: bytes, where: str, now: datetime.datetime | None = None) -> None:
+    """Raise :class:`TlsRefused` unless the first certificate of ``cert_pem`` (the leaf) may be served now:
+    within its validity period, not a CA certificate, and its key usage and extended key usage (when
+    present) allow TLS server authentication. :class:`TlsError` if it is not a PEM certificate chain."""
+    try:
+        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
+    except (ValueError, IndexError):
+        raise TlsError(f"TLS certificate {where} is not a PEM certificate chain") from None
+    now = now or datetime.datetime.now(datetime.UTC)
+    what = f"TLS certificate {where} (sha256 {fingerprint(cert_pem)})"
+    if leaf.not_valid_after_utc < now:
+        raise TlsRefused(EXPIRED, f"{what} expired on {_when(leaf.not_valid_after_utc)}")
+    if leaf.not_valid_before_utc > now:
+        raise TlsRefused(NOT_YET_VALID, f"{what} is not valid before {_when(leaf.not_valid_before_utc)}"
+                                        " (check the clock, or wait)")
+    ext = leaf.extensions
+    try:
+        if ext.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise TlsRefused(USAGE, f"{what} is a CA certificate (BasicConstraints CA:TRUE), not a server "
+                                    "certificate")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        eku = ext.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        eku = None
+    if eku is not None and not {ExtendedKeyUsageOID.SERVER_AUTH,
+                                ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE} & set(eku):
+        names = ", ".join(getattr(oid, "_name", None) or oid.dotted_string for oid in eku) or "none"
+        raise TlsRefused(USAGE, f"{what} is not for TLS servers: its extended key usage is {names}, "
+                                "without serverAuth")
+    try:
+        ku = ext.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        ku = None
+    if ku is not None and not (ku.digital_signature or ku.key_encipherment or ku.key_agreement):
+        raise TlsRefused(USAGE, f"{what} is not for TLS servers: its key usage allows neither "
+                                "digitalSignature nor keyEncipherment")
 
 
 @dataclass(frozen=True)
@@ -89,9 +161,14 @@ class CertificateStore:
         self.config = config
         self._lock = threading.Lock()
         self._checked = 0.0
-        #: How many times new material was loaded after the first (rotations), and failed attempts.
+        #: How many times new material was loaded after the first (rotations), and failed attempts (each
+        #: file set counted once); ``refusals``: the failed attempts refused as expired, not yet valid or
+        #: wrong usage (:class:`TlsRefused`).
         self.reloads = 0
         self.reload_errors = 0
+        self.refusals = 0
+        #: Digest of the last file set that failed (and whether to look at it again: not yet valid).
+        self._failed: tuple[bytes, bool] | None = None
         self._material = self._load()
         self._checked = time.monotonic()
         log.info("TLS: certificate %s (sha256 %s), key %s%s", os.fspath(config.cert_file),
@@ -109,9 +186,15 @@ class CertificateStore:
         ca = _read(c.client_ca_file, "client CA") if c.client_ca_file is not None else None
         return _read(c.cert_file, "certificate"), _read(c.key_file, "key"), ca
 
-    def _load(self) -> _Material:
-        """Read and check the files; raise TlsError (with a message free of key material) if unusable."""
-        first = self._read_all()
+    @staticmethod
+    def _digest(files: tuple[bytes, bytes, bytes | None]) -> bytes:
+        cert, key, ca = files
+        return hashlib.sha256(b"\0".join((cert, key, ca or b""))).digest()
+
+    def _load(self, first: tuple[bytes, bytes, bytes | None] | None = None) -> _Material:
+        """Read and check the files; raise TlsError (with a message free of key material) if unusable,
+        TlsRefused if the certificate must not be served."""
+        first = first or self._read_all()
         c = self.config
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
@@ -128,10 +211,10 @@ class CertificateStore:
                                f"{getattr(e, 'reason', None) or type(e).__name__}") from None
         # The files may have been swapped between our read and the check: only accept a stable set.
         if self._read_all() != first:
-            raise TlsError("the TLS files changed while being read")
+            raise _Unstable("the TLS files changed while being read")
         cert, key, ca = first
-        digest = hashlib.sha256(b"\0".join((cert, key, ca or b""))).digest()
-        return _Material(cert, key, ca, digest)
+        check_server_certificate(cert, os.fspath(c.cert_file))
+        return _Material(cert, key, ca, self._digest(first))
 
     def initial(self) -> grpc.ServerCertificateConfiguration:
         """The configuration to start with."""
@@ -144,9 +227,32 @@ class CertificateStore:
             if now - self._checked < self.config.check_interval:
                 return None
             self._checked = now
+            digest: bytes | None = None
             try:
-                material = self._load()
+                files = self._read_all()
+                digest = self._digest(files)
+                if digest == self._material.digest:
+                    return None
+                if self._failed is not None and self._failed == (digest, False):
+                    return None  # already refused and logged; not looked at again until the files change
+                seen = self._failed is not None and self._failed[0] == digest
+                material = self._load(files)
+            except _Unstable:
+                return None
+            except TlsRefused as e:
+                assert digest is not None
+                self._failed = (digest, e.reason == NOT_YET_VALID)
+                if not seen:
+                    self.reload_errors += 1
+                    self.refusals += 1
+                    log.warning("TLS files changed but the certificate is refused, keeping the current one: "
+                                "%s", e)
+                return None
             except TlsError as e:
+                if digest is not None:
+                    if self._failed == (digest, False):
+                        return None
+                    self._failed = (digest, False)  # logged and counted once per file set
                 self.reload_errors += 1
                 log.warning("TLS files changed but cannot be used, keeping the current certificate: %s", e)
                 return None
@@ -154,6 +260,7 @@ class CertificateStore:
                 self.reload_errors += 1
                 log.warning("TLS reload failed, keeping the current certificate: %s", type(e).__name__)
                 return None
+            self._failed = None
             if material.digest == self._material.digest:
                 return None
             old = self._material

@@ -134,6 +134,8 @@ class _RegistryCollector(Collector):
                                       value=self.tls.reloads)
             yield CounterMetricFamily("lookaside_tls_reload_errors", "TLS file changes not usable.",
                                       value=self.tls.reload_errors)
+            yield CounterMetricFamily("lookaside_tls_refusals", "TLS certificates refused on rotation "
+                                      "(expired, not yet valid, wrong usage).", value=self.tls.refusals)
 
 
 class ServerMetrics:
