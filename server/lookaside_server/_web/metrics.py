@@ -8,6 +8,8 @@ Counted as things happen (by the server interceptor, the access policy and the l
 * ``lookaside_access_denied_total{reason}``: denials by ``namespace``, ``service`` or ``identity``;
 * ``lookaside_limit_hits_total{limit}``: ``max_watches``, ``max_watches_per_peer``, ``max_targets``
   (grpc refuses oversize messages and RPCs above ``--max-concurrent-rpcs`` itself: not counted here).
+* ``lookaside_xds_rejects_total{reason}``: xDS request parts not served (``nack``, ``unknown_type``,
+  ``unknown_name``, ``invalid_name``, ``not_found``, ``denied``, ``too_many_names``, ``invalid_request``).
 
 Read at scrape time (no double bookkeeping; series of forgotten targets simply disappear):
 
@@ -155,6 +157,8 @@ class ServerMetrics:
                               ["reason"], registry=r)
         self.limit_hits = Counter("lookaside_limit_hits", "Requests refused because a limit was reached.",
                                   ["limit"], registry=r)
+        self.xds_rejects = Counter("lookaside_xds_rejects", "xDS request parts not served, by reason.",
+                                   ["reason"], registry=r)
         for reason in ("namespace", "service", "identity"):
             self.denied.labels(reason)
         for limit in (MAX_WATCHES, MAX_WATCHES_PER_PEER, MAX_TARGETS):
@@ -169,6 +173,10 @@ class ServerMetrics:
     def deny(self, reason: str) -> None:
         """Count a denial."""
         self.denied.labels(reason).inc()
+
+    def xds_reject(self, reason: str) -> None:
+        """Count an xDS request part not served (``_xds.stream.REJECT_REASONS``)."""
+        self.xds_rejects.labels(reason).inc()
 
     def limit_hit(self, limit: str) -> None:
         """Count a limit hit."""
