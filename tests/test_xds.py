@@ -40,13 +40,10 @@ from lookaside_server._xds.resources import (
     LISTENER,
     ROUTE,
     ROUTER_FILTER,
-    BadName,
-    XdsName,
     XdsOptions,
     cluster,
     listener,
     load_assignment,
-    parse_name,
     route_configuration,
 )
 
@@ -55,26 +52,6 @@ A, B, C = "10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"
 
 
 # --- names and resources ---------------------------------------------------------------------------------
-
-@pytest.mark.parametrize(("name", "want"), [
-    ("greet.default", XdsName(Target("greet", "default"), "")),
-    ("greet.default:grpc", XdsName(Target("greet", "default"), "grpc")),
-    ("greet.default:050051", XdsName(Target("greet", "default"), "50051")),
-    ("greet.prod-eu.svc", XdsName(Target("greet", "prod-eu"), "")),
-    ("greet.default.svc.cluster.local:8080", XdsName(Target("greet", "default"), "8080")),
-])
-def test_parse_name(name: str, want: XdsName) -> None:
-    assert parse_name(name) == want
-
-
-@pytest.mark.parametrize("name", [
-    "", "greet", "greet.default.other", "Greet.default", "greet.Default", "1greet.default", "greet.default:",
-    "greet.default:0", "greet.default:70000", "greet.default:Bad_Port", "greet.default:a:b", ".default",
-])
-def test_parse_name_rejects(name: str) -> None:
-    with pytest.raises(BadName):
-        parse_name(name)
-
 
 def unpack_hcm(lis: listener_pb2.Listener) -> hcm_pb2.HttpConnectionManager:
     hcm = hcm_pb2.HttpConnectionManager()
@@ -90,6 +67,16 @@ def test_listener_inline_routes_with_router_filter_last() -> None:
     assert hcm.http_filters[-1].typed_config.Is(router_pb2.Router.DESCRIPTOR)
     assert hcm.WhichOneof("route_specifier") == "route_config"
     assert hcm.route_config == route_configuration(NAME)
+
+
+def test_listener_of_an_alias_routes_to_the_canonical_cluster() -> None:
+    lis = listener("greet.default.svc:05001", XdsOptions(), "greet.default:5001")
+    assert lis.name == "greet.default.svc:05001"  # the name the client dialled
+    hcm = unpack_hcm(lis)
+    assert hcm.route_config == route_configuration("greet.default:5001")
+    assert hcm.route_config.virtual_hosts[0].routes[0].route.cluster == "greet.default:5001"
+    hcm = unpack_hcm(listener("greet.default.svc:05001", XdsOptions(rds=True), "greet.default:5001"))
+    assert hcm.rds.route_config_name == "greet.default:5001"
 
 
 def test_listener_with_rds() -> None:

@@ -118,7 +118,7 @@ class LookasideServer:
             return ()
         self.xds = add_xds_to_server(self.registry, server, self.config.xds.options,
                                      self.config.security.access.namespaces, access=self.access,
-                                     load=load)
+                                     load=load, on_reject=self.metrics.xds_reject)
         return (SERVICE_NAME,)
 
     def _start_http(self) -> None:

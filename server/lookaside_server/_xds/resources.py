@@ -1,10 +1,14 @@
 """xDS resource names and the Envoy v3 resources the lookaside serves for them (built with ``xds-protos``).
 
-Naming scheme: a gRPC client dials ``xds:///<service>.<namespace>`` or ``xds:///<service>.<namespace>:<port>``
-(port by name or number; without one, the Service's first port as for Resolve). The part after ``xds:///``
-is the resource name of every resource of that target: the Listener, its RouteConfiguration, the Cluster and
-its ClusterLoadAssignment all carry that same name, so one name maps to one (target, port) everywhere.
-``.svc`` and ``.svc.cluster.local`` suffixes are accepted and ignored.
+Naming scheme: a gRPC client dials ``xds:///<target>``, any spelling of the one target grammar
+``service.namespace[.svc[.cluster.local]][:port]`` (:class:`lookaside_grpc.protocol.Target`; port by name or
+number, without one the Service's first port as for Resolve). A stock client subscribes to the Listener by
+the exact name it dialled, so the Listener carries that name (one Listener per spelling, a few hundred bytes);
+everything behind it is named canonically, ``str(Target.parse(name))`` (``greet.default:5001`` for
+``greet.default.svc:05001``): the Listener routes to the RouteConfiguration and Cluster of the canonical name,
+whose ClusterLoadAssignment has that name too. The server chooses those names, so a client asks for them only
+canonically; every spelling of one (target, port) shares one Cluster and one ClusterLoadAssignment, encoded
+once per endpoint version (see ``stream.ResourceCache``).
 """
 
 from __future__ import annotations
@@ -21,8 +25,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 
-from lookaside_server._core.model import BackendEndpoint, Endpoints, Target
-from lookaside_server._core.names import namespace_problem, port_name_problem, port_number, service_problem
+from lookaside_server._core.model import BackendEndpoint, Endpoints
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -33,46 +36,11 @@ TYPES = (LISTENER, ROUTE, CLUSTER, ENDPOINTS)
 TYPE_NAMES = {LISTENER: "LDS", ROUTE: "RDS", CLUSTER: "CDS", ENDPOINTS: "EDS"}
 
 ROUTER_FILTER = "envoy.filters.http.router"
-_SUFFIXES = (".svc.cluster.local", ".svc")
 
-
-class BadName(ValueError):
-    """An xDS resource name that is not ``<service>.<namespace>[:<port>]``."""
-
-
-@dataclass(frozen=True, slots=True)
-class XdsName:
-    """A parsed resource name: the target and the port wanted ("" = the Service's first port)."""
-
-    target: Target
-    port: str
-
-
-def parse_name(name: str) -> XdsName:
-    """Parse ``<service>.<namespace>[:<port>]``; raise :class:`BadName` saying what is wrong."""
-    host, sep, port = name.partition(":")
-    if sep:
-        if not port:
-            raise BadName(f"{name!r}: empty port after ':'")
-        number = port_number(port)
-        if number is not None:
-            if number < 0:
-                raise BadName(f"{name!r}: port {port} is out of range")
-            port = str(number)
-        elif problem := port_name_problem(port):
-            raise BadName(f"{name!r}: port name {problem}")
-    for suffix in _SUFFIXES:
-        if host.endswith(suffix):
-            host = host[: -len(suffix)]
-            break
-    if host.count(".") != 1:
-        raise BadName(f"{name!r}: expected <service>.<namespace>[:<port>]")
-    service, namespace = host.split(".")
-    if problem := service_problem(service):
-        raise BadName(f"{name!r}: service {problem}")
-    if problem := namespace_problem(namespace):
-        raise BadName(f"{name!r}: namespace {problem}")
-    return XdsName(Target(service, namespace), port)
+#: Default of :attr:`XdsOptions.max_names` (``--xds-max-names``).
+MAX_NAMES = 256
+#: Default of :attr:`XdsOptions.max_queued_requests`.
+MAX_QUEUED_REQUESTS = 8
 
 
 def _default_outlier_detection() -> outlier_detection_pb2.OutlierDetection:
@@ -108,7 +76,8 @@ class XdsOptions:
     rds: bool = False
     #: Outlier detection for every Cluster; None = none.
     outlier_detection: outlier_detection_pb2.OutlierDetection | None = field(
-        default_factory=_default_outlier_detection)
+        default_factory=_default_outlier_detection
+    )
     #: Weight of each endpoint (its locality's load_balancing_weight, >= 1) when the target has no load
     #: weights (or ``load_weights`` is off).
     weight: Callable[[BackendEndpoint], int] = weight_one
@@ -117,6 +86,23 @@ class XdsOptions:
     load_weights: bool = True
     #: Seconds between new looks at subscribed names whose target does not exist (yet).
     retry_interval: float = 5.0
+    #: Most distinct resource names one ADS stream may subscribe to, all types together (and so one request):
+    #: more end the stream RESOURCE_EXHAUSTED naming the limit. A stock gRPC client needs about four per
+    #: dialled target (Listener, RouteConfiguration, Cluster, ClusterLoadAssignment).
+    max_names: int = MAX_NAMES
+    #: Requests of one stream received but not handled yet; while that many wait, the stream is not read
+    #: (HTTP/2 flow control then holds the client back) instead of buffering what a client sends without
+    #: reading the answers.
+    max_queued_requests: int = MAX_QUEUED_REQUESTS
+    #: Seconds between two log lines of one kind (NACK, unknown type, unknown name, ...) about one client IP;
+    #: the ones in between are counted (``lookaside_xds_rejects_total``) and summed up in the next line.
+    log_interval: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_names < 1:
+            raise ValueError("max_names must be at least 1")
+        if self.max_queued_requests < 1:
+            raise ValueError("max_queued_requests must be at least 1")
 
 
 def pack(msg: message.Message) -> any_pb2.Any:
@@ -130,32 +116,39 @@ def route_configuration(name: str) -> route_pb2.RouteConfiguration:
     """One virtual host for every domain, routing every path to the cluster ``name``."""
     return route_pb2.RouteConfiguration(
         name=name,
-        virtual_hosts=[route_components_pb2.VirtualHost(
-            name=name,
-            domains=["*"],
-            routes=[route_components_pb2.Route(
-                match=route_components_pb2.RouteMatch(prefix=""),
-                route=route_components_pb2.RouteAction(cluster=name),
-            )],
-        )],
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(
+                name=name,
+                domains=["*"],
+                routes=[
+                    route_components_pb2.Route(
+                        match=route_components_pb2.RouteMatch(prefix=""),
+                        route=route_components_pb2.RouteAction(cluster=name),
+                    )
+                ],
+            )
+        ],
     )
 
 
 def _ads() -> config_source_pb2.ConfigSource:
-    return config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(),
-                                          resource_api_version=config_source_pb2.V3)
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(), resource_api_version=config_source_pb2.V3
+    )
 
 
-def listener(name: str, options: XdsOptions) -> listener_pb2.Listener:
-    """An API listener whose HttpConnectionManager routes (inline or via RDS) and ends with the router."""
+def listener(name: str, options: XdsOptions, canonical: str | None = None) -> listener_pb2.Listener:
+    """An API listener named ``name`` (the name the client dialled) whose HttpConnectionManager routes
+    (inline or via RDS) to the cluster ``canonical`` (default: ``name``) and ends with the router."""
+    canonical = name if canonical is None else canonical
     hcm = hcm_pb2.HttpConnectionManager(
-        stat_prefix=name,
+        stat_prefix=canonical,
         http_filters=[hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=pack(router_pb2.Router()))],
     )
     if options.rds:
-        hcm.rds.CopyFrom(hcm_pb2.Rds(config_source=_ads(), route_config_name=name))
+        hcm.rds.CopyFrom(hcm_pb2.Rds(config_source=_ads(), route_config_name=canonical))
     else:
-        hcm.route_config.CopyFrom(route_configuration(name))
+        hcm.route_config.CopyFrom(route_configuration(canonical))
     return listener_pb2.Listener(name=name, api_listener=api_listener_pb2.ApiListener(api_listener=pack(hcm)))
 
 
@@ -172,8 +165,9 @@ def cluster(name: str, options: XdsOptions) -> cluster_pb2.Cluster:
     return out
 
 
-def endpoint_weights(endpoints: Endpoints, options: XdsOptions,
-                     load: Mapping[tuple[str, int], int] | None = None) -> list[int]:
+def endpoint_weights(
+    endpoints: Endpoints, options: XdsOptions, load: Mapping[tuple[str, int], int] | None = None
+) -> list[int]:
     """The locality weight of each endpoint, every one an integer >= 1.
 
     With ``load`` (the published load weights of the target by ``(ip, port)``, see ``_load.LoadBoard``):
@@ -189,9 +183,9 @@ def endpoint_weights(endpoints: Endpoints, options: XdsOptions,
     return [max(1, int(options.weight(e))) for e in endpoints]
 
 
-def load_assignment(name: str, endpoints: Endpoints, options: XdsOptions,
-                    load: Mapping[tuple[str, int], int] | None = None
-                    ) -> endpoint_pb2.ClusterLoadAssignment:
+def load_assignment(
+    name: str, endpoints: Endpoints, options: XdsOptions, load: Mapping[tuple[str, int], int] | None = None
+) -> endpoint_pb2.ClusterLoadAssignment:
     """The endpoints as ONE LOCALITY EACH, weighted by :func:`endpoint_weights` (the load weights of the
     target when clients report load, else ``options.weight``).
 
@@ -202,16 +196,24 @@ def load_assignment(name: str, endpoints: Endpoints, options: XdsOptions,
     weights = endpoint_weights(endpoints, options, load)
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=name,
-        endpoints=[endpoint_components_pb2.LocalityLbEndpoints(
-            locality=base_pb2.Locality(zone=e.zone, sub_zone=_host_port(e)),
-            load_balancing_weight=wrappers_pb2.UInt32Value(value=w),
-            priority=0,
-            lb_endpoints=[endpoint_components_pb2.LbEndpoint(
-                endpoint=endpoint_components_pb2.Endpoint(address=address_pb2.Address(
-                    socket_address=address_pb2.SocketAddress(address=e.ip, port_value=e.port))),
-                health_status=health_check_pb2.HEALTHY,
-            )],
-        ) for e, w in zip(endpoints, weights, strict=True)],
+        endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(
+                locality=base_pb2.Locality(zone=e.zone, sub_zone=_host_port(e)),
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=w),
+                priority=0,
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(
+                        endpoint=endpoint_components_pb2.Endpoint(
+                            address=address_pb2.Address(
+                                socket_address=address_pb2.SocketAddress(address=e.ip, port_value=e.port)
+                            )
+                        ),
+                        health_status=health_check_pb2.HEALTHY,
+                    )
+                ],
+            )
+            for e, w in zip(endpoints, weights, strict=True)
+        ],
     )
 
 

@@ -4,11 +4,21 @@ A stock gRPC client with an xDS bootstrap pointing here dials ``xds:///<service>
 balances over the same endpoints Resolve/Watch serve (see :mod:`lookaside_server._xds.resources` for the
 names and resources). Per ADS stream:
 
-* every requested name is parsed, checked against the access policy (namespace allow-list, service rules)
-  and its target is watched in the registry (``Registry.watch``); a bad, forbidden or unknown name gets no
-  resource (the client reports it missing; unknown targets are looked at again every ``retry_interval``
-  seconds), and is logged (a forbidden one is also counted); a client whose certificate identity is not
-  allowed is refused the whole stream (PERMISSION_DENIED, by the server interceptor);
+* every requested name is parsed with the one target grammar (``Target.parse``), checked against the access
+  policy (namespace allow-list, service rules) and its Service is watched in the registry
+  (``Registry.watch``); a bad, forbidden or unknown name gets no resource (the client reports it missing;
+  unknown targets are looked at again every ``retry_interval`` seconds), and is logged (a forbidden one is
+  also counted); a client whose certificate identity is not allowed is refused the whole stream
+  (PERMISSION_DENIED, by the server interceptor);
+* a Listener is served under every spelling a client subscribes to (the name it dialled); RouteConfiguration,
+  Cluster and ClusterLoadAssignment only under the canonical name the Listener points to. Those are built once
+  per (target, port, endpoint version, load weights) in the servicer's :class:`ResourceCache` and the same
+  bytes go to every stream, however many spellings or streams ask;
+* a stream may subscribe to at most ``max_names`` names (all types together): a request beyond that ends the
+  stream RESOURCE_EXHAUSTED naming ``--xds-max-names`` (counted as the limit ``xds_max_names``);
+* at most ``max_queued_requests`` received requests wait to be handled; while they do the stream is not read,
+  so a client that sends without reading the answers is held back by HTTP/2 flow control;
+* a request that is not a DiscoveryRequest ends the stream INVALID_ARGUMENT;
 * a response per type lists every subscribed name of that type that exists (state of the world), with a
   per-type ``version_info`` and a nonce per response;
 * a response is sent for a new subscription and whenever the resources change (endpoint changes reach the
@@ -16,7 +26,12 @@ names and resources). Per ADS stream:
   the locality weights follow ``LoadBoard.weights``, pushed at most once per ``_load.MIN_PUSH_INTERVAL`` per
   target, through the same ``LoadBoard.listen``/``Subscription.resend`` hook as Watch); an ACK or a NACK is
   never answered (a NACK is logged with its error detail and the same resources are not sent again);
-* the node id comes only with the stream's first request and is remembered for the stream.
+* NACKs, unknown type URLs and unknown, invalid, missing or forbidden names are counted
+  (``lookaside_xds_rejects_total{reason}``) and logged at most once per ``log_interval`` per client IP and
+  reason;
+* the node id comes only with the stream's first request and is remembered for the stream;
+* a client that goes away (cancel, broken connection), also in the middle of a write, ends the stream quietly
+  (DEBUG).
 
 Once a name has been served on a stream its Listener and Cluster stay for the stream's life; if its target
 disappears or its port goes away the ClusterLoadAssignment becomes empty (calls fail UNAVAILABLE) instead.
@@ -25,9 +40,11 @@ disappears or its port goes away the ClusterLoadAssignment becomes empty (calls 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-from collections import deque
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -36,11 +53,15 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
+from google.protobuf import message as pb_message
 
+from lookaside_grpc.protocol import InvalidTarget
+from lookaside_server._core.errors import abort
 from lookaside_server._core.model import Endpoints, Target
 from lookaside_server._core.ports import UnknownPort, eligible, select_port
 from lookaside_server._core.registry import Registry, Subscription, TargetState
 from lookaside_server._security.access import AccessPolicy
+from lookaside_server._security.limits import peer_ip, record_hit
 from lookaside_server._sources.base import TargetNotFound
 from lookaside_server._xds.resources import (
     CLUSTER,
@@ -49,13 +70,10 @@ from lookaside_server._xds.resources import (
     ROUTE,
     TYPE_NAMES,
     TYPES,
-    BadName,
-    XdsName,
     XdsOptions,
     cluster,
     listener,
     load_assignment,
-    parse_name,
     route_configuration,
 )
 
@@ -66,24 +84,207 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 CONTROL_PLANE = "lookaside-server"
+#: The limit name of ``max_names`` (``lookaside_limit_hits_total{limit}``) and its flag.
+MAX_NAMES_LIMIT = "xds_max_names"
+MAX_NAMES_FLAG = "--xds-max-names"
+
+#: Why a request (or part of one) was not served: the ``reason`` of ``lookaside_xds_rejects_total``.
+NACK = "nack"
+UNKNOWN_TYPE = "unknown_type"
+UNKNOWN_NAME = "unknown_name"  # a RouteConfiguration/Cluster/ClusterLoadAssignment by a non-canonical name
+INVALID_NAME = "invalid_name"
+NOT_FOUND = "not_found"
+DENIED = "denied"
+TOO_MANY_NAMES = "too_many_names"
+INVALID_REQUEST = "invalid_request"
+REJECT_REASONS = (
+    NACK,
+    UNKNOWN_TYPE,
+    UNKNOWN_NAME,
+    INVALID_NAME,
+    NOT_FOUND,
+    DENIED,
+    TOO_MANY_NAMES,
+    INVALID_REQUEST,
+)
+
+#: Seconds a stream whose write failed (the client went away) waits for grpc to cancel it.
+_CANCEL_WAIT = 5.0
+#: Longest text quoted from a client (names, type URLs, NACK details) in a log line.
+_QUOTE = 200
 
 
-def add_xds_to_server(registry: Registry, server: grpc.aio.Server, options: XdsOptions | None = None,
-                      allow_namespaces: Collection[str] | None = None,
-                      access: AccessPolicy | None = None, load: LoadBoard | None = None) -> AdsServicer:
+def _quote(text: str) -> str:
+    return repr(text if len(text) <= _QUOTE else text[:_QUOTE] + "...")
+
+
+def add_xds_to_server(
+    registry: Registry,
+    server: grpc.aio.Server,
+    options: XdsOptions | None = None,
+    allow_namespaces: Collection[str] | None = None,
+    access: AccessPolicy | None = None,
+    load: LoadBoard | None = None,
+    on_reject: Callable[[str], None] | None = None,
+) -> AdsServicer:
     """Serve ADS on ``server``; return the servicer (call its ``close()`` on shutdown). ``load``: the
-    Lookaside servicer's load board, whose weights become the locality weights (None: ``options.weight``)."""
-    servicer = AdsServicer(registry, options, allow_namespaces, access, load)
+    Lookaside servicer's load board, whose weights become the locality weights (None: ``options.weight``).
+    ``on_reject(reason)``: counts each rejected request part (one of :data:`REJECT_REASONS`)."""
+    servicer = AdsServicer(registry, options, allow_namespaces, access, load, on_reject)
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
     return servicer
+
+
+class RateLimitedLog:
+    """At most ``burst`` log lines per (client IP, reason) per ``interval`` seconds; the lines held back are
+    summed up in the next one logged. Remembers at most ``max_keys`` (client, reason) pairs."""
+
+    def __init__(
+        self,
+        interval: float,
+        burst: int = 5,
+        max_keys: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval = interval
+        self.burst = burst
+        self.max_keys = max_keys
+        self._clock = clock
+        #: (client, reason) -> [end of the current window, lines logged in it, lines held back since the last]
+        self._keys: dict[tuple[str, str], list[float]] = {}
+
+    def __call__(self, level: int, client: str, reason: str, msg: str, *args: object) -> None:
+        now = self._clock()
+        key = (client, reason)
+        entry = self._keys.get(key)
+        if entry is None or now >= entry[0]:
+            if entry is None and len(self._keys) >= self.max_keys:
+                self._prune(now)
+            held = entry[2] if entry is not None else 0
+            entry = self._keys[key] = [now + self.interval, 0, held]
+        if entry[1] >= self.burst:
+            entry[2] += 1
+            return
+        entry[1] += 1
+        if entry[2]:
+            msg += " (%d more like it from this client not logged)"
+            args = (*args, int(entry[2]))
+            entry[2] = 0
+        log.log(level, msg, *args)
+
+    def _prune(self, now: float) -> None:
+        for key in [k for k, (until, _, _) in self._keys.items() if until <= now]:
+            del self._keys[key]
+        if len(self._keys) >= self.max_keys:  # all recent: forget the oldest half
+            for key in list(self._keys)[: len(self._keys) // 2]:
+                del self._keys[key]
+
+
+@dataclass(eq=False)
+class _Shared:
+    """The resources of one canonical (target, port), encoded once per endpoint version and shared."""
+
+    target: Target
+    name: str
+    users: int = 0
+    #: The state ``endpoints`` was computed for, and the result: the eligible endpoints of the port, or None
+    #: (the target is gone or has no such port; ``problem`` says which).
+    state: TargetState | None = None
+    endpoints: Endpoints | None = None
+    problem: str = ""
+    #: The ClusterLoadAssignment for ``state`` with the load weights ``weights`` (compared by identity).
+    eds: bytes | None = None
+    eds_state: TargetState | None = None
+    weights: object = None
+    cluster: bytes | None = None
+    route: bytes | None = None
+
+
+class ResourceCache:
+    """Canonical resources shared by every stream, one entry per (target, port) in use (reference counted),
+    each built once per (endpoint version, load weights)."""
+
+    def __init__(self, options: XdsOptions, load: LoadBoard | None) -> None:
+        self.options = options
+        self.load = load
+        self._entries: dict[Target, _Shared] = {}
+        #: Resources built, by type (for tests and status views).
+        self.builds: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def acquire(self, target: Target) -> _Shared:
+        entry = self._entries.get(target)
+        if entry is None:
+            entry = self._entries[target] = _Shared(target, str(target))
+        entry.users += 1
+        return entry
+
+    def release(self, entry: _Shared) -> None:
+        entry.users -= 1
+        if entry.users <= 0 and self._entries.get(entry.target) is entry:
+            del self._entries[entry.target]
+
+    def endpoints(self, entry: _Shared, state: TargetState) -> Endpoints | None:
+        """The eligible endpoints of the entry's port in ``state``; None (and ``entry.problem``) if the target
+        is gone or has no such port."""
+        if entry.state is not None and entry.state.version == state.version:
+            return entry.endpoints
+        try:
+            if state.endpoints is None:
+                raise TargetNotFound(entry.target)
+            result: Endpoints | None = eligible(select_port(state.endpoints, entry.target.port)[1])
+            problem = ""
+        except (TargetNotFound, UnknownPort) as e:
+            result, problem = None, str(e) or f"target {entry.target} not found"
+        if entry.state is None or state.version > entry.state.version:
+            entry.state, entry.endpoints, entry.problem = state, result, problem
+        return result
+
+    def load_assignment(self, entry: _Shared, state: TargetState) -> bytes:
+        weights = self.load.weights(entry.target.with_port("")) if self.load is not None else None
+        if (
+            entry.eds is not None
+            and entry.eds_state is not None
+            and entry.eds_state.version == state.version
+            and (entry.weights is weights or (not entry.weights and not weights))
+        ):
+            return entry.eds
+        endpoints = self.endpoints(entry, state) or ()
+        blob = load_assignment(entry.name, endpoints, self.options, weights).SerializeToString(
+            deterministic=True
+        )
+        self.builds[ENDPOINTS] += 1
+        if entry.eds_state is None or state.version >= entry.eds_state.version:
+            entry.eds, entry.eds_state, entry.weights = blob, state, weights
+        return blob
+
+    def cluster(self, entry: _Shared) -> bytes:
+        if entry.cluster is None:
+            entry.cluster = cluster(entry.name, self.options).SerializeToString(deterministic=True)
+            self.builds[CLUSTER] += 1
+        return entry.cluster
+
+    def route(self, entry: _Shared) -> bytes:
+        if entry.route is None:
+            entry.route = route_configuration(entry.name).SerializeToString(deterministic=True)
+            self.builds[ROUTE] += 1
+        return entry.route
 
 
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     """StreamAggregatedResources over the registry; DeltaAggregatedResources stays UNIMPLEMENTED."""
 
-    def __init__(self, registry: Registry, options: XdsOptions | None = None,
-                 allow_namespaces: Collection[str] | None = None, access: AccessPolicy | None = None,
-                 load: LoadBoard | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        options: XdsOptions | None = None,
+        allow_namespaces: Collection[str] | None = None,
+        access: AccessPolicy | None = None,
+        load: LoadBoard | None = None,
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
         self.registry = registry
         self.options = options or XdsOptions()
         #: Client load reports aggregated per target (ReportLoad); their weights weight the localities.
@@ -92,25 +293,63 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.allow_namespaces = allow_namespaces
         #: The server's access policy (namespace allow-list and service rules, as for Resolve/Watch).
         self.access = access if access is not None else AccessPolicy(allow_namespaces)
+        #: The canonical resources, shared by every stream.
+        self.cache = ResourceCache(self.options, self.load)
+        #: Rejected request parts by reason (see :data:`REJECT_REASONS`), also passed to ``on_reject``.
+        self.rejects: Counter[str] = Counter()
+        self._on_reject = on_reject
+        self.log_limited = RateLimitedLog(self.options.log_interval)
         self._streams: set[_AdsStream] = set()
         self._ids = itertools.count(1)
         self._closed = False
 
+    def reject(self, stream: _AdsStream, reason: str, level: int, msg: str, *args: object) -> None:
+        """Count a rejected request part and log it, rate-limited per client IP and reason."""
+        self.rejects[reason] += 1
+        if self._on_reject is not None:
+            try:
+                self._on_reject(reason)
+            except Exception:  # noqa: BLE001 - counting must not break the stream
+                log.exception("counting an xDS reject failed")
+        self.log_limited(level, stream.client, reason, msg, *args)
+
     async def StreamAggregatedResources(  # noqa: N802 - gRPC method name
-        self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+    ) -> None:
+        # A coroutine with context.write (not an async generator): a write that fails because the client went
+        # away is ours to catch, instead of grpc logging it as an ERROR with a traceback.
         stream = _AdsStream(self, next(self._ids), context.peer())
         self._streams.add(stream)
         if self._closed:
             stream.close()
         reader = asyncio.create_task(stream.read(request_iterator), name=f"ads-{stream.id}-reader")
         try:
-            async for response in stream.run():
-                yield response
+            async with contextlib.aclosing(stream.run()) as responses:
+                async for response in responses:
+                    try:
+                        await context.write(response)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - the call is over (client cancel, broken connection)
+                        log.debug(
+                            "ADS stream %d (node %r): write failed, the client went away: %r",
+                            stream.id,
+                            stream.node,
+                            e,
+                        )
+                        # grpc cancels this task as soon as core reports the call's end (logged at DEBUG);
+                        # returning first would make grpc log its failing status write as an ERROR.
+                        await asyncio.sleep(_CANCEL_WAIT)
+                        return
+            if stream.failure is not None:
+                code, message = stream.failure
+                await abort(context, code, message)
         finally:
             self._streams.discard(stream)
             reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
             await stream.release()
             log.info("ADS stream %d (node %r) ended", stream.id, stream.node)
 
@@ -143,17 +382,30 @@ class _TypeState:
     nacks: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class _Name:
-    """A subscribed resource name: parsed, and whether its target is being watched."""
+    """A subscribed resource name: its target (canonical, with the port) and whether it is being watched."""
 
     name: str
-    parsed: XdsName | None
+    target: Target | None
     #: "ok" (target watched), "missing" (target unknown, retried), "invalid" or "denied" (never served).
     status: str
+    #: The shared canonical resources (for "ok" and "missing").
+    shared: _Shared | None = None
     #: Served at least once on this stream: its Listener/Cluster then stay for the stream's life.
     served: bool = False
     warned: bool = False
+    #: This name's Listener, encoded (it carries the name, so it is the stream's own).
+    listener: bytes | None = None
+
+    @property
+    def canonical(self) -> bool:
+        return self.target is not None and self.name == str(self.target)
+
+    @property
+    def service(self) -> Target | None:
+        """The Service watched in the registry (the target without its port)."""
+        return None if self.target is None else self.target.with_port("")
 
 
 @dataclass
@@ -174,25 +426,48 @@ class _AdsStream:
         self.servicer = servicer
         self.id = stream_id
         self.peer = peer
+        #: The client IP (the key of rate-limited logs).
+        self.client = peer_ip(peer)
         self.node = ""
         self._types = {t: _TypeState() for t in TYPES}
-        self._requests: deque[discovery_pb2.DiscoveryRequest] = deque()
+        self._requests: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue(
+            maxsize=servicer.options.max_queued_requests
+        )
         self._names: dict[str, _Name] = {}
         self._targets: dict[Target, _Watched] = {}
         self._wake = asyncio.Event()
         self._ended = False  # the client closed its side
         self._closed = False  # the server is shutting down
+        #: How the stream must end (status code, message) instead of OK.
+        self.failure: tuple[grpc.StatusCode, str] | None = None
 
     # --- inputs -------------------------------------------------------------------------------------------
 
     async def read(self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest]) -> None:
-        """Queue the client's requests for ``run`` until the client closes its side."""
+        """Queue the client's requests for ``run`` until the client closes its side; while the queue is full
+        nothing more is read (HTTP/2 flow control then holds the client back)."""
         try:
             async for request in requests:
-                self._requests.append(request)
+                await self._requests.put(request)
                 self._wake.set()
         except asyncio.CancelledError:
             raise
+        except pb_message.DecodeError as e:
+            self.servicer.reject(
+                self,
+                INVALID_REQUEST,
+                logging.WARNING,
+                "ADS stream %d (node %r, %s): request is not a DiscoveryRequest (%s); ending "
+                "the stream INVALID_ARGUMENT",
+                self.id,
+                self.node,
+                self.peer,
+                e,
+            )
+            self._fail(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid envoy.service.discovery.v3.DiscoveryRequest: {e}",
+            )
         except Exception as e:  # noqa: BLE001 - a broken stream just ends
             log.debug("ADS stream %d: reading failed: %r", self.id, e)
         finally:
@@ -201,6 +476,11 @@ class _AdsStream:
 
     def close(self) -> None:
         self._closed = True
+        self._wake.set()
+
+    def _fail(self, code: grpc.StatusCode, message: str) -> None:
+        if self.failure is None:
+            self.failure = (code, message)
         self._wake.set()
 
     async def _follow(self, watched: _Watched) -> None:
@@ -215,7 +495,7 @@ class _AdsStream:
         """Handle requests and endpoint changes; yield each response to send."""
         options = self.servicer.options
         while True:
-            if not (self._requests or self._ended or self._closed):
+            if self._requests.empty() and not (self._ended or self._closed or self.failure):
                 retry = any(n.status == "missing" for n in self._names.values())
                 try:
                     await asyncio.wait_for(self._wake.wait(), options.retry_interval if retry else None)
@@ -224,9 +504,9 @@ class _AdsStream:
             self._wake.clear()
             if self._closed:
                 return
-            while self._requests:
-                await self._handle(self._requests.popleft())
-            if self._ended:
+            while not self._requests.empty() and self.failure is None:
+                await self._handle(self._requests.get_nowait())
+            if self.failure is not None or (self._ended and self._requests.empty()):
                 return
             for type_url in TYPES:
                 response = self._response(type_url)
@@ -235,59 +515,167 @@ class _AdsStream:
 
     async def _handle(self, request: discovery_pb2.DiscoveryRequest) -> None:
         if not self.node and request.node.id:
-            self.node = request.node.id
-            log.info("ADS stream %d from node %r (cluster %r, %s, %s)", self.id, self.node,
-                     request.node.cluster, request.node.user_agent_name or "unknown agent", self.peer)
+            self.node = request.node.id[:_QUOTE]
+            log.info(
+                "ADS stream %d from node %r (cluster %r, %s, %s)",
+                self.id,
+                self.node,
+                request.node.cluster[:_QUOTE],
+                request.node.user_agent_name[:_QUOTE] or "unknown agent",
+                self.peer,
+            )
         state = self._types.get(request.type_url)
         if state is None:
-            log.warning("ADS stream %d (node %r): unsupported type %r ignored", self.id, self.node,
-                        request.type_url)
+            self.servicer.reject(
+                self,
+                UNKNOWN_TYPE,
+                logging.WARNING,
+                "ADS stream %d (node %r, %s): unsupported type %s ignored",
+                self.id,
+                self.node,
+                self.peer,
+                _quote(request.type_url),
+            )
             return
         kind = TYPE_NAMES[request.type_url]
         if request.HasField("error_detail"):
             state.nacks += 1
-            log.error("node %r rejected %s version %r (nonce %r): %s", self.node, kind, request.version_info,
-                      request.response_nonce, request.error_detail.message)
+            self.servicer.reject(
+                self,
+                NACK,
+                logging.WARNING,
+                "node %r (%s) rejected %s version %s (nonce %s): %s",
+                self.node,
+                self.peer,
+                kind,
+                _quote(request.version_info),
+                _quote(request.response_nonce),
+                _quote(request.error_detail.message),
+            )
         names = frozenset(request.resource_names)
+        if len(names) > self.servicer.options.max_names:
+            self._too_many(len(names), f"one {kind} request names {len(names)} resources")
+            return
         if not request.response_nonce:
             state.pending = True  # the first request for this type on this stream
         if names != state.names:
-            if names - state.names:
+            added = names - state.names
+            if added:
                 state.pending = True
             log.debug("ADS stream %d (node %r): %s names %s", self.id, self.node, kind, sorted(names))
             state.names = names
             await self._track()
+            if request.type_url != LISTENER:
+                for name in sorted(added):
+                    n = self._names.get(name)
+                    if n is not None and n.target is not None and not n.canonical:
+                        self.servicer.reject(
+                            self,
+                            UNKNOWN_NAME,
+                            logging.WARNING,
+                            "node %r (%s) asked for %s %s: not a name this server gives out (it names %ss "
+                            "canonically: %r); sending no resource for it",
+                            self.node,
+                            self.peer,
+                            kind,
+                            _quote(name),
+                            kind,
+                            str(n.target),
+                        )
+
+    def _too_many(self, count: int, what: str) -> None:
+        limit = self.servicer.options.max_names
+        record_hit(MAX_NAMES_LIMIT)
+        self.servicer.reject(
+            self,
+            TOO_MANY_NAMES,
+            logging.WARNING,
+            "limit %s reached: ADS stream %d (node %r, %s): %s, more than %d",
+            MAX_NAMES_LIMIT,
+            self.id,
+            self.node,
+            self.peer,
+            what,
+            limit,
+        )
+        self._fail(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"too many xDS resource names: {what}; at most {limit} names per ADS stream ({MAX_NAMES_FLAG})",
+        )
 
     async def _track(self) -> None:
-        wanted = set().union(*(s.names for s in self._types.values()))
+        wanted: set[str] = set().union(*(s.names for s in self._types.values()))
+        if len(wanted) > self.servicer.options.max_names:
+            self._too_many(len(wanted), f"the stream subscribes to {len(wanted)} resources")
+            return
         for name in [n for n in self._names if n not in wanted]:
-            del self._names[name]
+            self._forget(self._names.pop(name))
         for name in sorted(wanted - set(self._names)):
             self._names[name] = await self._resolve(name)
-        used = {n.parsed.target for n in self._names.values() if n.parsed is not None and n.status == "ok"}
+        used = {n.service for n in self._names.values() if n.status == "ok"}
         for target in [t for t in self._targets if t not in used]:
             self._unwatch(target)
 
+    def _forget(self, n: _Name) -> None:
+        if n.shared is not None:
+            self.servicer.cache.release(n.shared)
+            n.shared = None
+
     async def _resolve(self, name: str) -> _Name:
         try:
-            parsed = parse_name(name)
-        except BadName as e:
-            log.warning("node %r asked for xDS name %s; sending no resource for it", self.node, e)
+            target = Target.parse(name)
+        except InvalidTarget as e:
+            self.servicer.reject(
+                self,
+                INVALID_NAME,
+                logging.WARNING,
+                "node %r (%s) asked for xDS name %s: %s; sending no resource for it",
+                self.node,
+                self.peer,
+                _quote(name),
+                e,
+            )
             return _Name(name, None, "invalid")
-        if (denial := self.servicer.access.target_denial(parsed.target)) is not None:
-            log.warning("node %r asked for %r: %s; sending no resource for it", self.node, name,
-                        denial.message)
-            return _Name(name, parsed, "denied")
-        if await self._watch(parsed.target):
-            return _Name(name, parsed, "ok")
-        log.warning("node %r asked for %r: target %s not found; sending no resource for it (looking again "
-                    "every %.3g s)", self.node, name, parsed.target, self.servicer.options.retry_interval)
-        return _Name(name, parsed, "missing")
+        service = target.with_port("")
+        if (denial := self.servicer.access.target_denial(service)) is not None:
+            self.servicer.reject(
+                self,
+                DENIED,
+                logging.WARNING,
+                "node %r (%s) asked for %s: %s; sending no resource for it",
+                self.node,
+                self.peer,
+                _quote(name),
+                denial.message,
+            )
+            return _Name(name, target, "denied")
+        shared = self.servicer.cache.acquire(target)
+        if await self._watch(service):
+            return _Name(name, target, "ok", shared)
+        self.servicer.reject(
+            self,
+            NOT_FOUND,
+            logging.WARNING,
+            "node %r (%s) asked for %s: target %s not found; sending no resource for it "
+            "(looking again every %.3g s)",
+            self.node,
+            self.peer,
+            _quote(name),
+            service,
+            self.servicer.options.retry_interval,
+        )
+        return _Name(name, target, "missing", shared)
 
     async def _retry_missing(self) -> None:
-        for n in self._names.values():
-            if n.status == "missing" and n.parsed is not None and await self._watch(n.parsed.target):
-                log.info("node %r: target %s of %r appeared", self.node, n.parsed.target, n.name)
+        tried: dict[Target, bool] = {}
+        for n in list(self._names.values()):
+            if n.status != "missing" or (service := n.service) is None:
+                continue
+            if service not in tried:
+                tried[service] = await self._watch(service)
+                if tried[service]:
+                    log.info("node %r: target %s appeared", self.node, service)
+            if tried[service]:
                 n.status = "ok"
 
     async def _watch(self, target: Target) -> bool:
@@ -328,51 +716,64 @@ class _AdsStream:
         self.servicer.registry.leave(watched.sub)
 
     async def release(self) -> None:
-        """Stop following every target (the stream ended)."""
+        """Stop following every target and give back the shared resources (the stream ended)."""
         tasks = [w.task for w in self._targets.values() if w.task is not None]
         for target in list(self._targets):
             self._unwatch(target)
+        for n in self._names.values():
+            self._forget(n)
+        self._names.clear()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- responses ----------------------------------------------------------------------------------------
 
-    def _endpoints(self, n: _Name) -> Endpoints | None:
-        """The eligible endpoints of the name's port, or None if the name does not (yet) exist."""
-        assert n.parsed is not None
-        state = self._targets[n.parsed.target].state
-        try:
-            if state.endpoints is None:
-                raise TargetNotFound(n.parsed.target)
-            chosen = select_port(state.endpoints, n.parsed.port)[1]
-        except (TargetNotFound, UnknownPort) as e:
-            if not n.served:
-                if not n.warned:
-                    log.warning("node %r asked for %r: %s; sending no resource for it", self.node, n.name, e)
-                    n.warned = True
-                return None
-            return ()
-        n.served = True
-        return eligible(chosen)
+    def _state(self, n: _Name) -> TargetState | None:
+        service = n.service
+        watched = self._targets.get(service) if service is not None else None
+        return None if watched is None else watched.state
+
+    def _exists(self, n: _Name, state: TargetState) -> bool:
+        """Whether the name's resources are served: its port exists, or it was served before on this stream
+        (then its ClusterLoadAssignment is empty rather than its Listener gone)."""
+        assert n.shared is not None
+        if self.servicer.cache.endpoints(n.shared, state) is not None:
+            n.served = True
+            return True
+        if not n.served and not n.warned:
+            n.warned = True
+            self.servicer.reject(
+                self,
+                NOT_FOUND,
+                logging.WARNING,
+                "node %r (%s) asked for %s: %s; sending no resource for it",
+                self.node,
+                self.peer,
+                _quote(n.name),
+                n.shared.problem,
+            )
+        return n.served
 
     def _build(self, type_url: str, n: _Name) -> bytes | None:
-        if n.status != "ok":
+        if n.status != "ok" or n.shared is None:
             return None
-        endpoints = self._endpoints(n)
-        if endpoints is None:
+        state = self._state(n)
+        if state is None or not self._exists(n, state):
             return None
-        options = self.servicer.options
+        cache = self.servicer.cache
         if type_url == LISTENER:
-            msg = listener(n.name, options)
-        elif type_url == ROUTE:
-            msg = route_configuration(n.name)
-        elif type_url == CLUSTER:
-            msg = cluster(n.name, options)
-        else:
-            assert type_url == ENDPOINTS
-            load = self.servicer.load
-            weights = load.weights(n.parsed.target) if load is not None and n.parsed is not None else None
-            msg = load_assignment(n.name, endpoints, options, weights)
-        return msg.SerializeToString(deterministic=True)
+            if n.listener is None:
+                n.listener = listener(n.name, cache.options, n.shared.name).SerializeToString(
+                    deterministic=True
+                )
+            return n.listener
+        if not n.canonical:  # the server names these canonically: a client never needs another spelling
+            return None
+        if type_url == ROUTE:
+            return cache.route(n.shared)
+        if type_url == CLUSTER:
+            return cache.cluster(n.shared)
+        assert type_url == ENDPOINTS
+        return cache.load_assignment(n.shared, state)
 
     def _response(self, type_url: str) -> discovery_pb2.DiscoveryResponse | None:
         state = self._types[type_url]
@@ -390,8 +791,15 @@ class _AdsStream:
         state.sent = resources
         state.version += 1
         state.nonce = f"{self.id}.{next(self._nonces)}"
-        log.debug("ADS stream %d (node %r): %s version %d nonce %s: %s", self.id, self.node,
-                  TYPE_NAMES[type_url], state.version, state.nonce, sorted(resources))
+        log.debug(
+            "ADS stream %d (node %r): %s version %d nonce %s: %s",
+            self.id,
+            self.node,
+            TYPE_NAMES[type_url],
+            state.version,
+            state.nonce,
+            sorted(resources),
+        )
         return discovery_pb2.DiscoveryResponse(
             version_info=str(state.version),
             resources=[any_pb2.Any(type_url=type_url, value=blob) for blob in resources.values()],
