@@ -26,6 +26,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 
 from lookaside_server._core.model import BackendEndpoint, Endpoints
+from lookaside_server._xds import MAX_NAMES
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -37,8 +38,6 @@ TYPE_NAMES = {LISTENER: "LDS", ROUTE: "RDS", CLUSTER: "CDS", ENDPOINTS: "EDS"}
 
 ROUTER_FILTER = "envoy.filters.http.router"
 
-#: Default of :attr:`XdsOptions.max_names` (``--xds-max-names``).
-MAX_NAMES = 256
 #: Default of :attr:`XdsOptions.max_queued_requests`.
 MAX_QUEUED_REQUESTS = 8
 
