@@ -26,7 +26,7 @@ from lookaside_grpc._calls._engine import (
     deadline_of,
     pick_aio,
 )
-from lookaside_grpc._channel import CLOSED, DEFAULT_INIT_TIMEOUT, pick_wait
+from lookaside_grpc._channel import DEFAULT_INIT_TIMEOUT, pick_wait
 from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._errors import PickError, aio_error
 from lookaside_grpc._policies import RoutingPolicy
@@ -36,10 +36,6 @@ from lookaside_grpc._target import Target
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-
-
-class ChannelClosed(grpc.aio.UsageError, ValueError):  # type: ignore[misc]
-    """A call on a closed channel: grpc.aio's UsageError, and a ValueError as on a closed sync channel."""
 
 
 class _Multi:
@@ -63,7 +59,7 @@ class _Multi:
     ) -> _aio.AioCall[object, object]:
         ch = self._channel
         if ch._closed:
-            raise ChannelClosed(CLOSED)
+            raise grpc.aio.UsageError("Channel is closed.")  # as a closed grpc.aio channel
         balancer = ch._balancer
         deadline = deadline_of(timeout)
         args = CallArgs(metadata, credentials, wait_for_ready, compression)  # type: ignore[arg-type]
@@ -295,6 +291,7 @@ def channel(
     *,
     namespace: str | None = None,
     port: str | int | None = None,
+    lookaside: str | None = None,
     init_timeout: float = DEFAULT_INIT_TIMEOUT,
     **options: Unpack[ClientOptions],
 ) -> Channel:
@@ -303,7 +300,7 @@ def channel(
     Channels with equal settings made in the same running event loop share one balancer; outside a
     running loop each channel gets its own (started on first use in a loop).
     """
-    settings = make_settings(make_target(target, namespace, port), options)
+    settings = make_settings(make_target(target, namespace, port), lookaside, options)
     try:
         asyncio.get_running_loop()
         share = True

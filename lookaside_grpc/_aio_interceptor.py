@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Unpack
 
@@ -125,6 +126,7 @@ class LookasideInterceptor(_UnaryUnary):
 
     def __init__(
         self,
+        lookaside: str | None = None,
         routes: Mapping[str, Target | str] | None = None,
         *,
         route_wait: float = DEFAULT_ROUTE_WAIT,
@@ -133,6 +135,7 @@ class LookasideInterceptor(_UnaryUnary):
     ) -> None:
         super().__init__(
             RouterCore(
+                lookaside,
                 routes or {},
                 options,
                 route_wait=route_wait,
@@ -141,6 +144,7 @@ class LookasideInterceptor(_UnaryUnary):
                 loop_key=_loop_key,
             )
         )
+        self._finalizer = weakref.finalize(self, self._core.release_in_gc)
 
     @functools.cached_property
     def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
@@ -159,6 +163,7 @@ class LookasideInterceptor(_UnaryUnary):
 
     async def close(self, grace: float | None = None) -> None:
         """Give the balancers back; the last holder of each closes it."""
+        self._finalizer.detach()
         await asyncio.gather(
             *(lease.balancer.aclose(grace) for lease in self._core.release_all()), return_exceptions=True
         )
@@ -171,6 +176,7 @@ class LookasideInterceptor(_UnaryUnary):
 
 
 def interceptors(
+    lookaside: str | None = None,
     routes: Mapping[str, Target | str] | None = None,
     *,
     route_wait: float = DEFAULT_ROUTE_WAIT,
@@ -179,20 +185,21 @@ def interceptors(
 ) -> list[grpc.aio.ClientInterceptor]:
     """The four grpc.aio interceptors (one per call shape) of one :class:`LookasideInterceptor` (to close
     them, keep the interceptor: ``LookasideInterceptor(...).interceptors``)."""
-    return LookasideInterceptor(routes, route_wait=route_wait, strict=strict, **options).interceptors
+    return LookasideInterceptor(lookaside, routes, route_wait=route_wait, strict=strict, **options).interceptors
 
 
 def intercepted_channel(
     address: str,
     routes: Mapping[str, Target | str],
     *,
+    lookaside: str | None = None,
     route_wait: float = DEFAULT_ROUTE_WAIT,
     strict: bool = False,
     **options: Unpack[ClientOptions],
 ) -> tuple[grpc.aio.Channel, LookasideInterceptor]:
     """A grpc.aio channel to ``address`` (the fallback path) with the interceptors, both built from the same
     ``credentials`` and ``options``; close both (``await interceptor.close()`` after the channel)."""
-    interceptor = LookasideInterceptor(routes, route_wait=route_wait, strict=strict, **options)
+    interceptor = LookasideInterceptor(lookaside, routes, route_wait=route_wait, strict=strict, **options)
     creds = options.get("credentials")
     opts = list(options.get("options", ()))
     if creds is None:

@@ -508,9 +508,12 @@ def release_sync(lease: Lease[Balancer], *, background: bool = False) -> None:
 def release_aio_in_gc(lease: Lease[AioBalancer], loop: asyncio.AbstractEventLoop | None) -> None:
     """Finalizer of an aio holder dropped without ``close()``: close the balancer in its loop if that
     still runs (its tasks die with the loop otherwise)."""
-    if not lease.release():
-        return
-    balancer = lease.balancer
+    if lease.release():
+        close_in_loop(lease.balancer, loop)
+
+
+def close_in_loop(balancer: AioBalancer, loop: asyncio.AbstractEventLoop | None) -> None:
+    """Close an aio balancer from any thread: as a task in ``loop`` if it still runs."""
     if loop is None or loop.is_closed():
         balancer.closed = True
         return

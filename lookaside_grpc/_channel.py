@@ -36,6 +36,7 @@ from lookaside_grpc._target import Target
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 M = TypeVar("M")
+T = TypeVar("T")
 
 #: How long a call without its own deadline waits for the lookaside on a cold start.
 DEFAULT_INIT_TIMEOUT = 10.0
@@ -63,6 +64,21 @@ class _Multi(Generic[M]):
     def __init__(self, channel: Channel, m: Method[grpc.Channel, M]) -> None:
         self._channel = channel
         self._m = m
+
+    def _later(
+        self, timeout: float | None, wait_for_ready: bool | None, start: Callable[[Endpoint], T]
+    ) -> T | _sync.DeferredCall | FailedCall:
+        """A non-blocking call: started at once on a local pick, else returned at once as a call that
+        starts once its pick arrives (grpc never blocks in ``future()`` or a response stream's call)."""
+        ch = self._channel
+        if ch._closed:
+            raise ValueError(CLOSED)
+        balancer = ch._balancer
+        ep = balancer.resolver.pick_nowait(balancer.policy)
+        if ep is not None:
+            return start(ep)
+        wait, code = pick_wait(timeout, wait_for_ready, ch._init_timeout)
+        return _sync.DeferredCall(lambda: start(pick_sync(balancer, wait, bool(wait_for_ready), code)))
 
     def _pick(self, timeout: float | None, wait_for_ready: bool | None) -> Endpoint:
         ch = self._channel
@@ -121,14 +137,13 @@ class _UnaryUnary(_Multi[_compat.UnaryUnaryMultiCallable[Req, Resp]], _compat.Un
         credentials: grpc.CallCredentials | None = None,
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
-    ) -> _sync.UnaryUnaryFuture[Req, Resp] | FailedCall:
+    ) -> _sync.UnaryUnaryFuture[Req, Resp] | _sync.DeferredCall | FailedCall:
         deadline = deadline_of(timeout)
-        try:
-            ep = self._pick(timeout, wait_for_ready)
-        except PickError as e:
-            return FailedCall(e)
         args = CallArgs(metadata, credentials, wait_for_ready, compression)
-        return _sync.UnaryUnaryFuture(self._m, ep, request, deadline, args)
+        m = self._m
+        return self._later(
+            timeout, wait_for_ready, lambda ep: _sync.UnaryUnaryFuture(m, ep, request, deadline, args)
+        )
 
 
 class _UnaryStream(
@@ -144,14 +159,13 @@ class _UnaryStream(
         credentials: grpc.CallCredentials | None = None,
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
-    ) -> _sync.ResponseStream[Req, Resp] | FailedCall:
+    ) -> _sync.ResponseStream[Req, Resp] | _sync.DeferredCall | FailedCall:
         deadline = deadline_of(timeout)
-        try:
-            ep = self._pick(timeout, wait_for_ready)
-        except PickError as e:
-            return FailedCall(e)
         args = CallArgs(metadata, credentials, wait_for_ready, compression)
-        return _sync.unary_stream(self._m, ep, request, deadline, args)
+        m = self._m
+        return self._later(
+            timeout, wait_for_ready, lambda ep: _sync.unary_stream(m, ep, request, deadline, args)
+        )
 
 
 class _StreamUnary(
@@ -201,14 +215,15 @@ class _StreamUnary(
         credentials: grpc.CallCredentials | None = None,
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
-    ) -> grpc.Future[Resp] | FailedCall:
+    ) -> grpc.Future[Resp] | _sync.DeferredCall | FailedCall:
         deadline = deadline_of(timeout)
-        try:
-            ep = self._pick(timeout, wait_for_ready)
-        except PickError as e:
-            return FailedCall(e)
         args = CallArgs(metadata, credentials, wait_for_ready, compression)
-        return _sync.stream_unary_future(self._m, ep, request_iterator, deadline, args)
+        m = self._m
+        return self._later(
+            timeout,
+            wait_for_ready,
+            lambda ep: _sync.stream_unary_future(m, ep, request_iterator, deadline, args),
+        )
 
 
 class _StreamStream(
@@ -224,14 +239,15 @@ class _StreamStream(
         credentials: grpc.CallCredentials | None = None,
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
-    ) -> _sync.ResponseStream[Req, Resp] | FailedCall:
+    ) -> _sync.ResponseStream[Req, Resp] | _sync.DeferredCall | FailedCall:
         deadline = deadline_of(timeout)
-        try:
-            ep = self._pick(timeout, wait_for_ready)
-        except PickError as e:
-            return FailedCall(e)
         args = CallArgs(metadata, credentials, wait_for_ready, compression)
-        return _sync.stream_stream(self._m, ep, request_iterator, deadline, args)
+        m = self._m
+        return self._later(
+            timeout,
+            wait_for_ready,
+            lambda ep: _sync.stream_stream(m, ep, request_iterator, deadline, args),
+        )
 
 
 class Channel(grpc.Channel):
@@ -370,6 +386,7 @@ def channel(
     *,
     namespace: str | None = None,
     port: str | int | None = None,
+    lookaside: str | None = None,
     init_timeout: float = DEFAULT_INIT_TIMEOUT,
     **options: Unpack[ClientOptions],
 ) -> Channel:
@@ -377,7 +394,8 @@ def channel(
 
     ``target``: a :class:`Target`, ``"service.namespace[.svc[.cluster.local]][:port]"``, or a bare Service
     name completed by ``namespace`` (default ``"default"``) and ``port`` (name or number; empty = the only
-    or first port). ``options``: see :class:`ClientOptions` (``lookaside``, ``mode=Watch()`` or
+    or first port). ``lookaside``: its address (default ``$LOOKASIDE_ADDR``, else ``127.0.0.1:50055``).
+    ``options``: see :class:`ClientOptions` (``mode=Watch()`` or
     ``PerCall(batch=..., pick_cache_ttl=..., throttle=...)``, ``policy``, ``credentials``, ``options``,
     ``lookaside_credentials``, ``tls_server_name``, ``max_staleness``, ``lookaside_keepalive``).
 
@@ -388,7 +406,7 @@ def channel(
     deadline, and the failing address is ejected for a cool-down (1 s doubling to 30 s, at most half the
     set). Channels with equal settings share one balancer (Watch stream, pool, counters).
     """
-    settings = make_settings(make_target(target, namespace, port), options)
+    settings = make_settings(make_target(target, namespace, port), lookaside, options)
     return Channel(_balancer.lease_sync(settings), init_timeout)
 
 

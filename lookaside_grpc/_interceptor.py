@@ -7,13 +7,13 @@ everything else, and any call that cannot be balanced, goes through the original
 
 from __future__ import annotations
 
-import asyncio
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar, Unpack
 
 import grpc
 
-from lookaside_grpc._balancer import Balancer, release_sync
+from lookaside_grpc._balancer import Balancer
 from lookaside_grpc._calls import _sync
 from lookaside_grpc._calls._engine import CallArgs, Method, SyncMethods, deadline_of, pick_sync
 from lookaside_grpc._endpoints import Endpoint
@@ -57,7 +57,8 @@ class LookasideInterceptor(
 ):
     """Balances the calls of the routed gRPC services of an existing channel via the lookaside.
 
-    ``routes`` maps fully qualified gRPC service names (``"greet.GreetService"``) to a :class:`Target` or
+    ``lookaside``: its address (default ``$LOOKASIDE_ADDR``, else ``127.0.0.1:50055``). ``routes`` maps fully
+    gRPC service names (``"greet.GreetService"``) to a :class:`Target` or
     ``"service.namespace[:port]"``. Request/response classes come from the protobuf descriptor pool (a
     service whose ``.proto`` holds only the service is found too); a route naming a service the pool does
     not know logs a WARNING and is counted (``strict=True`` raises ValueError instead). A call uses the
@@ -73,6 +74,7 @@ class LookasideInterceptor(
 
     def __init__(
         self,
+        lookaside: str | None = None,
         routes: Mapping[str, Target | str] | None = None,
         *,
         route_wait: float = DEFAULT_ROUTE_WAIT,
@@ -80,8 +82,15 @@ class LookasideInterceptor(
         **options: Unpack[ClientOptions],
     ) -> None:
         self._core: RouterCore[Balancer] = RouterCore(
-            routes or {}, options, route_wait=route_wait, strict=strict, lease=lease_sync, loop_key=_no_loop
+            lookaside,
+            routes or {},
+            options,
+            route_wait=route_wait,
+            strict=strict,
+            lease=lease_sync,
+            loop_key=_no_loop,
         )
+        self._finalizer = weakref.finalize(self, self._core.release_in_gc)
 
     @property
     def routes(self) -> dict[str, Target]:
@@ -94,8 +103,9 @@ class LookasideInterceptor(
 
     def close(self) -> None:
         """Give the balancers back (the last holder of each closes it); later calls raise ValueError."""
-        for lease in self._core.release_all():
-            release_sync(lease)
+        self._finalizer.detach()
+        for lease in self._core.release_all():  # already given back: these were the last holders
+            lease.balancer.close()
 
     def __enter__(self) -> LookasideInterceptor:
         return self
@@ -211,6 +221,7 @@ def intercepted_channel(
     address: str,
     routes: Mapping[str, Target | str],
     *,
+    lookaside: str | None = None,
     route_wait: float = DEFAULT_ROUTE_WAIT,
     strict: bool = False,
     **options: Unpack[ClientOptions],
@@ -222,11 +233,11 @@ def intercepted_channel(
     opts = list(options.get("options", ()))
     original = grpc.secure_channel(address, creds, opts) if creds is not None else grpc.insecure_channel(address, opts)
     try:
-        interceptor = LookasideInterceptor(routes, route_wait=route_wait, strict=strict, **options)
+        interceptor = LookasideInterceptor(lookaside, routes, route_wait=route_wait, strict=strict, **options)
     except BaseException:
         original.close()
         raise
     return InterceptedChannel(original, interceptor)
 
 
-__all__ = ["InterceptedChannel", "LookasideInterceptor", "asyncio", "intercepted_channel"]
+__all__ = ["InterceptedChannel", "LookasideInterceptor", "intercepted_channel"]

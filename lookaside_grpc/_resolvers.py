@@ -185,8 +185,9 @@ def _silent(err: PickError | None) -> bool:
 
 def _timeout_error(code: grpc.StatusCode, what: str, last: object) -> PickError:
     tail = f"; last error: {last}" if last else ""
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return PickError(code, f"Deadline Exceeded while waiting for {what}{tail}")
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:  # grpc's own details, as a plain channel has them
+        log.debug("deadline exceeded while waiting for %s%s", what, tail)
+        return PickError(code, "Deadline Exceeded")
     return PickError(code, f"no answer in time while waiting for {what}{tail}")
 
 
@@ -751,6 +752,9 @@ class PerCallResolver(_PerCallCore):
     def __init__(self, query: Query, calls: LookasideCalls, **kw: object) -> None:
         super().__init__(query, **kw)  # type: ignore[arg-type]
         self._calls = calls
+        self._probe_lock = threading.Lock()
+        self._probing = False
+        self._stop = threading.Event()
 
     def pick(
         self, policy: RoutingPolicy, wait: float | None, wait_for_ready: bool, on_timeout: grpc.StatusCode
@@ -789,24 +793,37 @@ class PerCallResolver(_PerCallCore):
             delay = min(delay * 2, 1.0)
 
     def connect(self) -> None:
-        """Try one Resolve in the background (``try_to_connect``); its picks serve the next calls."""
-        if self._state is Connectivity.IDLE and not self._closed:
+        """Resolve in the background until the target has a ready endpoint (``try_to_connect``), with
+        backoff, as a grpc channel reconnects; the picks serve the next calls."""
+        with self._probe_lock:
+            if self._probing or self._closed or self._state is Connectivity.READY:
+                return
+            self._probing = True
+        if self._state is Connectivity.IDLE:
             self._set_state(Connectivity.CONNECTING)
-            threading.Thread(target=self._probe, name=f"lookaside-connect-{self.query}", daemon=True).start()
+        threading.Thread(target=self._probe, name=f"lookaside-connect-{self.query}", daemon=True).start()
 
     def _probe(self) -> None:
+        backoff = Backoff()
         try:
-            self._take(self._calls.resolve(self._request_any(), timeout=10.0), None)
-        except (grpc.RpcError, PickError) as e:
-            log.debug("%s: connect Resolve failed: %s", self.query, e)
-            self._set_state(Connectivity.TRANSIENT_FAILURE)
+            while not self._closed and self._state is not Connectivity.READY:
+                try:
+                    self._take(self._calls.resolve(self._request_any(), timeout=10.0), None)
+                except (grpc.RpcError, PickError) as e:
+                    log.debug("%s: connect Resolve failed: %s", self.query, e)
+                    self._set_state(Connectivity.TRANSIENT_FAILURE)
+                    self._stop.wait(backoff.next())
+        finally:
+            with self._probe_lock:
+                self._probing = False
 
     def _request_any(self) -> protocol.Request:
         return self.query.resolve_request(protocol.ROUNDROBIN)
 
     def close(self) -> None:
-        """Nothing runs in the background."""
+        """Stop a connect probe."""
         self._closed = True
+        self._stop.set()
 
     def join(self) -> None:
         """Nothing to wait for."""
@@ -857,18 +874,24 @@ class AioPerCallResolver(_PerCallCore):
             delay = min(delay * 2, 1.0)
 
     def connect(self) -> None:
-        """Try one Resolve in a task (``try_to_connect``); its picks serve the next calls."""
-        if self._state is Connectivity.IDLE and not self._closed:
+        """Resolve in a task until the target has a ready endpoint (``try_to_connect``), with backoff."""
+        task = self._probe_task
+        if (task is not None and not task.done()) or self._closed or self._state is Connectivity.READY:
+            return
+        if self._state is Connectivity.IDLE:
             self._set_state(Connectivity.CONNECTING)
-            self._probe_task = asyncio.get_running_loop().create_task(self._probe())
+        self._probe_task = asyncio.get_running_loop().create_task(self._probe())
 
     async def _probe(self) -> None:
-        try:
-            resp = await self._calls.resolve(self.query.resolve_request(protocol.ROUNDROBIN), timeout=10.0)
-            self._take(resp, None)
-        except (grpc.RpcError, PickError) as e:
-            log.debug("%s: connect Resolve failed: %s", self.query, e)
-            self._set_state(Connectivity.TRANSIENT_FAILURE)
+        backoff = Backoff()
+        while not self._closed and self._state is not Connectivity.READY:
+            try:
+                resp = await self._calls.resolve(self.query.resolve_request(protocol.ROUNDROBIN), timeout=10.0)
+                self._take(resp, None)
+            except (grpc.RpcError, PickError) as e:
+                log.debug("%s: connect Resolve failed: %s", self.query, e)
+                self._set_state(Connectivity.TRANSIENT_FAILURE)
+                await asyncio.sleep(backoff.next())
 
     async def aclose(self) -> None:
         """Cancel a connect probe still running."""

@@ -4,6 +4,7 @@ through the protobuf descriptor pool, per-method routes bound to shared balancer
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import sys
@@ -99,6 +100,7 @@ class RouterCore(Generic[B]):
 
     def __init__(
         self,
+        lookaside: str | None,
         routes: Mapping[str, Target | str],
         options: Mapping[str, object],
         *,
@@ -110,9 +112,9 @@ class RouterCore(Generic[B]):
         if not isinstance(routes, Mapping):
             raise TypeError(f"routes must map gRPC service names to targets, got {routes!r}")
         self.routes = {svc: Target.parse(t) for svc, t in routes.items()}
-        self.settings = {svc: make_settings(t, options) for svc, t in self.routes.items()}
+        self.settings = {svc: make_settings(t, lookaside, options) for svc, t in self.routes.items()}
         if not self.routes:  # still validate the options
-            make_settings(Target("x", "x"), options)
+            make_settings(Target("x", "x"), lookaside, options)
         if not route_wait >= 0:
             raise ValueError(f"route_wait must be >= 0, got {route_wait!r}")
         self.route_wait = route_wait
@@ -182,13 +184,26 @@ class RouterCore(Generic[B]):
 
     def release_all(self) -> list[Lease[B]]:
         """Drop this interceptor's leases; return those whose balancer the caller must close."""
+        return [lease for _, lease in self._release()]
+
+    def _release(self) -> list[tuple[object, Lease[B]]]:
         with self._lock:
             self.closed = True
-            leases = list(self._leases.values())
+            leases = [(lk, lease) for (lk, _), lease in self._leases.items()]
             self._leases.clear()
             self._methods.clear()
         untrack(self)
-        return [lease for lease in leases if lease.release()]
+        return [(lk, lease) for lk, lease in leases if lease.release()]
+
+    def release_in_gc(self) -> None:
+        """The interceptor was garbage collected without ``close()``: close its last-held balancers without
+        blocking (sync: in a thread; aio: as a task in the balancer's loop, if it still runs)."""
+        for lk, lease in self._release():
+            balancer = lease.balancer
+            if isinstance(balancer, Balancer):
+                threading.Thread(target=balancer.close, name="lookaside-close", daemon=True).start()
+            elif isinstance(lk, asyncio.AbstractEventLoop):
+                _balancer.close_in_loop(balancer, lk)
 
     def stats(self) -> Stats:
         with self._lock:

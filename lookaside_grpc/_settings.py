@@ -81,8 +81,8 @@ PER_CALL: ModeName = "per_call"
 class ClientOptions(TypedDict, total=False):
     """The keyword options shared by ``channel()``, ``aio.channel()`` and both interceptors (declared once).
 
-    ``lookaside``: the lookaside address (default ``$LOOKASIDE_ADDR``, else ``127.0.0.1:50055``);
-    ``mode``: :class:`Watch` (default) or :class:`PerCall`; ``policy``: ``"round_robin"`` (default),
+    (Each flavour also takes ``lookaside``: the lookaside address, default ``$LOOKASIDE_ADDR``, else
+    ``127.0.0.1:50055``.) ``mode``: :class:`Watch` (default) or :class:`PerCall`; ``policy``: ``"round_robin"`` (default),
     ``"random"``, ``"least_request"``, ``"peak_ewma"``, ``"weighted"`` or a :class:`RoutingPolicy`;
     ``credentials`` / ``options``: of the per-backend channels; ``lookaside_credentials``: of the lookaside
     channel (None = insecure); ``tls_server_name``: the name backends' certificates are verified against
@@ -91,7 +91,6 @@ class ClientOptions(TypedDict, total=False):
     ping interval on the lookaside channel (None = off).
     """
 
-    lookaside: str
     mode: Mode | ModeName
     policy: str | RoutingPolicy
     credentials: grpc.ChannelCredentials | None
@@ -217,13 +216,15 @@ def _conflict(target: Target, port: str | int) -> Target:
     raise ValueError(f"port={port!r} contradicts target {str(target)!r}")
 
 
-def make_settings(target: Target, options: Mapping[str, object]) -> Settings:
+def make_settings(target: Target, lookaside: str | None, options: Mapping[str, object]) -> Settings:
     """Validate the shared keyword options (unknown ones are a TypeError, as for any function)."""
     unknown = sorted(set(options) - OPTION_NAMES)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
     o: ClientOptions = options  # type: ignore[assignment]
-    lookaside = o.get("lookaside") or default_lookaside()
+    if lookaside is not None and not isinstance(lookaside, str):
+        raise TypeError(f"lookaside must be an address string, got {lookaside!r}")
+    lookaside = lookaside or default_lookaside()
     policy = o.get("policy", "round_robin")
     if isinstance(policy, str) and policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {sorted(POLICIES)}")

@@ -1,8 +1,16 @@
-"""The lookaside wire protocol (``proto/lookaside.proto``): messages, stub and servicer base, and the one
-target grammar (``service.namespace[.svc[.cluster.local]][:port]``) that names Services on the wire.
+"""The lookaside wire protocol (``proto/lookaside/v1/lookaside.proto``): messages, stub and servicer base,
+the one target grammar (``service.namespace[.svc[.cluster.local]][:port]``) that names Services on the wire,
+and the one JSON view of the Status RPC's answer (:func:`status_to_dict`).
 
 This module is the one seam between the client plugin set and the lookaside server; both import it.
+
+The messages live in a descriptor pool of their own (:data:`POOL`), not protobuf's default pool, so that an
+application may also hold stubs generated from the original ``lookaside.proto``, which define the same
+symbols (package ``lookaside``). A process that wants the file in the default pool as well (a server offering
+reflection) calls :func:`add_to_default_pool`.
 """
+
+from google.protobuf import descriptor_pool as _descriptor_pool
 
 from lookaside_grpc._generated import lookaside_pb2 as _pb2
 from lookaside_grpc._generated.lookaside_pb2 import (
@@ -24,12 +32,34 @@ from lookaside_grpc._generated.lookaside_pb2_grpc import (
     LookasideStub,
     add_LookasideServicer_to_server,
 )
+from lookaside_grpc._status_view import ago, iso_time, status_to_dict
 from lookaside_grpc._target import InvalidTarget, Target, canonical_port
 
 #: The full name of the service, for health checks and reflection.
 SERVICE_NAME: str = _pb2.DESCRIPTOR.services_by_name["Lookaside"].full_name
-#: The file descriptor of ``lookaside.proto``.
+#: The file descriptor of ``lookaside/v1/lookaside.proto``.
 DESCRIPTOR = _pb2.DESCRIPTOR
+#: The descriptor pool that holds it (private to lookaside_grpc).
+POOL: _descriptor_pool.DescriptorPool = _pb2.POOL
+
+
+def add_to_default_pool() -> bool:
+    """Also register ``lookaside/v1/lookaside.proto`` in protobuf's default descriptor pool, where server
+    reflection looks (``grpcurl describe lookaside.Lookaside``). Returns False, changing nothing, when the
+    default pool already defines the ``lookaside`` symbols from another file (the original
+    ``lookaside.proto``); True when the file is (now) there."""
+    pool = _descriptor_pool.Default()
+    try:
+        pool.FindFileByName(DESCRIPTOR.name)
+        return True
+    except KeyError:
+        pass
+    try:
+        pool.AddSerializedFile(DESCRIPTOR.serialized_pb)
+    except (TypeError, ValueError):  # "duplicate symbol" (TypeError from upb, ValueError in pure Python)
+        return False
+    return True
+
 
 RouterType = Request.RouterType
 RANDOM: int = Request.RANDOM
@@ -42,6 +72,7 @@ LOAD_ROUTERS: frozenset[int] = frozenset({LEAST_REQUEST, PEAK_EWMA, WEIGHTED})
 
 __all__ = [
     "DESCRIPTOR",
+    "POOL",
     "Endpoint",
     "EndpointLoad",
     "EndpointSet",
@@ -67,5 +98,9 @@ __all__ = [
     "WEIGHTED",
     "WatchRequest",
     "add_LookasideServicer_to_server",
+    "add_to_default_pool",
+    "ago",
     "canonical_port",
+    "iso_time",
+    "status_to_dict",
 ]

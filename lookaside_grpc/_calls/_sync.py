@@ -25,6 +25,7 @@ from lookaside_grpc._calls._engine import (
     remaining,
 )
 from lookaside_grpc._endpoints import Endpoint
+from lookaside_grpc._errors import FailedCall, PickError
 from lookaside_grpc._health import retryable
 from lookaside_grpc._pool import Slot
 
@@ -462,16 +463,118 @@ def stream_stream(
     return ResponseStream(m, ep, requests, deadline, a, retry=False)  # type: ignore[arg-type]
 
 
-__all__ = [
-    "ResponseStream",
-    "UnaryUnaryFuture",
-    "deadline_of",
-    "stream_stream",
-    "stream_unary",
-    "stream_unary_future",
-    "stream_unary_with_call",
-    "time",
-    "unary_stream",
-    "unary_unary",
-    "unary_unary_with_call",
-]
+
+
+class DeferredCall(grpc.Call, _compat.Future[object], Iterator[object]):
+    """A non-blocking call (``future()`` or a response stream) whose pick must wait (cold start): it is
+    returned at once, as grpc returns its calls, while a thread waits for the pick and starts the real call;
+    every method waits for that call (a failed pick becomes a failed call) and delegates to it."""
+
+    def __init__(self, make: Callable[[], object]) -> None:
+        self._ready = threading.Event()
+        self._call: object = None
+        self._cancelled = False
+        threading.Thread(target=self._start, args=(make,), name="lookaside-pick", daemon=True).start()
+
+    def _start(self, make: Callable[[], object]) -> None:
+        try:
+            call = make()
+        except PickError as e:
+            call = FailedCall(e)
+        except grpc.RpcError as e:  # raised by the backend multicallable itself
+            call = e
+        except BaseException as e:  # anything else (e.g. a closed pool): fail the call with it
+            call = FailedCall(PickError(grpc.StatusCode.UNAVAILABLE, f"could not start the call: {e!r}"))
+        self._call = call
+        self._ready.set()
+        if self._cancelled:
+            cancel = getattr(call, "cancel", None)
+            if callable(cancel):
+                cancel()
+
+    def _get(self, timeout: float | None = None) -> object:
+        if not self._ready.wait(timeout):
+            raise grpc.FutureTimeoutError()
+        return self._call
+
+    def _do(self, name: str, *args: object) -> object:
+        return getattr(self._get(), name)(*args)
+
+    # iterator
+    def __iter__(self) -> DeferredCall:
+        return self
+
+    def __next__(self) -> object:
+        return next(self._get())  # type: ignore[call-overload]
+
+    # grpc.Future
+    def cancel(self) -> bool:
+        if not self._ready.is_set():
+            self._cancelled = True
+            return True
+        return bool(self._do("cancel"))
+
+    def cancelled(self) -> bool:
+        if not self._ready.is_set():
+            return self._cancelled
+        return bool(self._do("cancelled"))
+
+    def running(self) -> bool:
+        return not self._ready.is_set() or bool(self._do("running"))
+
+    def done(self) -> bool:
+        return self._ready.is_set() and bool(self._do("done"))
+
+    def result(self, timeout: float | None = None) -> object:
+        deadline = deadline_of(timeout)
+        return self._do_timed("result", deadline)
+
+    def exception(self, timeout: float | None = None) -> Exception | None:
+        got = self._do_timed("exception", deadline_of(timeout))
+        return got if isinstance(got, Exception) else None
+
+    def traceback(self, timeout: float | None = None) -> object:
+        return self._do_timed("traceback", deadline_of(timeout))
+
+    def _do_timed(self, name: str, deadline: float | None) -> object:
+        call = self._get(remaining(deadline))
+        return getattr(call, name)(remaining(deadline))
+
+    def add_done_callback(self, fn: Callable[[grpc.Future[object]], None]) -> None:
+        def later() -> None:
+            self._ready.wait()
+            add = getattr(self._call, "add_done_callback", None)
+            if callable(add):
+                add(lambda _c: fn(self))
+            else:
+                fn(self)
+
+        if self._ready.is_set():
+            later()
+        else:
+            threading.Thread(target=later, name="lookaside-callback", daemon=True).start()
+
+    # grpc.Call
+    def initial_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._do("initial_metadata")  # type: ignore[return-value]
+
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._do("trailing_metadata")  # type: ignore[return-value]
+
+    def code(self) -> grpc.StatusCode:
+        return self._do("code")  # type: ignore[return-value]
+
+    def details(self) -> str:
+        return self._do("details")  # type: ignore[return-value]
+
+    def debug_error_string(self) -> str:
+        return str(self._do("debug_error_string"))
+
+    def is_active(self) -> bool:
+        return not self._ready.is_set() or bool(self._do("is_active"))
+
+    def time_remaining(self) -> float:
+        return self._do("time_remaining")  # type: ignore[return-value]
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return bool(self._do("add_callback", callback))

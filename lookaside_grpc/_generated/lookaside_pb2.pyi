@@ -2,10 +2,12 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+from google.protobuf import descriptor_pool as _descriptor_pool
+
+POOL: _descriptor_pool.DescriptorPool
 
 class Request(_message.Message):
     __slots__ = ("router", "service", "namespace", "port", "count")
@@ -128,7 +130,7 @@ class TargetStatus(_message.Message):
     watchers: int
     source: _containers.ScalarMap[str, str]
     exists: bool
-    def __init__(self, service: _Optional[str] = ..., namespace: _Optional[str] = ..., version: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[EndpointStatus, _Mapping]]] = ..., changed_at: _Optional[float] = ..., watchers: _Optional[int] = ..., source: _Optional[_Mapping[str, str]] = ..., exists: _Optional[bool] = ...) -> None: ...
+    def __init__(self, service: _Optional[str] = ..., namespace: _Optional[str] = ..., version: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[EndpointStatus, _Mapping]]] = ..., changed_at: _Optional[float] = ..., watchers: _Optional[int] = ..., source: _Optional[_Mapping[str, str]] = ..., exists: bool = ...) -> None: ...
 
 class EndpointStatus(_message.Message):
     __slots__ = ("ip", "port", "port_name", "zone", "for_zones", "ready", "serving", "terminating")
@@ -148,7 +150,7 @@ class EndpointStatus(_message.Message):
     ready: bool
     serving: bool
     terminating: bool
-    def __init__(self, ip: _Optional[str] = ..., port: _Optional[int] = ..., port_name: _Optional[str] = ..., zone: _Optional[str] = ..., for_zones: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., serving: _Optional[bool] = ..., terminating: _Optional[bool] = ...) -> None: ...
+    def __init__(self, ip: _Optional[str] = ..., port: _Optional[int] = ..., port_name: _Optional[str] = ..., zone: _Optional[str] = ..., for_zones: _Optional[_Iterable[str]] = ..., ready: bool = ..., serving: bool = ..., terminating: bool = ...) -> None: ...
 
 class LoadReport(_message.Message):
     __slots__ = ("service", "namespace", "port", "client_id", "interval_ms", "endpoints")
