@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
@@ -84,15 +83,15 @@ class LookasideServer:
                 bound = server.add_secure_port(address, credentials)
             else:
                 bound = server.add_insecure_port(address)
-            self.metrics.attach(self.registry, asyncio.get_running_loop(), self.tls)
+            self.metrics.attach(self.registry, self.tls)
             if bound == 0:
                 raise OSError(f"cannot bind {_host_port(self.config.listen.host, self.config.listen.port)}")
             if self.config.http.port is not None:
-                self._start_http()
+                await self._start_http()
             await server.start()
         except BaseException:
             if self._http is not None:
-                await asyncio.to_thread(self._http.stop)
+                await self._http.stop()
                 self._http = None
             await self.source.stop()
             self._source_started = False
@@ -121,13 +120,14 @@ class LookasideServer:
                                      load=load, on_reject=self.metrics.xds_reject)
         return (SERVICE_NAME,)
 
-    def _start_http(self) -> None:
+    async def _start_http(self) -> None:
         assert self.config.http.port is not None
-        http = HttpServer(self.config.http.host or self.config.listen.host, self.config.http.port)
-        add_routes(http, self.registry, asyncio.get_running_loop(), lambda: self.address)
+        http = HttpServer(self.config.http.host or self.config.listen.host, self.config.http.port,
+                          self.config.http.limits, on_limit=self.metrics.limit_hit)
+        add_routes(http, self.registry, lambda: self.address)
         self.metrics.add_route(http)
         try:
-            self.http_port = http.start()
+            self.http_port = await http.start()
         except OSError as e:
             where = _host_port(http.host.strip("[]"), self.config.http.port)
             if not self.config.http.optional:
@@ -141,7 +141,7 @@ class LookasideServer:
         grace = self.config.listen.grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
         if self._http is not None:
-            await asyncio.to_thread(self._http.stop)
+            await self._http.stop()
             self._http = None
         self.registry.close()
         if self.xds is not None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from lookaside_server._security.limits import Limits
 from lookaside_server._security.tls import TlsConfig
 from lookaside_server._sources.base import EndpointSource
+from lookaside_server._web.http import HttpLimits
 
 if TYPE_CHECKING:  # the xDS resources need the optional xds-protos package
     from lookaside_server._xds.resources import XdsOptions
@@ -96,6 +97,8 @@ class HttpConfig:
     host: str | None = None
     #: If the port cannot be bound, log a warning and serve gRPC anyway (used for the default port).
     optional: bool = False
+    #: Connection cap, header and idle timeouts of the listener (``_web.http.HttpLimits``).
+    limits: HttpLimits = field(default_factory=HttpLimits)
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     """The :class:`ServerConfig` the parsed flags describe; ValueError for inconsistent flags. Builds the
     Kubernetes source when the flags ask for it (kubernetes ConfigException/OSError without a usable
     Kubernetes configuration)."""
-    from lookaside_server._cli.security_flags import limits_config, security_config
+    from lookaside_server._cli.security_flags import http_limits_config, limits_config, security_config
     from lookaside_server._cli.source_flags import choose_source
 
     chosen = choose_source(args)
@@ -181,6 +181,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         source=source,
         security=security_config(args, chosen.allow_namespaces),
         limits=limits_config(args),
-        http=HttpConfig(port=http.port, host=args.http_host, optional=http.optional),
+        http=HttpConfig(port=http.port, host=args.http_host, optional=http.optional,
+                        limits=http_limits_config(args)),
         xds=XdsConfig(enabled=args.xds),
     )

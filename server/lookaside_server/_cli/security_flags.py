@@ -10,9 +10,11 @@ from lookaside_server._config import AccessConfig, SecurityConfig
 from lookaside_server._security.access import parse_identities, parse_service_rules
 from lookaside_server._security.limits import Limits
 from lookaside_server._security.tls import DEFAULT_CHECK_INTERVAL, tls_config_from
+from lookaside_server._web.http import HttpLimits
 from lookaside_server._web.logging import FORMATS
 
 _D = Limits()
+_H = HttpLimits()
 
 
 def add_security_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,8 +58,15 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
                  help="most RPCs in progress, streams included; 0 = no limit")
     env_argument(lim, "--max-pending-requests", env="LB_MAX_PENDING_REQUESTS", type=integer(1),
                  default=_D.max_pending_requests,
-                 help="calls queued for the server before new ones are cancelled (grpc's own default is "
-                      "1000)")
+                 help="calls queued in grpc core for the server before new ones are cancelled (grpc's own "
+                      "default)")
+    # --- HTTP/2 streams per connection (issue 12 item 6: rapid reset) ---
+    env_argument(lim, "--max-streams-per-connection", env="LB_MAX_STREAMS_PER_CONNECTION", type=integer(1),
+                 default=_D.max_streams_per_connection,
+                 help="HTTP/2 streams one client connection may have open, reset ones included until the "
+                      "server has released them (more are refused, REFUSED_STREAM; clients queue them); "
+                      "keep it above --max-watches-per-peer")
+    # --- end of HTTP/2 streams per connection ---
     env_argument(lim, "--keepalive-time", env="LB_KEEPALIVE_TIME", type=number(above=0),
                  default=_D.keepalive_time, help="seconds between the server's keepalive pings")
     env_argument(lim, "--keepalive-timeout", env="LB_KEEPALIVE_TIMEOUT", type=number(above=0),
@@ -72,6 +81,22 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
     env_argument(lim, "--max-connection-age", env="LB_MAX_CONNECTION_AGE", type=number(0), default=0,
                  help="close connections after this many seconds (streams get 30 s grace; clients "
                       "reconnect, e.g. to another replica); 0 = never")
+
+    # --- HTTP listener limits (issue 12 item 5; _web/http.py HttpLimits) ---
+    h = p.add_argument_group("HTTP listener (status page, /healthz, /metrics)")
+    env_argument(h, "--http-max-connections", env="LB_HTTP_MAX_CONNECTIONS", type=integer(1),
+                 default=_H.max_connections,
+                 help="most HTTP connections open at once; at the cap a new one replaces the oldest idle or "
+                      "half-open one (or is closed at once if all are busy); counted as limit hits. Keep it "
+                      "well under the open-file limit (ulimit -n), which gRPC and the source share")
+    env_argument(h, "--http-header-timeout", env="LB_HTTP_HEADER_TIMEOUT", type=number(above=0),
+                 default=_H.header_timeout, metavar="SECONDS",
+                 help="seconds a client has to send a request's headers (from its first byte or from "
+                      "connecting); slower ones are disconnected")
+    env_argument(h, "--http-idle-timeout", env="LB_HTTP_IDLE_TIMEOUT", type=number(above=0),
+                 default=_H.idle_timeout, metavar="SECONDS",
+                 help="close keep-alive HTTP connections idle for this many seconds")
+    # --- end of HTTP listener limits ---
 
     env_argument(p, "--log-format", env="LB_LOG_FORMAT", choices=FORMATS, type=one_of(FORMATS),
                  default="text",
@@ -108,9 +133,16 @@ def limits_config(args: argparse.Namespace) -> Limits:
         max_watches_per_peer=args.max_watches_per_peer,
         max_concurrent_rpcs=args.max_concurrent_rpcs or None,
         max_pending_requests=args.max_pending_requests,
+        max_streams_per_connection=args.max_streams_per_connection,
         keepalive_time=args.keepalive_time,
         keepalive_timeout=args.keepalive_timeout,
         min_ping_interval=args.min_ping_interval,
         max_connection_idle=args.max_connection_idle or None,
         max_connection_age=args.max_connection_age or None,
     )
+
+
+def http_limits_config(args: argparse.Namespace) -> HttpLimits:
+    """The HTTP listener's limits from the flags."""
+    return HttpLimits(max_connections=args.http_max_connections, header_timeout=args.http_header_timeout,
+                      idle_timeout=args.http_idle_timeout)

@@ -5,9 +5,15 @@
 * ``max_watches`` / ``max_watches_per_peer``: long-lived streams (``Lookaside/Watch`` and xDS
   ``StreamAggregatedResources``; both hold registry subscriptions) at once, overall and per client IP. One
   more is refused with RESOURCE_EXHAUSTED naming the limit; a slot frees when its stream ends.
-* ``max_pending_requests`` (default 10000; grpc's own default is 1000): calls grpc core queues until the
-  Python server picks them up; beyond it grpc cancels new calls (CANCELLED). Bounded, but large enough for a
-  burst of thousands of Resolves.
+* ``max_pending_requests`` (default 1000, grpc's own): calls grpc core queues until the Python server picks
+  them up (``grpc.server.max_pending_requests``); beyond it grpc cancels new calls (CANCELLED), randomly up
+  to its hard limit (``grpc.server.max_pending_requests_hard_limit``, 3000) and all of them above it.
+* ``max_streams_per_connection`` (default 256): HTTP/2 streams one client connection may have open
+  (``grpc.max_concurrent_streams``, announced in SETTINGS; clients queue further calls themselves). grpc
+  counts a stream until the server has released it, including streams the client already reset, and refuses
+  new ones with REFUSED_STREAM beyond the limit (``grpc.http.overload_protection``): that bounds what an
+  HTTP/2 rapid reset (HEADERS then RST_STREAM, over and over) can make the server hold. Keep it above
+  ``max_watches_per_peer``: a client at its Watch limit still needs streams for Resolve.
 * ``max_concurrent_rpcs``: grpc's own cap on RPCs in progress (``grpc.aio.server(maximum_concurrent_rpcs)``,
   streams included); beyond it grpc answers RESOURCE_EXHAUSTED itself. Off by default.
 * Keepalive: the server pings every ``keepalive_time`` s and drops connections that do not answer within
@@ -61,7 +67,9 @@ class Limits:
     max_watches_per_peer: int = 100
     max_concurrent_rpcs: int | None = None
     #: Calls grpc core queues for the Python server before it cancels new ones (grpc's default: 1000).
-    max_pending_requests: int = 10_000
+    max_pending_requests: int = 1000
+    #: HTTP/2 streams per client connection (``grpc.max_concurrent_streams``; rapid-reset bound).
+    max_streams_per_connection: int = 256
     keepalive_time: float = 60.0
     keepalive_timeout: float = 20.0
     min_ping_interval: float = 10.0
@@ -76,6 +84,8 @@ class Limits:
             raise ValueError("max_watches and max_watches_per_peer must be at least 1")
         if self.max_pending_requests < 1:
             raise ValueError("max_pending_requests must be at least 1")
+        if self.max_streams_per_connection < 1:
+            raise ValueError("max_streams_per_connection must be at least 1")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
             raise ValueError("max_concurrent_rpcs must be at least 1 (or None for no limit)")
 
@@ -85,6 +95,9 @@ class Limits:
         opts: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.server.max_pending_requests", self.max_pending_requests),
+            # Rapid reset: streams count until released (also reset ones); beyond the limit REFUSED_STREAM.
+            ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+            ("grpc.http.overload_protection", 1),
             ("grpc.keepalive_time_ms", ms(self.keepalive_time)),
             ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout)),
             # keep pinging quiet Watch streams (by default grpc stops after 2 pings without data)

@@ -1,25 +1,67 @@
-"""The server's HTTP listener (status page, ``/status.json``, ``/healthz``; ``/metrics`` can be added).
+"""The server's HTTP listener (status page, ``/status.json``, ``/healthz``, ``/metrics``) on the server's own
+event loop, served by aiohttp's HTTP/1.1 protocol with a tiny exact-path route table
+(:meth:`HttpServer.route`).
 
-A stdlib :class:`ThreadingHTTPServer` in a daemon thread with a tiny route table: :meth:`HttpServer.route`
-adds a path. Handlers run in the listener's threads, never on the event loop: anything reading the
-registry must hop onto the loop (see :meth:`LoopBridge.call`).
+Every resource is bounded (:class:`HttpLimits`):
+
+* **connections**: at most ``max_connections`` open at once. When a new one arrives at the cap, the oldest
+  connection that is not serving a request (idle between requests, or still sending its request headers)
+  is closed to make room, so idle or half-open sockets cannot lock out a probe of ``/healthz``; if every
+  connection is busy the new one is closed at once. Both count as ``http_max_connections`` limit hits.
+* **headers**: a request's headers must be complete within ``header_timeout`` seconds of its first byte (or
+  of the connection opening); a slower client is disconnected (``http_header_timeout`` hits). Request line
+  and header sizes are aiohttp's (8190 bytes each, at most 128 header lines; beyond: 400).
+* **idle**: a keep-alive connection without a new request for ``idle_timeout`` seconds is closed.
+* **bodies**: only GET and HEAD are served. Another method gets 405; a GET/HEAD with a body gets 413. Either
+  way the connection is closed after the answer, so a body is never read as a further request.
+
+Handlers run on the event loop: they may read the registry directly and must stay cheap (anything heavy
+goes to a thread, see ``status_page.py`` and ``metrics.py``). A handler returns an :class:`HttpResponse`
+(or an awaitable of one).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import inspect
 import logging
+import resource
 import socket
-import threading
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+
+#: ``lookaside_limit_hits_total{limit}`` labels of the HTTP listener.
+HTTP_MAX_CONNECTIONS = "http_max_connections"
+HTTP_HEADER_TIMEOUT = "http_header_timeout"
+HTTP_LIMITS = (HTTP_MAX_CONNECTIONS, HTTP_HEADER_TIMEOUT)
+
+#: File descriptors the rest of the server needs besides HTTP connections (gRPC listener and connections,
+#: the static file, inotify, /proc reads of the process collector, logs): below this headroom under the
+#: open-file limit the connection cap is reported as too high at start.
+FD_HEADROOM = 128
+_BACKLOG = 128
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """Bounds of the HTTP listener (see the module docstring); times in seconds."""
+
+    max_connections: int = 256
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if self.header_timeout <= 0 or self.idle_timeout <= 0:
+            raise ValueError("header_timeout and idle_timeout must be positive")
 
 
 @dataclass
@@ -38,7 +80,7 @@ class HttpResponse:
 
 @dataclass(frozen=True)
 class HttpRequest:
-    """The parts of a request a handler needs."""
+    """The parts of a request a handler needs (header names lower-case)."""
 
     method: str
     path: str
@@ -46,85 +88,142 @@ class HttpRequest:
     headers: dict[str, str]
 
 
-Handler = Callable[[HttpRequest], HttpResponse]
+Handler = Callable[[HttpRequest], "HttpResponse | Awaitable[HttpResponse]"]
+
+# Connection states.
+_WAITING = "waiting"  # for the first byte of a request (idle keep-alive), idle_timeout
+_HEADERS = "headers"  # request bytes arriving, header_timeout from the first one (or from accept)
+_BUSY = "busy"  # a handler runs: no timer, never evicted
 
 
-class LoopBridge:
-    """Runs a coroutine on the server's event loop from a listener thread, with a timeout."""
+class _Board:
+    """The open connections of one listener: counted, the not-busy ones kept oldest first for eviction."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float = 5.0) -> None:
-        self.loop = loop
-        self.timeout = timeout
+    def __init__(self, limits: HttpLimits, on_limit: Callable[[str], None] | None) -> None:
+        self.limits = limits
+        self.on_limit = on_limit
+        self.open: set[_Connection] = set()
+        self.evictable: OrderedDict[_Connection, None] = OrderedDict()
+        self.refused = 0
+        self.evicted = 0
+        self.header_timeouts = 0
 
-    def call(self, make: Callable[[], Awaitable[T]]) -> T:
-        """Run ``make()`` on the loop, return its result; raise TimeoutError, or RuntimeError (loop gone)."""
-
-        async def run() -> T:
-            return await make()
-
-        try:
-            fut = asyncio.run_coroutine_threadsafe(run(), self.loop)
-        except RuntimeError as e:  # loop closed
-            raise RuntimeError(f"event loop not running: {e}") from e
-        try:
-            return fut.result(self.timeout)
-        except concurrent.futures.TimeoutError:
-            fut.cancel()
-            raise TimeoutError(f"the server's event loop did not answer within {self.timeout} s") from None
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    routes: dict[str, tuple[frozenset[str], Handler]]
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
-            # "::" also accepts IPv4 (dual stack) where the OS allows it.
+    def hit(self, limit: str) -> None:
+        if self.on_limit is not None:
             try:
-                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            except OSError:  # pragma: no cover
-                pass
-        super().server_bind()
+                self.on_limit(limit)
+            except Exception:  # noqa: BLE001 - counting must never break serving
+                log.exception("counting an HTTP limit hit failed")
+
+    def admit(self, conn: _Connection) -> bool:
+        """Room for ``conn``: evict the oldest not-busy connection at the cap; False if all are busy."""
+        if len(self.open) >= self.limits.max_connections:
+            self.hit(HTTP_MAX_CONNECTIONS)
+            if not self.evictable:
+                self.refused += 1
+                return False
+            victim, _ = self.evictable.popitem(last=False)
+            self.evicted += 1
+            victim.drop()
+        self.open.add(conn)
+        return True
+
+    def remove(self, conn: _Connection) -> None:
+        self.open.discard(conn)
+        self.evictable.pop(conn, None)
 
 
-class _RequestHandler(BaseHTTPRequestHandler):
-    server: _Server
-    server_version = "lookaside"
-    protocol_version = "HTTP/1.1"
+class _Connection(RequestHandler):  # type: ignore[misc]
+    """aiohttp's HTTP/1.1 protocol plus the connection cap, header and idle timers of :class:`_Board`."""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        log.debug("http %s: " + format, self.address_string(), *args)
+    def __init__(self, manager: _AioServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._lb_board = manager.board
+        self._lb_state = _HEADERS
+        self._lb_timer: asyncio.TimerHandle | None = None
+        self._lb_admitted = False
+        self._lb_transport: asyncio.BaseTransport | None = None
 
-    def _dispatch(self) -> None:
-        url = urlsplit(self.path)
-        entry = self.server.routes.get(url.path)
-        if entry is None:
-            resp = HttpResponse.text(404, f"not found: {url.path}\n")
-        elif self.command not in entry[0]:
-            allowed = ", ".join(sorted(entry[0]))
-            resp = HttpResponse.text(405, f"method {self.command} not allowed; use {allowed}\n")
-            resp.headers["Allow"] = allowed
+    # --- the protocol -----------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._lb_transport = transport
+        if not self._lb_board.admit(self):
+            transport.abort()  # connection_lost follows; nothing of aiohttp's was set up
+            return
+        self._lb_admitted = True
+        super().connection_made(transport)
+        self._enter(_HEADERS)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lb_state == _WAITING and data:
+            self._enter(_HEADERS)
+        super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_timer()
+        self._lb_board.remove(self)
+        if self._lb_admitted:
+            self._lb_admitted = False
+            super().connection_lost(exc)
+
+    # --- states -----------------------------------------------------------------------------------------
+
+    def request_started(self) -> None:
+        """A handler starts: no timer, not evictable."""
+        self._enter(_BUSY)
+
+    def request_done(self) -> None:
+        """The handler is done (its response is being written): idle timer, evictable again."""
+        self._enter(_WAITING)
+
+    def drop(self) -> None:
+        """Close at once (evicted, or its time is up)."""
+        self._cancel_timer()
+        self._lb_board.evictable.pop(self, None)
+        if self._lb_transport is not None:
+            self._lb_transport.abort()
+
+    def _enter(self, state: str) -> None:
+        if self._lb_transport is None or self._lb_transport.is_closing():
+            return
+        self._cancel_timer()
+        self._lb_state = state
+        loop = asyncio.get_running_loop()
+        if state == _BUSY:
+            self._lb_board.evictable.pop(self, None)
+            return
+        self._lb_board.evictable[self] = None
+        self._lb_board.evictable.move_to_end(self)
+        if state == _HEADERS:
+            self._lb_timer = loop.call_later(self._lb_board.limits.header_timeout, self._header_timeout)
         else:
-            method = "GET" if self.command == "HEAD" else self.command
-            req = HttpRequest(method, url.path, url.query, {k.lower(): v for k, v in self.headers.items()})
-            try:
-                resp = entry[1](req)
-            except Exception:  # noqa: BLE001 - one broken handler must not kill the listener
-                log.exception("http handler for %s failed", url.path)
-                resp = HttpResponse.text(500, "internal error (see the server log)\n")
-        self.send_response(resp.status)
-        self.send_header("Content-Type", resp.content_type)
-        self.send_header("Content-Length", str(len(resp.body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for name, value in resp.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(resp.body)
+            self._lb_timer = loop.call_later(self._lb_board.limits.idle_timeout, self.drop)
 
-    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
+    def _header_timeout(self) -> None:
+        self._lb_timer = None
+        self._lb_board.header_timeouts += 1
+        self._lb_board.hit(HTTP_HEADER_TIMEOUT)
+        log.debug(
+            "http: request headers not complete within %s s; closing", self._lb_board.limits.header_timeout
+        )
+        self.drop()
+
+    def _cancel_timer(self) -> None:
+        if self._lb_timer is not None:
+            self._lb_timer.cancel()
+            self._lb_timer = None
+
+
+class _AioServer(web.Server):  # type: ignore[misc]
+    """aiohttp's low-level server making :class:`_Connection` protocols."""
+
+    def __init__(self, handler: Any, board: _Board, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.board = board
+
+    def __call__(self) -> _Connection:
+        return _Connection(self, loop=self._loop, **self._kwargs)
 
 
 def _bind_host(host: str) -> tuple[str, socket.AddressFamily]:
@@ -136,49 +235,180 @@ def _bind_host(host: str) -> tuple[str, socket.AddressFamily]:
     return host, socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-class HttpServer:
-    """An HTTP listener with a route table, served from a daemon thread."""
+def _listening_socket(host: str, port: int) -> socket.socket:
+    bind, family = _bind_host(host)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # "::" also accepts IPv4 (dual stack) where the OS allows it.
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except OSError:  # pragma: no cover
+                pass
+        sock.bind((bind, port))
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
-    def __init__(self, host: str, port: int) -> None:
+
+_ALLOWED_BODYLESS = frozenset({"GET", "HEAD"})
+
+
+class HttpServer:
+    """An HTTP listener with a route table, served on the running event loop."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        limits: HttpLimits | None = None,
+        on_limit: Callable[[str], None] | None = None,
+    ) -> None:
         self.host = host
         self.requested_port = port
         self.port = 0
+        self.limits = limits or HttpLimits()
         self._routes: dict[str, tuple[frozenset[str], Handler]] = {}
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._board = _Board(self.limits, on_limit)
+        self._aio: _AioServer | None = None
+        self._server: asyncio.AbstractServer | None = None
+
+    @property
+    def connections(self) -> int:
+        """HTTP connections open now."""
+        return len(self._board.open)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Connections open, refused and evicted at the cap, closed for slow headers (since start)."""
+        b = self._board
+        return {
+            "open": len(b.open),
+            "refused": b.refused,
+            "evicted": b.evicted,
+            "header_timeouts": b.header_timeouts,
+        }
 
     def route(self, path: str, handler: Handler, methods: tuple[str, ...] = ("GET", "HEAD")) -> None:
-        """Serve ``path`` (exact match) with ``handler`` for ``methods``; may be called after start."""
+        """Serve ``path`` (exact match) with ``handler`` for ``methods`` (GET/HEAD only: no bodies)."""
+        if not set(methods) <= _ALLOWED_BODYLESS:
+            raise ValueError(
+                f"only GET and HEAD can be served, not {sorted(set(methods) - _ALLOWED_BODYLESS)}"
+            )
         self._routes[path] = (frozenset(methods), handler)
 
-    def start(self) -> int:
-        """Bind and serve in a daemon thread; return the bound port (raise OSError if it cannot bind)."""
-        host, family = _bind_host(self.host)
-
-        class Bound(_Server):
-            address_family = family
-
-        server = Bound((host, self.requested_port), _RequestHandler)
-        server.routes = self._routes
-        self._server = server
-        self.port = server.server_address[1]
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.2},
-            name=f"lookaside-http:{self.port}",
-            daemon=True,
+    async def start(self) -> int:
+        """Bind and serve on the running loop; return the bound port (raise OSError if it cannot bind)."""
+        sock = _listening_socket(self.host, self.requested_port)
+        self._warn_if_fds_short()
+        limits = self.limits
+        self._aio = _AioServer(
+            self._handle,
+            self._board,
+            keepalive_timeout=limits.idle_timeout,
+            access_log=None,
+            lingering_time=0.0,
         )
-        self._thread.start()
+        try:
+            self._server = await asyncio.get_running_loop().create_server(self._aio, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        host = sock.getsockname()[0]
         log.info("status page on http://%s:%d/", f"[{host}]" if ":" in host else host, self.port)
         return self.port
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving and close the socket (blocking: call it off the event loop); idempotent."""
+    def _warn_if_fds_short(self) -> None:
+        try:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        except (OSError, ValueError):  # pragma: no cover
+            return
+        if soft != resource.RLIM_INFINITY and self.limits.max_connections + FD_HEADROOM > soft:
+            log.warning(
+                "--http-max-connections %d leaves fewer than %d of the %d open files allowed for gRPC and "
+                "the endpoint source; lower it or raise the open-file limit (ulimit -n)",
+                self.limits.max_connections,
+                FD_HEADROOM,
+                soft,
+            )
+
+    async def stop(self, timeout: float = 2.0) -> None:
+        """Stop listening and close every connection; idempotent."""
         server, self._server = self._server, None
+        aio, self._aio = self._aio, None
         if server is None:
             return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        server.close()
+        for conn in list(self._board.open):
+            conn.drop()
+        if aio is not None:
+            try:
+                await asyncio.wait_for(aio.shutdown(timeout), timeout + 1)
+            except TimeoutError:  # pragma: no cover
+                log.warning("http: connections did not close within %s s", timeout)
+        try:
+            await asyncio.wait_for(server.wait_closed(), timeout)
+        except TimeoutError:  # pragma: no cover
+            pass
+
+    # --- one request ------------------------------------------------------------------------------------
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        conn = request.protocol
+        tracked = isinstance(conn, _Connection)
+        if tracked:
+            conn.request_started()
+        try:
+            resp, close = await self._answer(request)
+            out = web.Response(
+                status=resp.status,
+                body=resp.body,
+                headers={
+                    "Content-Type": resp.content_type,
+                    "Cache-Control": "no-store",
+                    "X-Content-Type-Options": "nosniff",
+                    "Server": "lookaside",
+                    **resp.headers,
+                },
+            )
+            if close:
+                out.force_close()
+            return out
+        finally:
+            if tracked:
+                conn.request_done()
+
+    async def _answer(self, request: web.BaseRequest) -> tuple[HttpResponse, bool]:
+        """The response, and whether to close the connection after it."""
+        path = request.path
+        entry = self._routes.get(path)
+        has_body = request.body_exists or bool(request.content_length)
+        if entry is None:
+            return HttpResponse.text(404, f"not found: {path}\n"), has_body
+        methods, handler = entry
+        if request.method not in methods:
+            allowed = ", ".join(sorted(methods))
+            resp = HttpResponse.text(405, f"method {request.method} not allowed; use {allowed}\n")
+            resp.headers["Allow"] = allowed
+            return resp, True
+        if has_body:
+            return HttpResponse.text(413, "request bodies are not accepted\n"), True
+        req = HttpRequest(
+            "GET" if request.method == "HEAD" else request.method,
+            path,
+            request.query_string,
+            {k.lower(): v for k, v in request.headers.items()},
+        )
+        try:
+            result = handler(req)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception:  # noqa: BLE001 - one broken handler must not kill the listener
+            log.exception("http handler for %s failed", path)
+            return HttpResponse.text(500, "internal error (see the server log)\n"), False
+        return result, False

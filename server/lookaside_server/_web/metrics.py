@@ -6,8 +6,10 @@ Counted as things happen (by the server interceptor, the access policy and the l
 * ``lookaside_rpc_duration_seconds{grpc_service,grpc_method}``: latency of unary RPCs (Resolve, Status,
   ReportLoad, health checks);
 * ``lookaside_access_denied_total{reason}``: denials by ``namespace``, ``service`` or ``identity``;
-* ``lookaside_limit_hits_total{limit}``: ``max_watches``, ``max_watches_per_peer``, ``max_targets``
-  (grpc refuses oversize messages and RPCs above ``--max-concurrent-rpcs`` itself: not counted here).
+* ``lookaside_limit_hits_total{limit}``: ``max_watches``, ``max_watches_per_peer``, ``max_targets``,
+  and of the HTTP listener ``http_max_connections`` (a connection closed at the cap) and
+  ``http_header_timeout`` (request headers too slow) (grpc refuses oversize messages, RPCs above
+  ``--max-concurrent-rpcs`` and streams above ``--max-streams-per-connection`` itself: not counted here).
 * ``lookaside_xds_rejects_total{reason}``: xDS request parts not served (``nack``, ``unknown_type``,
   ``unknown_name``, ``invalid_name``, ``not_found``, ``denied``, ``too_many_names``, ``invalid_request``).
 
@@ -19,6 +21,7 @@ Read at scrape time (no double bookkeeping; series of forgotten targets simply d
   ``lookaside_target_watchers{target}``, ``lookaside_target_version{target}``;
 * ``lookaside_kubernetes_watch_restarts_total{target}``, ``lookaside_kubernetes_watch_errors_total{target}``
   (Kubernetes sources: from the source's per-target watch state);
+* ``lookaside_http_connections``: open connections of the HTTP listener;
 * ``lookaside_tls_reloads_total``, ``lookaside_tls_reload_errors_total`` (with TLS);
 * plus the ``process_*``, ``python_info`` and ``python_gc_*`` collectors.
 """
@@ -26,10 +29,13 @@ Read at scrape time (no double bookkeeping; series of forgotten targets simply d
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gzip
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs
 
 from prometheus_client import (
     CollectorRegistry,
@@ -47,7 +53,7 @@ from prometheus_client.registry import Collector
 
 from lookaside_server._core.registry import Registry
 from lookaside_server._security.limits import MAX_TARGETS, MAX_WATCHES, MAX_WATCHES_PER_PEER, StreamSlots
-from lookaside_server._web.http import HttpRequest, HttpResponse, HttpServer, LoopBridge
+from lookaside_server._web.http import HTTP_LIMITS, HttpRequest, HttpResponse, HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +61,23 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
 
 #: Resolve is an in-memory pick: most answers take well under a millisecond.
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                   2.5, 5.0)
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
 STREAM_KINDS = ("watch", "xds")
 
 
@@ -70,16 +91,23 @@ class _TargetRow:
     described: dict[str, Any]
 
 
-class _RegistryCollector(Collector):
-    """Reads the registry (on the server's loop) and the source's per-target state at scrape time."""
+#: The registry rows of the scrape running in this context, taken on the event loop before the exposition is
+#: encoded in a worker thread (``asyncio.to_thread`` carries the context over).
+_SNAPSHOT: contextvars.ContextVar[list[_TargetRow] | None] = contextvars.ContextVar(
+    "lookaside_metrics_snapshot", default=None
+)
 
-    def __init__(self, registry: Registry, bridge: LoopBridge, tls: Any = None) -> None:
+
+class _RegistryCollector(Collector):
+    """Reads the registry and the source's per-target state at scrape time: from the snapshot taken on the
+    server's loop (``/metrics``), else directly (call :meth:`ServerMetrics.exposition` on the loop)."""
+
+    def __init__(self, registry: Registry, tls: Any = None) -> None:
         self.registry = registry
-        self.bridge = bridge
         self.tls = tls
 
     def describe(self) -> list[Metric]:
-        return []  # never collect at registration (that would call the loop from itself)
+        return []  # never collect at registration
 
     def _rows(self) -> list[_TargetRow]:
         rows = []
@@ -89,55 +117,85 @@ class _RegistryCollector(Collector):
                 described = dict(self.registry.source.describe(state.target))
             except Exception:  # noqa: BLE001 - a misbehaving source must not break the scrape
                 described = {}
-            rows.append(_TargetRow(str(state.target), len(eps), sum(1 for e in eps if e.ready), watchers,
-                                   state.version, described))
+            rows.append(
+                _TargetRow(
+                    str(state.target),
+                    len(eps),
+                    sum(1 for e in eps if e.ready),
+                    watchers,
+                    state.version,
+                    described,
+                )
+            )
         return rows
 
     def collect(self) -> Iterator[Metric]:
-        async def take() -> list[_TargetRow]:
-            return self._rows()
-
-        try:
-            rows = self.bridge.call(take)
-        except (TimeoutError, RuntimeError) as e:
-            log.warning("metrics: cannot read the registry: %s", e)
-            rows = None
-        if rows is not None:
-            yield GaugeMetricFamily("lookaside_targets", "Targets tracked (subscribed in the source).",
-                                    value=len(rows))
-            families = [
-                (GaugeMetricFamily, "lookaside_target_endpoints", "Endpoints of a target (any state).",
-                 lambda r: r.endpoints),
-                (GaugeMetricFamily, "lookaside_target_ready_endpoints", "Ready endpoints of a target.",
-                 lambda r: r.ready),
-                (GaugeMetricFamily, "lookaside_target_watchers",
-                 "Watch/xDS subscriptions of a target.", lambda r: r.watchers),
-                (GaugeMetricFamily, "lookaside_target_version", "Version of a target's endpoint set.",
-                 lambda r: r.version),
-            ]
-            for kind, name, doc, value in families:
-                fam = kind(name, doc, labels=["target"])
-                for r in rows:
-                    fam.add_metric([r.name], value(r))
-                yield fam
-            for key, name, doc in (
-                ("restarts", "lookaside_kubernetes_watch_restarts",
-                 "Kubernetes WATCH requests of a target resumed or restarted."),
-                ("errors", "lookaside_kubernetes_watch_errors",
-                 "Errors talking to the Kubernetes API for a target."),
-            ):
-                cfam = CounterMetricFamily(name, doc, labels=["target"])
-                for r in rows:
-                    if isinstance(r.described.get(key), int | float):
-                        cfam.add_metric([r.name], float(r.described[key]))
-                yield cfam
+        rows = _SNAPSHOT.get()
+        if rows is None:
+            rows = self._rows()
+        yield GaugeMetricFamily(
+            "lookaside_targets", "Targets tracked (subscribed in the source).", value=len(rows)
+        )
+        families = [
+            (
+                GaugeMetricFamily,
+                "lookaside_target_endpoints",
+                "Endpoints of a target (any state).",
+                lambda r: r.endpoints,
+            ),
+            (
+                GaugeMetricFamily,
+                "lookaside_target_ready_endpoints",
+                "Ready endpoints of a target.",
+                lambda r: r.ready,
+            ),
+            (
+                GaugeMetricFamily,
+                "lookaside_target_watchers",
+                "Watch/xDS subscriptions of a target.",
+                lambda r: r.watchers,
+            ),
+            (
+                GaugeMetricFamily,
+                "lookaside_target_version",
+                "Version of a target's endpoint set.",
+                lambda r: r.version,
+            ),
+        ]
+        for kind, name, doc, value in families:
+            fam = kind(name, doc, labels=["target"])
+            for r in rows:
+                fam.add_metric([r.name], value(r))
+            yield fam
+        for key, name, doc in (
+            (
+                "restarts",
+                "lookaside_kubernetes_watch_restarts",
+                "Kubernetes WATCH requests of a target resumed or restarted.",
+            ),
+            (
+                "errors",
+                "lookaside_kubernetes_watch_errors",
+                "Errors talking to the Kubernetes API for a target.",
+            ),
+        ):
+            cfam = CounterMetricFamily(name, doc, labels=["target"])
+            for r in rows:
+                if isinstance(r.described.get(key), int | float):
+                    cfam.add_metric([r.name], float(r.described[key]))
+            yield cfam
         if self.tls is not None:
-            yield CounterMetricFamily("lookaside_tls_reloads", "TLS certificate reloads (rotations).",
-                                      value=self.tls.reloads)
-            yield CounterMetricFamily("lookaside_tls_reload_errors", "TLS file changes not usable.",
-                                      value=self.tls.reload_errors)
-            yield CounterMetricFamily("lookaside_tls_refusals", "TLS certificates refused on rotation "
-                                      "(expired, not yet valid, wrong usage).", value=self.tls.refusals)
+            yield CounterMetricFamily(
+                "lookaside_tls_reloads", "TLS certificate reloads (rotations).", value=self.tls.reloads
+            )
+            yield CounterMetricFamily(
+                "lookaside_tls_reload_errors", "TLS file changes not usable.", value=self.tls.reload_errors
+            )
+            yield CounterMetricFamily(
+                "lookaside_tls_refusals",
+                "TLS certificates refused on rotation (expired, not yet valid, wrong usage).",
+                value=self.tls.refusals,
+            )
 
 
 class ServerMetrics:
@@ -149,26 +207,49 @@ class ServerMetrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
-        self.rpcs = Counter("lookaside_rpcs", "Finished RPCs by service, method and status code.",
-                            ["grpc_service", "grpc_method", "grpc_code"], registry=r)
-        self.duration = Histogram("lookaside_rpc_duration_seconds", "Latency of unary RPCs (Resolve, ...).",
-                                  ["grpc_service", "grpc_method"], buckets=LATENCY_BUCKETS, registry=r)
-        self.denied = Counter("lookaside_access_denied", "Requests refused by the access policy, by reason.",
-                              ["reason"], registry=r)
-        self.limit_hits = Counter("lookaside_limit_hits", "Requests refused because a limit was reached.",
-                                  ["limit"], registry=r)
-        self.xds_rejects = Counter("lookaside_xds_rejects", "xDS request parts not served, by reason.",
-                                   ["reason"], registry=r)
+        self.rpcs = Counter(
+            "lookaside_rpcs",
+            "Finished RPCs by service, method and status code.",
+            ["grpc_service", "grpc_method", "grpc_code"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "lookaside_rpc_duration_seconds",
+            "Latency of unary RPCs (Resolve, ...).",
+            ["grpc_service", "grpc_method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.denied = Counter(
+            "lookaside_access_denied",
+            "Requests refused by the access policy, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.limit_hits = Counter(
+            "lookaside_limit_hits", "Requests refused because a limit was reached.", ["limit"], registry=r
+        )
+        self.xds_rejects = Counter(
+            "lookaside_xds_rejects", "xDS request parts not served, by reason.", ["reason"], registry=r
+        )
         for reason in ("namespace", "service", "identity"):
             self.denied.labels(reason)
-        for limit in (MAX_WATCHES, MAX_WATCHES_PER_PEER, MAX_TARGETS):
+        for limit in (MAX_WATCHES, MAX_WATCHES_PER_PEER, MAX_TARGETS, *HTTP_LIMITS):
             self.limit_hits.labels(limit)
-        self.streams = Gauge("lookaside_streams", "Open long-lived streams (Watch, xDS).", ["kind"],
-                             registry=r)
+        self.streams = Gauge(
+            "lookaside_streams", "Open long-lived streams (Watch, xDS).", ["kind"], registry=r
+        )
         for kind in STREAM_KINDS:
             self.streams.labels(kind).set_function(
-                (lambda k: lambda: slots.by_kind[k] if slots is not None else 0)(kind))
+                (lambda k: lambda: slots.by_kind[k] if slots is not None else 0)(kind)
+            )
         self._collector: _RegistryCollector | None = None
+        self._http: HttpServer | None = None
+        Gauge(
+            "lookaside_http_connections",
+            "Open connections of the HTTP listener (status page, /metrics).",
+            registry=r,
+        ).set_function(lambda: self._http.connections if self._http is not None else 0)
 
     def deny(self, reason: str) -> None:
         """Count a denial."""
@@ -188,24 +269,43 @@ class ServerMetrics:
         if seconds is not None:
             self.duration.labels(service, method).observe(seconds)
 
-    def attach(self, registry: Registry, loop: asyncio.AbstractEventLoop, tls: Any = None,
-               timeout: float = 5.0) -> None:
-        """Add the scrape-time collector over ``registry`` (read on ``loop``) and the TLS store."""
+    def attach(self, registry: Registry, tls: Any = None) -> None:
+        """Add the scrape-time collector over ``registry`` and the TLS store."""
         if self._collector is not None:
             self.registry.unregister(self._collector)
-        self._collector = _RegistryCollector(registry, LoopBridge(loop, timeout), tls)
+        self._collector = _RegistryCollector(registry, tls)
         self.registry.register(self._collector)
 
     def exposition(self) -> bytes:
-        """The text exposition format of every metric."""
+        """The classic text exposition format of every metric (call it on the server's loop)."""
         return generate_latest(self.registry)
 
     def add_route(self, http: HttpServer, path: str = "/metrics") -> None:
-        """Serve the metrics at ``path`` on ``http``."""
-        def handler(req: HttpRequest) -> HttpResponse:
-            return HttpResponse(200, self.exposition(), CONTENT_TYPE)
+        """Serve the metrics at ``path`` on ``http`` through prometheus-client's own exposition: the format
+        by the Accept header (OpenMetrics or the classic text format), gzip by Accept-Encoding, ``name[]``
+        query filters. The registry is read on the loop; encoding and compression run in a worker thread."""
+        self._http = http
+
+        async def handler(req: HttpRequest) -> HttpResponse:
+            rows = self._collector._rows() if self._collector is not None else None
+            token = _SNAPSHOT.set(rows)
+            try:
+                return await asyncio.to_thread(self._scrape, req)
+            finally:
+                _SNAPSHOT.reset(token)
 
         http.route(path, handler)
+
+    def _scrape(self, req: HttpRequest) -> HttpResponse:
+        encoder, content_type = exposition.choose_encoder(req.headers.get("accept", ""))
+        names = parse_qs(req.query).get("name[]")
+        registry = self.registry.restricted_registry(names) if names else self.registry
+        body = encoder(registry)
+        headers = {"Vary": "Accept, Accept-Encoding"}
+        if exposition.gzip_accepted(req.headers.get("accept-encoding", "")):
+            body = gzip.compress(body)
+            headers["Content-Encoding"] = "gzip"
+        return HttpResponse(200, body, content_type, headers)
 
 
 def recorder(metrics: ServerMetrics | None) -> Callable[[str], None] | None:
