@@ -275,6 +275,11 @@ class AioCall(Generic[Req, Resp]):
     async def done_writing(self) -> None:
         await (await self._started()).done_writing()  # type: ignore[attr-defined]
 
+    @property
+    def _done_writing_flag(self) -> bool:
+        """grpc.aio's interceptor machinery reads this private flag of the call an interceptor returns."""
+        return bool(getattr(self._call, "_done_writing_flag", False))
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} call={self._call!r} cancelled={self._cancelled}>"
 
