@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import grpc
 
+from lookaside_grpc.protocol import InvalidTarget
 from lookaside_server._core.errors import abort
 from lookaside_server._core.model import Target
-from lookaside_server._core.names import namespace_problem, service_problem
 from lookaside_server._web.logging import bind_target
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,10 @@ def parse_service_rules(values: Iterable[str] | None) -> dict[str, frozenset[str
             namespace, slash, service = item.partition("/")
             if not slash:
                 raise ValueError(f"--allow-service {item!r}: expected <namespace>/<service> or <namespace>/*")
-            if problem := namespace_problem(namespace):
-                raise ValueError(f"--allow-service {item!r}: namespace {problem}")
-            if service != "*" and (problem := service_problem(service)):
-                raise ValueError(f"--allow-service {item!r}: service {problem}")
+            try:
+                Target("x" if service == "*" else service, namespace)
+            except InvalidTarget as e:
+                raise ValueError(f"--allow-service {item!r}: {e}") from None
             rules.setdefault(namespace, set()).add(service)
     return {ns: frozenset(svcs) for ns, svcs in rules.items()}
 

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lookaside_grpc.protocol import InvalidTarget, canonical_port
 from lookaside_server._core.model import BackendEndpoint, Endpoints, Target
-from lookaside_server._core.names import namespace_problem, port_name_problem, service_problem
 from lookaside_server._sources import _inotify
 from lookaside_server._sources.base import EndpointSource, Publish, TargetNotFound, TooManyTargets
 
@@ -61,10 +61,10 @@ def _parse_target(key: object) -> Target:
     if not isinstance(key, str) or key.count("/") != 1:
         raise StaticFileError(f"key {key!r} must be 'namespace/service'")
     namespace, service = key.split("/")
-    for what, problem in (("namespace", namespace_problem(namespace)), ("service", service_problem(service))):
-        if problem:
-            raise StaticFileError(f"key {key!r}: {what} {problem}")
-    return Target(service, namespace)
+    try:
+        return Target(service, namespace)
+    except InvalidTarget as e:
+        raise StaticFileError(f"key {key!r}: {e}") from None
 
 
 def _parse_endpoint(target: Target, index: int, item: object) -> BackendEndpoint:
@@ -85,8 +85,14 @@ def _parse_endpoint(target: Target, index: int, item: object) -> BackendEndpoint
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise StaticFileError(f"{where}: port must be an integer in 1..65535, not {port!r}")
     port_name = _opt_str(item, "port_name", where)
-    if port_name and (problem := port_name_problem(port_name)):
-        raise StaticFileError(f"{where}: port_name {port_name!r} {problem}")
+    if port_name:
+        try:
+            named = canonical_port(port_name) == port_name and not port_name.isdigit()
+        except InvalidTarget as e:
+            raise StaticFileError(f"{where}: port_name: {e}") from None
+        if not named:
+            raise StaticFileError(f"{where}: port_name {port_name!r} must contain a letter (digits alone "
+                                  "select a port by number)")
     zone = _opt_str(item, "zone", where)
     for_zones = item.get("for_zones", [])
     if not isinstance(for_zones, list) or not all(isinstance(z, str) for z in for_zones):
