@@ -14,17 +14,83 @@ from lookaside_grpc._endpoints import EndpointState
 from lookaside_grpc._errors import FailedCall, PickError, from_lookaside_error
 from lookaside_grpc._policies import resolve_policy
 from lookaside_grpc._pool import ChannelPool
-from lookaside_grpc._resolvers import Target
+from lookaside_grpc._resolvers import Query
 
 E = lookaside_grpc.Endpoint
 
 
 def test_public_api() -> None:
-    for name in ("channel", "Channel", "RoutingPolicy", "RoundRobin", "Random", "Endpoint", "Mode", "WATCH"):
-        assert name in lookaside_grpc.__all__ and hasattr(lookaside_grpc, name)
+    names = ("channel", "Channel", "LookasideInterceptor", "intercepted_channel", "Watch", "PerCall",
+             "Settings", "ClientOptions", "Target", "InvalidTarget", "RoutingPolicy", "RoundRobin", "Random",
+             "LeastRequest", "PeakEwma", "Weighted", "Endpoint", "Mode", "Stats", "stats", "__version__")
+    for name in names:
+        assert name in lookaside_grpc.__all__ and hasattr(lookaside_grpc, name), name
+    for name in ("channel", "Channel", "LookasideInterceptor", "interceptors", "Target", "InvalidTarget",
+                 "Watch", "PerCall"):
+        assert name in lookaside_grpc.aio.__all__ and hasattr(lookaside_grpc.aio, name), name
+    assert lookaside_grpc.aio.Target is lookaside_grpc.Target
     assert lookaside_grpc.aio.channel is not lookaside_grpc.channel
     assert issubclass(lookaside_grpc.Channel, grpc.Channel)
     assert lookaside_grpc.WATCH == "watch" and lookaside_grpc.PER_CALL == "per_call"
+
+
+def test_one_option_set_for_every_flavour() -> None:
+    """Every flavour takes exactly the ClientOptions (plus its own few): an option of one is accepted by
+    all, and a knob a mode does not use is not accepted at all."""
+    import inspect
+
+    shared = set(lookaside_grpc.ClientOptions.__annotations__)
+    creds = grpc.ssl_channel_credentials()
+    opts = dict(policy="random", credentials=creds, options=[("grpc.max_receive_message_length", 1 << 24)],
+                lookaside_credentials=None, tls_server_name="greet.internal", max_staleness=60.0,
+                lookaside_keepalive=30.0, mode=lookaside_grpc.PerCall(batch=2, pick_cache_ttl=0.5))
+    assert set(opts) == shared
+    la = "127.0.0.1:1"
+    with lookaside_grpc.channel("greet.default", lookaside=la, **opts) as ch:  # type: ignore[arg-type]
+        assert ch.settings.tls_server_name == "greet.internal"
+    with lookaside_grpc.LookasideInterceptor(la, {"greet.GreetService": "greet.default"}, **opts) as i:  # type: ignore[arg-type]
+        assert i.routes == {"greet.GreetService": lookaside_grpc.Target("greet", "default")}
+    lookaside_grpc.aio.LookasideInterceptor(la, {}, **opts)  # type: ignore[arg-type]
+    for factory in (lookaside_grpc.channel, lookaside_grpc.aio.channel):
+        params = set(inspect.signature(factory).parameters)
+        assert params == {"target", "namespace", "port", "lookaside", "init_timeout", "options"}
+        with pytest.raises(TypeError):
+            factory("greet.default", lookaside=la, batch=4)  # type: ignore[call-arg]
+    for cls in (lookaside_grpc.LookasideInterceptor, lookaside_grpc.aio.LookasideInterceptor):
+        with pytest.raises(TypeError):
+            cls(la, {}, batch=4)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        lookaside_grpc.Watch(batch=4)  # type: ignore[call-arg]
+
+
+def test_settings_are_the_sharing_key() -> None:
+    la = "127.0.0.1:1"
+    a = lookaside_grpc.channel("greet", namespace="default", lookaside=la)
+    b = lookaside_grpc.channel("greet.default", lookaside=la, mode=lookaside_grpc.Watch())
+    c = lookaside_grpc.channel("greet.default", lookaside=la, mode="per_call")
+    try:
+        assert a.settings == b.settings and a._balancer is b._balancer
+        assert c.settings != a.settings and c._balancer is not a._balancer
+        assert c.mode == lookaside_grpc.PerCall()
+    finally:
+        for ch in (a, b, c):
+            ch.close()
+
+
+def test_lookaside_addr_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOOKASIDE_ADDR", "lookaside.example:7000")
+    with lookaside_grpc.channel("greet.default") as ch:
+        assert ch.settings.lookaside == "lookaside.example:7000"
+    monkeypatch.delenv("LOOKASIDE_ADDR")
+    with lookaside_grpc.channel("greet.default") as ch:
+        assert ch.settings.lookaside == "127.0.0.1:50055"
+
+
+def test_library_logger_has_a_null_handler_and_a_version() -> None:
+    import logging
+
+    assert any(isinstance(h, logging.NullHandler) for h in logging.getLogger("lookaside_grpc").handlers)
+    assert lookaside_grpc.__version__ and lookaside_grpc.__version__[0].isdigit()
 
 
 def test_endpoint_address_formats_ipv6_with_brackets() -> None:
@@ -118,7 +184,7 @@ def test_pool_reuses_and_retires_after_in_flight_calls() -> None:
 
 
 def test_target_requests_and_original_style_responses() -> None:
-    t = Target("greet", "default", "grpc", "la:1", batch=4)
+    t = Query(lookaside_grpc.Target("greet", "default", "grpc"), "la:1", batch=4)
     assert str(t) == "greet.default:grpc"
     r = t.resolve_request(protocol.ROUNDROBIN)
     assert (r.service, r.namespace, r.port, r.count, r.router) == ("greet", "default", "grpc", 4, 1)
@@ -126,7 +192,7 @@ def test_target_requests_and_original_style_responses() -> None:
     assert (w.service, w.namespace, w.port) == ("greet", "default", "grpc")
     resp = protocol.Response(endpoints=[protocol.Endpoint(ip="1.1.1.1", port=5)], address="1.1.1.1", port=5)
     assert t.endpoints_from_response(resp) == [E("1.1.1.1", 5)]
-    t2 = Target("greet", "default", "50051", "la:1")
+    t2 = Query(lookaside_grpc.Target("greet", "default", 50051), "la:1")
     assert t2.endpoints_from_response(protocol.Response(address="2.2.2.2")) == [E("2.2.2.2", 50051)]
     assert t.endpoints_from_response(protocol.Response()) == []
 
@@ -152,6 +218,16 @@ def test_factory_validates_arguments() -> None:
     with pytest.raises(ValueError):
         lookaside_grpc.channel("greet", mode="sometimes")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        lookaside_grpc.channel("greet", mode="per_call", batch=0)
+        lookaside_grpc.PerCall(batch=0)
     with pytest.raises(ValueError):
+        lookaside_grpc.PerCall(pick_cache_ttl=-1)
+    with pytest.raises(lookaside_grpc.InvalidTarget):
         lookaside_grpc.channel("")
+    with pytest.raises(lookaside_grpc.InvalidTarget):
+        lookaside_grpc.channel("Greet.default")
+    with pytest.raises(ValueError):
+        lookaside_grpc.channel("greet.default", namespace="prod")
+    with pytest.raises(ValueError):
+        lookaside_grpc.channel("greet", policy="least_loaded")
+    with pytest.raises(ValueError):
+        lookaside_grpc.channel("greet", max_staleness=0)
