@@ -107,7 +107,7 @@ def test_unconfigured_service_goes_through_the_original_channel(
         assert stub.Greet(req(), timeout=5).result.endswith(original.addresses[0])
         assert len(list(stub.GreetManyTimes(req(), timeout=5))) == 3
         assert original.calls() == [2] and backends.calls() == [0, 0, 0]
-        assert icpt.stats().fallbacks == {"no_route": 2}
+        assert icpt.stats().fallbacks == {"no_route": 2, "unresolved_route": 1}  # other.Service: unknown
         assert lookaside.servicer.stats()["watch"] == 0
 
 
@@ -132,7 +132,7 @@ def test_method_unknown_to_the_descriptor_pool_goes_through_the_original_channel
             ch = grpc.intercept_channel(grpc.insecure_channel(f"127.0.0.1:{port}"), icpt)
             assert ch.unary_unary("/hidden.Service/Echo")(b"raw", timeout=5) == b"raw"
             assert served == [b"raw"] and backends.calls() == [0, 0, 0]
-            assert icpt.stats().fallbacks == {"unknown_method": 1}
+            assert icpt.stats().fallbacks == {"unknown_method": 1, "unresolved_route": 1}
     finally:
         server.stop(None)
 
