@@ -298,9 +298,8 @@ def _lookaside(mode: str, batched: bool = False, policy: str | None = None) -> C
             ctx.service,
             namespace=ctx.namespace,
             lookaside=ctx.lookaside,
-            mode=mode,
+            mode=lookaside_grpc.PerCall(batch=ctx.batch) if batched else mode,  # type: ignore[arg-type]
             policy=policy or ctx.policy,
-            batch=ctx.batch if batched else 1,
         )
 
     return make

@@ -243,3 +243,91 @@ def test_load_board_pickers() -> None:
     share = sum(e.port == 1 for e in picks) / 1000
     w = board.weights(t)
     assert share == pytest.approx(w[("10.0.0.1", 1)] / sum(w.values()), abs=0.02)
+
+
+def test_load_board_caps_reports_per_peer_per_target_and_endpoints() -> None:
+    from lookaside_server._api.load import (
+        MAX_LOAD_REPORT_ENDPOINTS,
+        MAX_LOAD_REPORTS_PER_PEER,
+        MAX_LOAD_REPORTS_PER_TARGET,
+        LoadLimits,
+        ReportRefused,
+    )
+
+    clock = Clock()
+    limits = LoadLimits(max_reports_per_peer=3, max_reports_per_target=4, max_report_endpoints=2)
+    board = LoadBoard(clock=clock, limits=limits)
+    t, u = Target("greet", "default"), Target("other", "default")
+    loads = [protocol.EndpointLoad(ip="10.0.0.1", port=1, outstanding=1, latency_ms=5.0)]
+    for i in range(3):
+        board.report(t, f"c{i}", 1.0, loads, peer="p")
+    with pytest.raises(ReportRefused) as e:  # per client IP, over every target
+        board.report(u, "c9", 1.0, loads, peer="p")
+    assert e.value.limit == MAX_LOAD_REPORTS_PER_PEER and "--max-load-reports-per-peer" in str(e.value)
+    board.report(t, "c0", 1.0, loads, peer="p")  # a client's own next report replaces its previous one
+    board.report(t, "d0", 1.0, loads, peer="q")
+    with pytest.raises(ReportRefused) as e:
+        board.report(t, "d1", 1.0, loads, peer="q2")
+    assert e.value.limit == MAX_LOAD_REPORTS_PER_TARGET and "--max-load-reports-per-target" in str(e.value)
+    with pytest.raises(ReportRefused) as e:
+        board.report(u, "e", 1.0, loads * 3, peer="r")
+    assert e.value.limit == MAX_LOAD_REPORT_ENDPOINTS and "--max-load-report-endpoints" in str(e.value)
+    assert board.stored() == 4 and board.loads(t)[("10.0.0.1", 1)].outstanding == 4
+    clock.t += 3.5  # every report expired: their room is free again
+    board.report(u, "c9", 1.0, loads, peer="p")
+    board.report(t, "d1", 1.0, loads, peer="q2")
+    board.loads(t)
+    assert board.stored() == 2 and board.loads(t)[("10.0.0.1", 1)].outstanding == 1
+    # a huge interval counts as at most MAX_INTERVAL
+    from lookaside_server._api.load import EXPIRY_INTERVALS, MAX_INTERVAL
+
+    board.report(t, "slow", 3600.0, loads, peer="s")
+    clock.t += EXPIRY_INTERVALS * MAX_INTERVAL + 0.1
+    assert board.loads(t) == {} and board.stored() == 1  # (u's report is swept on its next look)
+
+
+def test_load_board_incremental_sums_match_a_full_recount() -> None:
+    import random
+
+    from lookaside_server._api.load import LoadLimits
+
+    rng = random.Random(3)
+    clock = Clock()
+    board = LoadBoard(clock=clock, limits=LoadLimits(max_reports_per_peer=100))
+    t = Target("greet", "default")
+    current = tuple(BackendEndpoint(f"10.0.0.{i}", 80) for i in range(20))
+    latest: dict[str, tuple[float, list[protocol.EndpointLoad]]] = {}
+    for _ in range(600):
+        client = f"c{rng.randrange(15)}"
+        chosen = [*rng.sample(current, rng.randrange(0, 10)), BackendEndpoint("10.9.9.9", 80)]  # one unknown
+        loads = [
+            protocol.EndpointLoad(
+                ip=e.ip,
+                port=e.port,
+                outstanding=rng.randrange(5),
+                latency_ms=rng.choice([0.0, rng.uniform(1, 50)]),
+                calls=rng.randrange(10),
+            )
+            for e in chosen
+        ]
+        kept = board.report(t, client, 1.0, loads, peer="p", endpoints=current)
+        assert kept == len(chosen) - 1  # the endpoint the target does not have is dropped
+        latest[client] = (clock.t + 3.0, loads)
+        clock.t += rng.choice([0.0, 0.1, 0.5])
+    expected: dict[tuple[str, int], list[float]] = {}
+    for expires, loads in latest.values():
+        if expires <= clock.t:
+            continue
+        for e in loads:
+            if e.ip == "10.9.9.9":
+                continue
+            acc = expected.setdefault((e.ip, e.port), [0, 0.0, 0.0])
+            acc[0] += e.outstanding
+            if e.latency_ms > 0:
+                acc[1] += e.latency_ms * (e.calls + 1)
+                acc[2] += e.calls + 1
+    view = board.loads(t)
+    assert view.keys() == expected.keys()
+    for key, (out, latw, w) in expected.items():
+        assert view[key].outstanding == out
+        assert view[key].latency_ms == pytest.approx(latw / w if w else 0.0, abs=1e-6)

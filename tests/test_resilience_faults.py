@@ -270,7 +270,7 @@ def test_per_call_throttles_resolves_and_rotates_over_the_last_picks(three: Back
 def test_per_call_pick_cache(three: Backends) -> None:
     with RunningLookaside(three.addresses) as la:
         with lookaside_grpc.channel(
-            "greet", lookaside=la.address, mode="per_call", batch=3, pick_cache_ttl=30
+            "greet", lookaside=la.address, mode=lookaside_grpc.PerCall(batch=3, pick_cache_ttl=30)
         ) as ch:
             stub = greet_pb2_grpc.GreetServiceStub(ch)
             for _ in range(30):
@@ -278,7 +278,7 @@ def test_per_call_pick_cache(three: Backends) -> None:
             assert la.servicer.stats()["resolve"] == 1
             assert three.calls() == [10, 10, 10]
         with lookaside_grpc.channel(
-            "greet", lookaside=la.address, mode="per_call", pick_cache_ttl=0.05
+            "greet", lookaside=la.address, mode=lookaside_grpc.PerCall(pick_cache_ttl=0.05)
         ) as ch:
             stub = greet_pb2_grpc.GreetServiceStub(ch)
             stub.Greet(req(), timeout=5)

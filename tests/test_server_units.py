@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from lookaside_server import BackendEndpoint, EndpointSource, Target, TargetNotFound
-from lookaside_server._core.registry import Registry
 from lookaside_server._core.ports import RoundRobin, UnknownPort, eligible, select_port
+from lookaside_server._core.registry import Registry
 
 T = Target("greet", "default")
 
@@ -97,3 +97,38 @@ async def test_registry_subscribes_once_and_versions() -> None:
     reg.close()
     assert await sub.next() is None
     assert reg.snapshot()[0].version == 4
+
+
+def test_select_port_takes_any_spelling_of_a_target_port() -> None:
+    eps = (ep("a", 8080, "http"), ep("a", 9090, "grpc"))
+    assert select_port(eps, "08080") == ("http", (eps[0],))  # the Target's canonical port
+    for bad in ("0", "65536", "9" * 5000, "²", "GRPC", "-x"):
+        with pytest.raises(UnknownPort):
+            select_port(eps, bad)
+
+
+async def test_registry_fans_a_change_out_in_batches_and_the_newest_wins() -> None:
+    from lookaside_server._core.registry import FANOUT_BATCH
+
+    src = FakeSource()
+    src.gate.set()
+    reg = Registry(src)
+    await src.start(reg.publish)
+    subs = [await reg.watch(T) for _ in range(5 * FANOUT_BATCH)]
+    for sub in subs:
+        assert (await sub.next()).version == 1
+    reg.publish(T, (ep("b"),))
+    woken = sum(1 for s in subs if s._event.is_set())  # noqa: SLF001 - what the fan-out has reached
+    assert woken == 0  # nothing synchronously: the fan-out is a task
+    await asyncio.sleep(0)
+    assert sum(1 for s in subs if s._event.is_set()) == FANOUT_BATCH  # noqa: SLF001 - one batch per iteration
+    reg.publish(T, (ep("c"),))  # a newer state while the first fan-out is under way
+    states = await asyncio.gather(*(s.next() for s in subs))
+    assert {(s.version, s.endpoints) for s in states} == {(3, (ep("c"),))}
+    # a weights resend reaches everyone who holds nothing newer, also in batches
+    reg.resend_all(T)
+    states = await asyncio.gather(*(s.next() for s in subs))
+    assert {s.version for s in states} == {3}
+    assert states[0] is states[-1]  # one state object (and its cache) shared by every watcher
+    reg.close()
+    assert {await s.next() for s in subs} == {None}

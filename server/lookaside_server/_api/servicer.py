@@ -1,4 +1,10 @@
-"""The ``lookaside.Lookaside`` servicer (grpc.aio): validates, then Resolve picks and Watch streams."""
+"""The one ``lookaside.Lookaside`` servicer (grpc.aio): Resolve picks, Watch streams, ReportLoad feeds the
+load board and Status shows what the server tracks. Every RPC validates its target the same way first.
+
+Watch sends pre-encoded messages: an endpoint set is encoded once per (target version, port, load weights)
+and the same bytes go to every watcher, so :func:`add_to_server` registers Watch with no response
+serializer (grpc sends the bytes as they are).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,10 @@ from collections.abc import AsyncIterator, Iterable
 import grpc
 
 from lookaside_grpc import protocol as pb
-from lookaside_server._api.load import LoadBoard
+from lookaside_server._api.load import LoadBoard, LoadLimits, ReportRefused
+from lookaside_server._api.status import collect, to_proto
 from lookaside_server._core.errors import abort, abort_invalid
 from lookaside_server._core.model import BackendEndpoint, Target
-from lookaside_server._core.names import namespace_problem, service_problem
 from lookaside_server._core.ports import (
     MAX_COUNT,
     RoundRobin,
@@ -23,23 +29,46 @@ from lookaside_server._core.ports import (
 )
 from lookaside_server._core.registry import Registry, TargetState
 from lookaside_server._security.access import AccessPolicy
-from lookaside_server._security.limits import MAX_TARGETS, record_hit
+from lookaside_server._security.limits import MAX_TARGETS, exhausted, peer_ip, record_hit
 from lookaside_server._sources.base import SourceUnavailable, TargetNotFound, TooManyTargets
 
 log = logging.getLogger(__name__)
 _ROUTERS = frozenset({pb.RANDOM, pb.ROUNDROBIN}) | pb.LOAD_ROUTERS
 
 
-def _endpoint_msg(e: BackendEndpoint, weight: int = 0) -> pb.Endpoint:
-    return pb.Endpoint(ip=e.ip, port=e.port, zone=e.zone, for_zones=e.for_zones, port_name=e.port_name,
-                       weight=weight)
+def _endpoint_msg(e: BackendEndpoint) -> pb.Endpoint:
+    return pb.Endpoint(ip=e.ip, port=e.port, zone=e.zone, for_zones=e.for_zones, port_name=e.port_name)
+
+
+def encode_endpoint_set(
+    target: Target, version: int, endpoints: Iterable[BackendEndpoint], weights: dict[tuple[str, int], int]
+) -> bytes:
+    """The serialized ``EndpointSet`` of ``endpoints`` with their load weights (0 when unknown)."""
+    msg = pb.EndpointSet(service=target.service, namespace=target.namespace, version=version)
+    add = msg.endpoints.add
+    for e in endpoints:
+        weight = weights.get((e.ip, e.port), 0) if weights else 0
+        if e.for_zones:
+            add(
+                ip=e.ip, port=e.port, zone=e.zone, for_zones=e.for_zones, port_name=e.port_name, weight=weight
+            )
+        else:  # (an empty repeated field argument costs as much as the rest of the endpoint)
+            add(ip=e.ip, port=e.port, zone=e.zone, port_name=e.port_name, weight=weight)
+    return msg.SerializeToString()
 
 
 class LookasideServicer(pb.LookasideServicer):
-    """Answers Resolve with round-robin or random picks and Watch with the eligible set on every change."""
+    """Resolve with round-robin, random or load-aware picks; Watch with the eligible set on every change;
+    ReportLoad into the :class:`LoadBoard`; Status from the registry."""
 
-    def __init__(self, registry: Registry, rng: random.Random | None = None,
-                 allow_namespaces: frozenset[str] | None = None, access: AccessPolicy | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        rng: random.Random | None = None,
+        allow_namespaces: frozenset[str] | None = None,
+        access: AccessPolicy | None = None,
+        load_limits: LoadLimits | None = None,
+    ) -> None:
         self._registry = registry
         self._rr = RoundRobin()
         self._rng = rng or random.Random()
@@ -48,15 +77,18 @@ class LookasideServicer(pb.LookasideServicer):
         #: Namespace allow-list, per-namespace service rules (every target any RPC names is checked here).
         self._access = access if access is not None else AccessPolicy(allow_namespaces)
         #: Load reported by clients (ReportLoad), the weights derived from it and the load-aware pickers.
-        self.load = LoadBoard(rng=self._rng)
+        self.load = LoadBoard(rng=self._rng, limits=load_limits)
+        #: Targets with watchers -> how many; one weights listener per target resends to all of them.
+        self._listening: dict[Target, int] = {}
+
+    # --- validation -------------------------------------------------------------------------------------
 
     async def _target(self, service: str, namespace: str, context: grpc.aio.ServicerContext) -> Target:
-        name = f"{service}.{namespace}"
-        if problem := service_problem(service):
-            await abort_invalid(context, "service", f"target {name!r}: service {problem}")
-        if problem := namespace_problem(namespace):
-            await abort_invalid(context, "namespace", f"target {name!r}: namespace {problem}")
-        target = Target(service, namespace)
+        """The request's target, or INVALID_ARGUMENT naming the bad field; then the access rules."""
+        try:
+            target = Target(service, namespace)
+        except pb.InvalidTarget as e:
+            await abort_invalid(context, e.field, f"target {f'{service}.{namespace}'!r}: {e}")
         await self._access.check_target(context, target)
         return target
 
@@ -78,6 +110,8 @@ class LookasideServicer(pb.LookasideServicer):
             await self._lookup_failed(target, e, context)
             raise
 
+    # --- Resolve ----------------------------------------------------------------------------------------
+
     async def Resolve(self, request: pb.Request, context: grpc.aio.ServicerContext) -> pb.Response:
         """Pick ``count`` backends of the chosen port (round robin shared by all clients, or random)."""
         target = await self._target(request.service, request.namespace, context)
@@ -94,8 +128,11 @@ class LookasideServicer(pb.LookasideServicer):
             await abort_invalid(context, "port", f"target {target}: {e}")
         candidates = eligible(chosen)
         if not candidates:
-            await abort(context, grpc.StatusCode.UNAVAILABLE,
-                        f"target {target}: no ready endpoint for port {key!r} (version {state.version})")
+            await abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                f"target {target}: no ready endpoint for port {key!r} (version {state.version})",
+            )
         if request.router == pb.ROUNDROBIN:
             picks = self._rr.pick(target, key, candidates, count)
         elif request.router in pb.LOAD_ROUTERS:
@@ -103,12 +140,22 @@ class LookasideServicer(pb.LookasideServicer):
         else:
             picks = pick_random(candidates, count, self._rng)
         first = picks[0]
-        return pb.Response(address=first.ip, port=first.port, endpoints=[_endpoint_msg(e) for e in picks],
-                           version=state.version)
+        return pb.Response(
+            address=first.ip,
+            port=first.port,
+            endpoints=[_endpoint_msg(e) for e in picks],
+            version=state.version,
+        )
 
-    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
-                    ) -> AsyncIterator[pb.EndpointSet]:
-        """Send the eligible set now and on every change until the client leaves or the server stops."""
+    # --- Watch ------------------------------------------------------------------------------------------
+
+    async def Watch(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Send the eligible set now and on every change until the client leaves or the server stops.
+
+        Yields serialized ``EndpointSet`` messages (see :func:`add_to_server`), shared by every watcher of
+        the same target, port and version."""
         target = await self._target(request.service, request.namespace, context)
         try:
             sub = await self._registry.watch(target)
@@ -122,40 +169,140 @@ class LookasideServicer(pb.LookasideServicer):
             assert state.endpoints is not None
             try:
                 select_port(state.endpoints, request.port)
-            except UnknownPort as e:
+                port = pb.canonical_port(request.port)  # the cache key: every spelling shares it
+            except (UnknownPort, pb.InvalidTarget) as e:
                 await abort_invalid(context, "port", f"target {target}: {e}")
-            sent = [state]
-
-            def weights_changed() -> None:  # the same set again, with the new weights
-                sub.resend(sent[0])
-
-            self.load.listen(target, weights_changed)
+            self._listen(target)
             try:
                 while state is not None:
-                    sent[0] = state
-                    yield self._endpoint_set(target, state, request.port)
+                    yield self._encoded(target, state, port)
                     state = await sub.next()
             finally:
-                self.load.unlisten(target, weights_changed)
+                self._unlisten(target)
         log.debug("watch on %s ended", target)
 
-    def _endpoint_set(self, target: Target, state: TargetState, port: str) -> pb.EndpointSet:
-        endpoints: Iterable[BackendEndpoint] = ()
-        if state.endpoints:
-            try:
-                endpoints = eligible(select_port(state.endpoints, port)[1])
-            except UnknownPort:
-                endpoints = ()
-        weights = self.load.weights(target)
-        return pb.EndpointSet(service=target.service, namespace=target.namespace,
-                              endpoints=[_endpoint_msg(e, weights.get((e.ip, e.port), 0)) for e in endpoints],
-                              version=state.version)
+    def _listen(self, target: Target) -> None:
+        n = self._listening.get(target, 0)
+        self._listening[target] = n + 1
+        if n == 0:
+            self.load.listen(target, self._weights_changed(target))
+
+    def _unlisten(self, target: Target) -> None:
+        n = self._listening.get(target, 0) - 1
+        if n > 0:
+            self._listening[target] = n
+            return
+        self._listening.pop(target, None)
+        self.load.unlisten(target, self._weights_changed(target))
+
+    def _weights_changed(self, target: Target) -> _Resend:
+        return _Resend(self._registry, target)
+
+    def _encoded(self, target: Target, state: TargetState, port: str) -> bytes:
+        """The serialized eligible set of ``port`` at ``state`` with the current weights, encoded once and
+        kept in the state's cache (the previous weights' encoding of that port is dropped)."""
+        weights_version = self.load.weights_version(target)
+        cache = state.cache
+        key = ("watch", port, weights_version)
+        data = cache.get(key)
+        if data is None:
+            endpoints: Iterable[BackendEndpoint] = ()
+            if state.endpoints:
+                try:
+                    endpoints = eligible(select_port(state.endpoints, port)[1])
+                except UnknownPort:
+                    endpoints = ()
+            data = encode_endpoint_set(target, state.version, endpoints, self.load.weights(target))
+            for old in [k for k in cache if k[:2] == ("watch", port)]:
+                del cache[old]
+            cache[key] = data
+        return data
+
+    # --- ReportLoad -------------------------------------------------------------------------------------
 
     async def ReportLoad(self, request: pb.LoadReport, context: grpc.aio.ServicerContext) -> pb.LoadReportAck:
-        """Record one client's load on a target (aggregated into weights and the load-aware Resolve)."""
+        """Record one client's load on a target (aggregated into weights and the load-aware Resolve); the
+        target must exist (NOT_FOUND), the report stay within the board's limits (RESOURCE_EXHAUSTED)."""
         target = await self._target(request.service, request.namespace, context)
         if not request.client_id:
             await abort_invalid(context, "client_id", f"target {target}: client_id must be set")
-        self.load.report(target, request.client_id, request.interval_ms / 1000.0, request.endpoints)
+        if len(request.client_id) > 256:
+            await abort_invalid(
+                context, "client_id", f"target {target}: client_id is longer than 256 characters"
+            )
+        state = await self._state(target, context)
+        try:
+            self.load.report(
+                target,
+                request.client_id,
+                request.interval_ms / 1000.0,
+                request.endpoints,
+                peer=peer_ip(context.peer()),
+                endpoints=state.endpoints,
+            )
+        except ReportRefused as e:
+            await exhausted(context, e.limit, str(e))
         return pb.LoadReportAck(interval_ms=int(self.load.report_interval * 1000))
 
+    # --- Status -----------------------------------------------------------------------------------------
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        """Every tracked target (or the one asked for) with endpoints, watchers and source health."""
+        only = None
+        if request.service or request.namespace:
+            # The same checks as Resolve/Watch: names, then the namespace allow-list.
+            only = await self._target(request.service, request.namespace, context)
+        view = collect(self._registry, only)
+        if only is not None and not view.targets:
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"target {only} is not tracked: no client has resolved or watched it yet",
+            )
+        return to_proto(view)
+
+
+class _Resend:
+    """The weights listener of one target: resend the current set to all its watchers. Equal per target, so
+    ``unlisten`` finds the one ``listen`` added."""
+
+    __slots__ = ("registry", "target")
+
+    def __init__(self, registry: Registry, target: Target) -> None:
+        self.registry = registry
+        self.target = target
+
+    def __call__(self) -> None:
+        self.registry.resend_all(self.target)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Resend) and other.registry is self.registry and other.target == self.target
+
+    def __hash__(self) -> int:
+        return hash(self.target)
+
+
+def add_to_server(servicer: LookasideServicer, server: grpc.aio.Server) -> None:
+    """Serve ``servicer`` on ``server``: like ``protocol.add_LookasideServicer_to_server``, except that Watch
+    responses are already serialized (shared bytes, not one encoding per watcher)."""
+    handlers = {
+        "Resolve": grpc.unary_unary_rpc_method_handler(
+            servicer.Resolve,
+            request_deserializer=pb.Request.FromString,
+            response_serializer=pb.Response.SerializeToString,
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            servicer.Watch, request_deserializer=pb.WatchRequest.FromString, response_serializer=None
+        ),  # bytes as they are
+        "Status": grpc.unary_unary_rpc_method_handler(
+            servicer.Status,
+            request_deserializer=pb.StatusRequest.FromString,
+            response_serializer=pb.StatusResponse.SerializeToString,
+        ),
+        "ReportLoad": grpc.unary_unary_rpc_method_handler(
+            servicer.ReportLoad,
+            request_deserializer=pb.LoadReport.FromString,
+            response_serializer=pb.LoadReportAck.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(pb.SERVICE_NAME, handlers),))

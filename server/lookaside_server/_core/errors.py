@@ -34,10 +34,15 @@ async def abort_invalid(context: grpc.aio.ServicerContext, field: str, message: 
     """End the call with INVALID_ARGUMENT and a BadRequest detail whose field violation names ``field``."""
     message = clip(message)
     detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.BadRequest(
-        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]
-    ))
+    detail.Pack(
+        error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]
+        )
+    )
     st = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message,
-                        trailing_metadata=rpc_status.to_status(st).trailing_metadata)
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        message,
+        trailing_metadata=rpc_status.to_status(st).trailing_metadata,
+    )
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover

@@ -16,8 +16,10 @@ def service_problem(name: str) -> str | None:
     if len(name) > MAX_LABEL:
         return f"must be at most {MAX_LABEL} characters"
     if not _RFC1035.fullmatch(name):
-        return ("must be an RFC 1035 label: lowercase letters, digits or '-', starting with a letter, "
-                "ending alphanumeric")
+        return (
+            "must be an RFC 1035 label: lowercase letters, digits or '-', starting with a letter, "
+            "ending alphanumeric"
+        )
     return None
 
 

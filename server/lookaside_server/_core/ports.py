@@ -9,8 +9,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from lookaside_grpc.protocol import InvalidTarget, canonical_port
 from lookaside_server._core.model import BackendEndpoint, Endpoints, Target
-from lookaside_server._core.names import port_number
 
 #: Most picks one Resolve may ask for.
 MAX_COUNT = 1000
@@ -35,15 +35,20 @@ def select_port(endpoints: Endpoints, port: str) -> tuple[str, Endpoints]:
 
     A port is identified by its name, as in a Kubernetes Service (numbers may differ per backend, and locally
     many backends share one IP on different ports): "" means the port named like the first endpoint's
-    (unnamed counts as a name), digits select by number, anything else by name. Raises UnknownPort.
+    (unnamed counts as a name), digits select by number (``Target``'s canonical port: leading zeros do not
+    matter), anything else by name. Raises UnknownPort, also for a port no Target could name.
     """
     if not endpoints:
         return port, ()
     if port == "":
         name = endpoints[0].port_name
         return name, tuple(e for e in endpoints if e.port_name == name)
-    number = port_number(port)
-    if number is not None:  # -1 (out of range) matches no endpoint
+    try:
+        port = canonical_port(port)
+    except InvalidTarget:
+        raise UnknownPort(port[:80], port_keys(endpoints)) from None
+    if port.isdigit():
+        number = int(port)
         chosen = tuple(e for e in endpoints if e.port == number)
         names = {e.port_name for e in chosen}
         key = names.pop() if len(names) == 1 and "" not in names else str(number)

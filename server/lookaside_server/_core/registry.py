@@ -2,6 +2,11 @@
 
 Watchers get a conflating "latest" slot plus an Event: a slow watcher only ever skips to the newest
 state, it never blocks the registry, the source or other watchers, and memory stays bounded.
+
+Fan-out to many watchers is spread over loop iterations: a change wakes at most :data:`FANOUT_BATCH`
+watchers per iteration (the rest in later ones), so RPCs on other targets are served in between instead of
+waiting behind every watcher of a big target. Each :class:`TargetState` carries a ``cache`` for what is
+derived from it once and shared by all its watchers (the Watch servicer keeps the encoded message there).
 """
 
 from __future__ import annotations
@@ -11,21 +16,29 @@ import logging
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 from lookaside_server._core.model import Endpoints, Target
 from lookaside_server._sources.base import EndpointSource, TargetNotFound
 
 log = logging.getLogger(__name__)
 
+#: Watchers woken per event-loop iteration when a target changes (the rest in the following iterations).
+FANOUT_BATCH = 32
+
 
 @dataclass(frozen=True, slots=True)
 class TargetState:
-    """A target's endpoints (None: the target is gone) at a version; versions start at 1 and only grow."""
+    """A target's endpoints (None: the target is gone) at a version; versions start at 1 and only grow.
+
+    ``cache`` holds what consumers derive from this state once for all (e.g. the encoded Watch message per
+    port); it lives and dies with the state."""
 
     target: Target
     endpoints: Endpoints | None
     version: int
     changed_at: float
+    cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False, hash=False)
 
 
 class Subscription:
@@ -74,8 +87,9 @@ class Subscription:
     def __enter__(self) -> Subscription:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._registry.leave(self)
 
 
@@ -83,6 +97,8 @@ class Subscription:
 class _Entry:
     state: TargetState
     watchers: set[Subscription] = field(default_factory=set)
+    #: The task waking watchers batch by batch (None: none running).
+    fanout: asyncio.Task[None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +138,60 @@ class Registry:
         if entry.state.endpoints == endpoints:
             return
         entry.state = TargetState(target, endpoints, entry.state.version + 1, now)
-        log.info("target %s changed: %s endpoint(s), version %d", target,
-                 "gone" if endpoints is None else len(endpoints), entry.state.version)
-        for watcher in entry.watchers:
-            watcher.offer(entry.state)
+        log.info(
+            "target %s changed: %s endpoint(s), version %d",
+            target,
+            "gone" if endpoints is None else len(endpoints),
+            entry.state.version,
+        )
+        self._fan_out(entry, resend=False)
+
+    def resend_all(self, target: Target) -> None:
+        """Wake every watcher of ``target`` to send the current state again (e.g. with new load weights),
+        except those with a newer state already waiting; spread over loop iterations like a change."""
+        entry = self._entries.get(target)
+        if entry is not None and not self._closed:
+            self._fan_out(entry, resend=True)
+
+    def _fan_out(self, entry: _Entry, resend: bool) -> None:
+        """Offer the entry's state to its watchers: at once if they are few, else batch by batch in a task
+        (replacing a fan-out still in progress: the newest state reaches everyone, conflated; a resend that
+        interrupts a change's fan-out still reaches the watchers the change had not, as they hold nothing
+        newer than what they sent)."""
+        if entry.fanout is not None:
+            entry.fanout.cancel()
+            entry.fanout = None
+        state = entry.state
+        watchers = list(entry.watchers)
+        if len(watchers) <= FANOUT_BATCH:
+            for watcher in watchers:
+                (watcher.resend if resend else watcher.offer)(state)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on a loop (tests): no one to yield to
+            for watcher in watchers:
+                (watcher.resend if resend else watcher.offer)(state)
+            return
+        entry.fanout = loop.create_task(
+            self._fan_out_batches(entry, state, watchers, resend),
+            name=f"fan-out {state.target} v{state.version}",
+        )
+
+    @staticmethod
+    async def _fan_out_batches(
+        entry: _Entry, state: TargetState, watchers: list[Subscription], resend: bool
+    ) -> None:
+        try:
+            for start in range(0, len(watchers), FANOUT_BATCH):
+                if start:
+                    await asyncio.sleep(0)  # let the woken batch (and everything else) run first
+                for watcher in watchers[start : start + FANOUT_BATCH]:
+                    if not watcher.closed:
+                        (watcher.resend if resend else watcher.offer)(state)
+        finally:
+            if entry.fanout is asyncio.current_task():
+                entry.fanout = None
 
     async def get(self, target: Target) -> TargetState:
         """The current state of an existing target, subscribing on first use; raise TargetNotFound."""
@@ -177,8 +243,11 @@ class Registry:
         """Unsubscribe and forget every target without watchers unused for ``ttl`` seconds; the next
         Resolve/Watch subscribes it afresh. Returns the expired targets."""
         cutoff = time.monotonic() - ttl
-        idle = [t for t, entry in self._entries.items()
-                if not entry.watchers and t not in self._pending and self._last_used.get(t, 0.0) <= cutoff]
+        idle = [
+            t
+            for t, entry in self._entries.items()
+            if not entry.watchers and t not in self._pending and self._last_used.get(t, 0.0) <= cutoff
+        ]
         expired: list[Target] = []
         for target in idle:
             entry = self._entries.get(target)
@@ -234,6 +303,9 @@ class Registry:
             self._sweeper.cancel()
             self._sweeper = None
         for entry in self._entries.values():
+            if entry.fanout is not None:
+                entry.fanout.cancel()
+                entry.fanout = None
             for watcher in entry.watchers:
                 watcher.close()
             entry.watchers.clear()
@@ -248,8 +320,10 @@ class Registry:
 
     def states(self) -> list[tuple[TargetState, int]]:
         """Every tracked target's current state and its number of watchers, sorted by target (on the loop)."""
-        return [(entry.state, len(entry.watchers))
-                for _, entry in sorted(self._entries.items(), key=lambda kv: str(kv[0]))]
+        return [
+            (entry.state, len(entry.watchers))
+            for _, entry in sorted(self._entries.items(), key=lambda kv: str(kv[0]))
+        ]
 
     def snapshot(self) -> list[TargetStatus]:
         """A status view: every subscribed target with endpoint counts, version, last change and watchers."""
@@ -257,6 +331,14 @@ class Registry:
         for target, entry in sorted(self._entries.items(), key=lambda kv: str(kv[0])):
             eps = entry.state.endpoints or ()
             ready = sum(1 for e in eps if e.ready)
-            rows.append(TargetStatus(str(target), len(eps), ready, entry.state.version,
-                                     entry.state.changed_at, len(entry.watchers)))
+            rows.append(
+                TargetStatus(
+                    str(target),
+                    len(eps),
+                    ready,
+                    entry.state.version,
+                    entry.state.changed_at,
+                    len(entry.watchers),
+                )
+            )
         return rows

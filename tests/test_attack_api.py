@@ -1,0 +1,435 @@
+"""Attacks on the Lookaside API itself (issue 12 items 3 and 4): Watch fan-out of a big endpoint set to many
+watchers, Watch subscribe/cancel churn, and a ReportLoad flood from one client.
+
+Each runs the lookaside server as a subprocess (its RSS, fds and event loop are its own), measures what the
+issue names and asserts the figure:
+
+* one change of a 5,000-endpoint target with 1,000 watchers keeps the p99 of Resolve on another target under
+  50 ms (an open-loop prober in a third process: 200 Resolves/s on schedule, latency counted from the
+  scheduled time, so a stall counts for every call it delays), and every watcher gets the same new set;
+* 10,000 Watch subscribe/cancel cycles leave RSS and open fds flat;
+* 400 load reports of 1,000 endpoints from one client IP: the per-peer cap answers RESOURCE_EXHAUSTED naming
+  the limit, RSS stays bounded and Resolve (round robin on another target, PEAK_EWMA on the reported one)
+  keeps its p99 under 50 ms meanwhile; an unknown target gets NOT_FOUND, an oversized report the endpoint cap.
+
+Sizes can be lowered with LB_ATTACK_FANOUT_WATCHERS / LB_ATTACK_WATCH_CYCLES for a quick run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from lookaside_dev.attack import ServerProcess
+from lookaside_dev.static_files import write_static
+from lookaside_grpc import protocol as pb
+from lookaside_server import ListenConfig, LookasideServer, ServerConfig, StaticFileConfig, XdsConfig
+from lookaside_server._security.limits import Limits
+
+WATCHERS = int(os.environ.get("LB_ATTACK_FANOUT_WATCHERS", "1000"))
+CYCLES = int(os.environ.get("LB_ATTACK_WATCH_CYCLES", "10000"))
+BIG = 5000
+P99_LIMIT_MS = 50.0
+RESULTS: dict[str, str] = {}
+
+
+def big_set(gen: int, size: int = BIG, port: int = 50051) -> list[dict[str, object]]:
+    """``size`` endpoints whose second octet is ``gen``: ``10.<gen>.<k/250>.<k%250+1>``."""
+    return [
+        {"ip": f"10.{gen}.{k // 250}.{k % 250 + 1}", "port": port, "port_name": "grpc"} for k in range(size)
+    ]
+
+
+SMALL = big_set(255, 3)
+
+# --- the prober: open-loop Resolves in a process of its own ---------------------------------------------
+
+PROBER = r"""
+import asyncio, json, sys, threading, time
+import grpc
+from lookaside_grpc import protocol as pb
+
+address, calls = sys.argv[1], json.loads(sys.argv[2])  # [[service, router], ...], taken in turn
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+samples, errors = [], {}
+
+async def main():
+    channel = grpc.aio.insecure_channel(address)
+    stub = pb.LookasideStub(channel)
+    for service, router in calls:
+        await stub.Resolve(pb.Request(service=service, namespace="default", router=router), timeout=30)
+    print("ready", flush=True)
+
+    async def one(at, service, router):
+        try:
+            await stub.Resolve(pb.Request(service=service, namespace="default", router=router), timeout=30)
+        except grpc.RpcError as e:
+            errors[e.code().name] = errors.get(e.code().name, 0) + 1
+        samples.append((at, time.time() - at))
+
+    pending = set()
+    at, n = time.time(), 0
+    while not stop.is_set():
+        at += 0.005
+        await asyncio.sleep(max(0.0, at - time.time()))
+        task = asyncio.create_task(one(at, *calls[n % len(calls)]))
+        n += 1
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    await asyncio.gather(*pending)
+    await channel.close()
+
+asyncio.run(main())
+print(json.dumps({"samples": samples, "errors": errors}), flush=True)
+"""
+
+
+class Prober:
+    """200 Resolves/s on schedule from another process until :meth:`finish`."""
+
+    def __init__(self, address: str, calls: list[tuple[str, int]]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", PROBER, address, json.dumps(calls)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # after one answered Resolve per call kind
+        assert line.strip() == b"ready", line
+
+    def finish(self) -> tuple[list[tuple[float, float]], dict[str, int]]:
+        out, _ = self.proc.communicate(b"", timeout=120)
+        result = json.loads(out.splitlines()[-1])
+        return [tuple(s) for s in result["samples"]], result["errors"]
+
+
+def p99_ms(samples: list[tuple[float, float]], start: float, end: float) -> tuple[float, int]:
+    """p99 latency (ms) of the calls scheduled in [start, end], and how many there were."""
+    lat = sorted(latency for at, latency in samples if start <= at <= end)
+    assert lat, "no Resolve scheduled in the window"
+    return lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000, len(lat)
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# --- a server whose big target changes on SIGUSR1 (no file to parse: the fan-out alone is measured) -----
+
+FANOUT_SERVER = r"""
+import asyncio, signal, sys
+from lookaside_server import (BackendEndpoint, EndpointSource, ListenConfig, LookasideServer, ServerConfig,
+                              Target, TargetNotFound, XdsConfig)
+from lookaside_server._security.limits import Limits
+
+BIG, SMALL = Target("big", "default"), Target("small", "default")
+
+def big_set(gen):
+    return tuple(BackendEndpoint(f"10.{gen}.{k // 250}.{k % 250 + 1}", 50051, "grpc")
+                 for k in range(int(sys.argv[1])))
+
+class Flipping(EndpointSource):
+    def __init__(self):
+        self.gen = 1
+        small = tuple(BackendEndpoint(f"10.255.0.{k + 1}", 50051, "grpc") for k in range(3))
+        self.sets = {BIG: big_set(1), SMALL: small}
+    async def start(self, publish):
+        self.publish = publish
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.flip)
+    def flip(self):
+        self.gen += 1
+        self.sets[BIG] = big_set(self.gen)
+        self.publish(BIG, self.sets[BIG])
+    async def subscribe(self, target):
+        if target not in self.sets:
+            raise TargetNotFound(target)
+        self.publish(target, self.sets[target])
+    async def unsubscribe(self, target):
+        pass
+    async def stop(self):
+        pass
+
+async def main():
+    config = ServerConfig(listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5), source=Flipping(),
+                          limits=Limits(max_watches=100000, max_watches_per_peer=100000),
+                          xds=XdsConfig(enabled=False))
+    server = LookasideServer(config)
+    port = await server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(0.5)
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def fanout_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FANOUT_SERVER, str(BIG)],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    m = re.search(r"listening on (\S+)", line)
+    assert m, (line, (tmp_path / "server.log").read_text())
+    try:
+        yield proc, m.group(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+        text = (tmp_path / "server.log").read_text(errors="replace")
+        assert "Traceback" not in text and " ERROR " not in text, text[-3000:]
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_one_change_of_a_5000_endpoint_target_to_1000_watchers_keeps_resolve_fast(
+    fanout_server: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    proc, address = fanout_server
+    # at most 50 streams per connection (a per-connection stream limit must not get in the way)
+    channels = [
+        grpc.aio.insecure_channel(
+            address,
+            options=[("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 1 << 24)],
+        )
+        for _ in range(max(1, WATCHERS // 50))
+    ]
+    received: list[list[bytes]] = [[] for _ in range(WATCHERS)]
+    first = asyncio.Event()
+    second = asyncio.Event()
+    counts = Counter[int]()
+
+    async def watch(i: int) -> None:
+        call = channels[i % len(channels)].unary_stream(
+            "/lookaside.Lookaside/Watch",
+            request_serializer=pb.WatchRequest.SerializeToString,
+            response_deserializer=None,  # raw bytes: the client must not be the bottleneck
+        )(pb.WatchRequest(service="big", namespace="default"))
+        async for data in call:
+            received[i].append(data)
+            n = len(received[i])
+            counts[n] += 1
+            if n == 1 and counts[1] == WATCHERS:
+                first.set()
+            if n == 2 and counts[2] == WATCHERS:
+                second.set()
+
+    tasks = [asyncio.create_task(watch(i)) for i in range(WATCHERS)]
+    prober: Prober | None = None
+    try:
+        await asyncio.wait_for(first.wait(), 300)
+        rss_before = rss_kb(proc.pid)
+        prober = await asyncio.to_thread(Prober, address, [("small", pb.ROUNDROBIN)])
+        await asyncio.sleep(1.0)  # a baseline of the prober's own latency
+        changed = time.time()
+        proc.send_signal(signal.SIGUSR1)
+        await asyncio.wait_for(second.wait(), 300)
+        delivered = time.time()
+        await asyncio.sleep(0.5)
+        samples, errors = await asyncio.to_thread(prober.finish)
+        prober = None
+    finally:
+        if prober is not None:
+            prober.proc.kill()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in channels:
+            await channel.close()
+    p99, n = p99_ms(samples, changed, delivered + 0.5)
+    base, _ = p99_ms(samples, 0, changed)
+    RESULTS["fanout"] = (
+        f"{WATCHERS} watchers x {BIG} endpoints: all got the change in {delivered - changed:.2f} s; "
+        "Resolve on "
+        f"another target p99 {p99:.1f} ms over {n} calls (baseline p99 {base:.1f} ms); server RSS "
+        f"{rss_before // 1024} -> {rss_kb(proc.pid) // 1024} MB"
+    )
+    print(RESULTS["fanout"])
+    assert not errors, errors
+    # every watcher got the very same bytes: the new set, once
+    assert len({r[1] for r in received}) == 1
+    new = pb.EndpointSet.FromString(received[0][1])
+    assert new.version == 2 and len(new.endpoints) == BIG and new.endpoints[0].ip.startswith("10.2.")
+    assert p99 < P99_LIMIT_MS, RESULTS["fanout"]
+
+
+def test_watch_subscribe_cancel_cycles_keep_rss_and_fds_flat(tmp_path: Path) -> None:
+    path = tmp_path / "endpoints.json"
+    write_static(path, {"default/small": SMALL, "default/mid": big_set(1, 200)})
+    extra = ["--max-watches-per-peer", "100000", "--max-watches", "100000"]
+    with ServerProcess(path, tmp_path / "server.log", extra=extra) as server:
+
+        async def cycles(n: int) -> None:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = pb.LookasideStub(channel)
+                sem = asyncio.Semaphore(50)
+
+                async def one(i: int) -> None:
+                    async with sem:
+                        service = "mid" if i % 2 else "small"
+                        call = stub.Watch(pb.WatchRequest(service=service, namespace="default"), timeout=30)
+                        msg = await call.read()
+                        assert msg is not grpc.aio.EOF and msg.version == 1
+                        call.cancel()
+
+                await asyncio.gather(*(one(i) for i in range(n)))
+
+        asyncio.run(cycles(1000))  # warm up: allocator pools, grpc's per-connection state
+        rss0, fds0 = server.memory_kb()["VmRSS"], open_fds(server.pid)
+        t = time.monotonic()
+        asyncio.run(cycles(CYCLES))
+        took = time.monotonic() - t
+        rss1, fds1 = server.memory_kb()["VmRSS"], open_fds(server.pid)
+        RESULTS["cycles"] = (
+            f"{CYCLES} Watch subscribe/cancel cycles in {took:.1f} s: "
+            f"RSS {rss0 // 1024} -> {rss1 // 1024} MB, "
+            f"fds {fds0} -> {fds1}"
+        )
+        print(RESULTS["cycles"])
+        assert rss1 - rss0 < 20 * 1024, RESULTS["cycles"]
+        assert fds1 - fds0 <= 4, RESULTS["cycles"]
+        assert not server.errors_logged()
+
+
+def test_report_load_flood_from_one_client_is_capped_and_resolve_stays_fast(tmp_path: Path) -> None:
+    path = tmp_path / "endpoints.json"
+    big = big_set(1, 1000)
+    write_static(path, {"default/big": big, "default/small": SMALL})
+    reports = 400
+    with ServerProcess(path, tmp_path / "server.log") as server:
+        prober = Prober(server.address, [("small", pb.ROUNDROBIN), ("big", pb.PEAK_EWMA)])
+        rss0 = server.memory_kb()["VmRSS"]
+
+        async def flood() -> tuple[Counter[str], list[str], float, float]:
+            codes: Counter[str] = Counter()
+            details: list[str] = []
+            loads = [
+                pb.EndpointLoad(ip=e["ip"], port=e["port"], outstanding=3, latency_ms=12.5, calls=40)
+                for e in big
+            ]
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = pb.LookasideStub(channel)
+                sem = asyncio.Semaphore(16)
+
+                async def one(i: int) -> None:
+                    async with sem:
+                        report = pb.LoadReport(
+                            service="big",
+                            namespace="default",
+                            client_id=f"c{i}",
+                            interval_ms=60000,
+                            endpoints=loads,
+                        )
+                        try:
+                            await stub.ReportLoad(report, timeout=60)
+                            codes["OK"] += 1
+                        except grpc.aio.AioRpcError as e:
+                            codes[e.code().name] += 1
+                            details.append(e.details() or "")
+
+                start = time.time()
+                await asyncio.gather(*(one(i) for i in range(reports)))
+                end = time.time()
+                # a client's own next report still replaces its previous one at the cap
+                await stub.ReportLoad(
+                    pb.LoadReport(
+                        service="big", namespace="default", client_id="c0", interval_ms=1000, endpoints=loads
+                    )
+                )
+                # an unknown target, and a report naming more endpoints than allowed
+                with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                    await stub.ReportLoad(pb.LoadReport(service="nope", namespace="default", client_id="x"))
+                assert unknown.value.code() is grpc.StatusCode.NOT_FOUND
+                too_many = loads + [pb.EndpointLoad(ip="10.9.9.9", port=1)]
+                with pytest.raises(grpc.aio.AioRpcError) as big_report:
+                    await stub.ReportLoad(
+                        pb.LoadReport(service="big", namespace="default", client_id="c0", endpoints=too_many)
+                    )
+                assert big_report.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "max-load-report-endpoints" in (big_report.value.details() or "")
+            return codes, details, start, end
+
+        codes, details, start, end = asyncio.run(flood())
+        rss1 = server.memory_kb()["VmRSS"]
+        samples, errors = prober.finish()
+        p99, n = p99_ms(samples, start, end + 0.5)
+        RESULTS["flood"] = (
+            f"{reports} reports x {len(big)} endpoints from one client in {end - start:.2f} s: "
+            f"{dict(codes)}; "
+            f"server RSS {rss0 // 1024} -> {rss1 // 1024} MB; Resolve p99 {p99:.1f} ms over {n} calls"
+        )
+        print(RESULTS["flood"])
+        assert not errors, errors
+        assert codes["OK"] == 64 and codes["RESOURCE_EXHAUSTED"] == reports - 64, codes
+        assert all("max-load-reports-per-peer" in d for d in details), details[:3]
+        assert rss1 - rss0 < 30 * 1024, RESULTS["flood"]
+        assert p99 < P99_LIMIT_MS, RESULTS["flood"]
+        assert not server.errors_logged()
+
+
+async def test_report_load_refusals_name_the_limit_and_are_counted(tmp_path: Path) -> None:
+    path = tmp_path / "endpoints.json"
+    write_static(path, {"default/small": SMALL})
+    server = LookasideServer(
+        ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+            source=StaticFileConfig(str(path)),
+            limits=Limits(max_load_reports_per_peer=2),
+            xds=XdsConfig(enabled=False),
+        )
+    )
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb.LookasideStub(channel)
+            loads = [pb.EndpointLoad(ip=e["ip"], port=e["port"], outstanding=1) for e in SMALL]
+            for i in range(2):
+                await stub.ReportLoad(
+                    pb.LoadReport(service="small", namespace="default", client_id=f"c{i}", endpoints=loads)
+                )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ReportLoad(
+                    pb.LoadReport(service="small", namespace="default", client_id="c2", endpoints=loads)
+                )
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-load-reports-per-peer" in (refused.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await stub.ReportLoad(
+                    pb.LoadReport(service="small", namespace="default", client_id="x" * 300)
+                )
+            assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        hits = server.metrics.limit_hits.labels("max_load_reports_per_peer")._value.get()
+        assert hits == 1
+    finally:
+        await server.stop(0.5)
