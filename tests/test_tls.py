@@ -414,10 +414,10 @@ async def test_aio_backend_tls_with_custom_server_name(tmp_path: Path) -> None:
 
 
 def test_backend_options_keep_the_users_own() -> None:
-    from lookaside_grpc._balancer import backend_options
-    from lookaside_grpc._resolvers import Target
+    from lookaside_grpc._settings import backend_options
+    from lookaside_grpc.protocol import Target
 
-    t = Target("greet", "prod", "", "x:1", 1)
+    t = Target("greet", "prod")
     ssl = grpc.ssl_channel_credentials()
     assert backend_options(t, None, [("a", 1)], None) == (("a", 1),)
     assert backend_options(t, ssl, (), None) == (
