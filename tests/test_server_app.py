@@ -179,3 +179,32 @@ def test_cli_missing_file_exits_1(tmp_path: Path) -> None:
                           timeout=30)
     assert proc.returncode == 1
     assert "missing.yaml" in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize(("env", "flag"), [
+    ({"LB_PORT": "abc"}, "--port"),
+    ({"LB_PORT": "70000"}, "--port"),
+    ({"LB_POLL_INTERVAL": "x"}, "--poll-interval"),
+    ({"LB_POLL_INTERVAL": "0"}, "--poll-interval"),
+    ({"LB_MAX_WATCHES": "many"}, "--max-watches"),
+    ({"LB_GRACE": "-1"}, "--grace"),
+    ({"LB_SOURCE": "bogus"}, "--source"),
+    ({"LB_LOG_LEVEL": "loud"}, "--log-level"),
+    ({"LB_HTTP_PORT": "http"}, "--http-port"),
+])
+def test_bad_env_values_are_usage_errors(tmp_path: Path, env: dict[str, str], flag: str) -> None:
+    """A bad LB_* value is a usage error naming the flag and the variable (exit 2), never a traceback;
+    ``--help`` still works with it set."""
+    path = tmp_path / "e.json"
+    write_static(path, {T: endpoints(1)})
+    full_env = {**os.environ, **env}
+    proc = subprocess.run([sys.executable, "-m", "lookaside_server", "--static-file", str(path)],
+                          capture_output=True, text=True, timeout=60, env=full_env)
+    assert proc.returncode == 2, proc.stderr
+    (name,) = env
+    assert f"argument {flag}" in proc.stderr and f"(from {name})" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("usage:")
+    if name == "LB_PORT":
+        helped = subprocess.run([sys.executable, "-m", "lookaside_server", "--help"], capture_output=True,
+                                text=True, timeout=60, env=full_env)
+        assert helped.returncode == 0 and name in helped.stdout and "Traceback" not in helped.stderr
