@@ -9,8 +9,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lookaside_grpc import protocol as pb
-from lookaside_server._api.load import LoadBoard
-from lookaside_server._api.status import StatusServicer
+from lookaside_server._api.load import LoadBoard, LoadLimits
+from lookaside_server._api.servicer import LookasideServicer, add_to_server
 from lookaside_server._config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig  # noqa: F401 - re-exported
 from lookaside_server._core.registry import Registry, TargetStatus
 from lookaside_server._security.access import AccessPolicy
@@ -69,9 +69,11 @@ class LookasideServer:
             server = grpc.aio.server(interceptors=[ServerGuard(self.access, self.slots, self.metrics)],
                                      options=limits.server_options(),
                                      maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
-            servicer = StatusServicer(self.registry, allow_namespaces=self.config.security.access.namespaces,
-                                      access=self.access)
-            pb.add_LookasideServicer_to_server(servicer, server)
+            servicer = LookasideServicer(
+                self.registry, allow_namespaces=self.config.security.access.namespaces, access=self.access,
+                load_limits=LoadLimits(limits.max_load_reports_per_peer, limits.max_load_reports_per_target,
+                                       limits.max_load_report_endpoints))
+            add_to_server(servicer, server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
             xds_services = self._add_xds(server, servicer.load)
             reflection.enable_server_reflection(

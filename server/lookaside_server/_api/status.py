@@ -1,5 +1,5 @@
 """The status view of a running lookaside server: :func:`collect` gathers it (on the server's event loop);
-the Status RPC (:class:`StatusServicer`) and ``/status.json`` (:func:`to_dict`) render it; the HTML page
+the Status RPC (``LookasideServicer.Status``) and ``/status.json`` (:func:`to_dict`) render it; the HTML page
 lives in ``_web/status_page.py``.
 """
 
@@ -14,11 +14,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
-import grpc
-
 from lookaside_grpc import protocol as pb2
-from lookaside_server._api.servicer import LookasideServicer
-from lookaside_server._core.errors import abort
 from lookaside_server._core.model import BackendEndpoint, Target
 from lookaside_server._core.registry import Registry
 
@@ -155,31 +151,6 @@ def from_proto(resp: pb2.StatusResponse) -> StatusView:
             for t in resp.targets
         ),
     )
-
-
-class StatusServicer(LookasideServicer):
-    """The Lookaside servicer plus the operators' Status RPC."""
-
-    def __init__(self, registry: Registry, **kwargs: Any) -> None:
-        super().__init__(registry, **kwargs)
-        self._status_registry = registry
-
-    async def Status(
-        self, request: pb2.StatusRequest, context: grpc.aio.ServicerContext
-    ) -> pb2.StatusResponse:
-        """Every tracked target (or the one asked for) with endpoints, watchers and source health."""
-        only = None
-        if request.service or request.namespace:
-            # The same checks as Resolve/Watch: names, then the namespace allow-list.
-            only = await self._target(request.service, request.namespace, context)
-        view = collect(self._status_registry, only)
-        if only is not None and not view.targets:
-            await abort(
-                context,
-                grpc.StatusCode.NOT_FOUND,
-                f"target {only} is not tracked: no client has resolved or watched it yet",
-            )
-        return to_proto(view)
 
 
 # --- JSON ----------------------------------------------------------------------------------------------

@@ -81,6 +81,17 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
     env_argument(lim, "--max-connection-age", env="LB_MAX_CONNECTION_AGE", type=number(0), default=0,
                  help="close connections after this many seconds (streams get 30 s grace; clients "
                       "reconnect, e.g. to another replica); 0 = never")
+    # --- ReportLoad caps (issue 12 item 4; _api/load.py LoadLimits) ---
+    env_argument(lim, "--max-load-reports-per-peer", env="LB_MAX_LOAD_REPORTS_PER_PEER", type=integer(1),
+                 default=_D.max_load_reports_per_peer,
+                 help="most load reports (distinct client ids, over all targets) the server keeps from one "
+                      "client IP; more get RESOURCE_EXHAUSTED")
+    env_argument(lim, "--max-load-reports-per-target", env="LB_MAX_LOAD_REPORTS_PER_TARGET", type=integer(1),
+                 default=_D.max_load_reports_per_target,
+                 help="most load reports (distinct client ids) the server keeps per target")
+    env_argument(lim, "--max-load-report-endpoints", env="LB_MAX_LOAD_REPORT_ENDPOINTS", type=integer(1),
+                 default=_D.max_load_report_endpoints, help="most endpoints one load report may name")
+    # --- end of ReportLoad caps ---
 
     # --- HTTP listener limits (issue 12 item 5; _web/http.py HttpLimits) ---
     h = p.add_argument_group("HTTP listener (status page, /healthz, /metrics)")
@@ -139,6 +150,10 @@ def limits_config(args: argparse.Namespace) -> Limits:
         min_ping_interval=args.min_ping_interval,
         max_connection_idle=args.max_connection_idle or None,
         max_connection_age=args.max_connection_age or None,
+        # ReportLoad caps
+        max_load_reports_per_peer=args.max_load_reports_per_peer,
+        max_load_reports_per_target=args.max_load_reports_per_target,
+        max_load_report_endpoints=args.max_load_report_endpoints,
     )
 
 

@@ -16,6 +16,8 @@
   ``max_watches_per_peer``: a client at its Watch limit still needs streams for Resolve.
 * ``max_concurrent_rpcs``: grpc's own cap on RPCs in progress (``grpc.aio.server(maximum_concurrent_rpcs)``,
   streams included); beyond it grpc answers RESOURCE_EXHAUSTED itself. Off by default.
+* ``max_load_reports_per_peer`` / ``max_load_reports_per_target`` / ``max_load_report_endpoints``: what
+  ReportLoad may store (see ``_api/load.py``); a report beyond a cap gets RESOURCE_EXHAUSTED naming it.
 * Keepalive: the server pings every ``keepalive_time`` s and drops connections that do not answer within
   ``keepalive_timeout`` s (so a vanished client's streams and slots are reclaimed); clients may ping at most
   every ``min_ping_interval`` s, also without calls (more often gets them a GOAWAY ``too_many_pings``);
@@ -76,6 +78,11 @@ class Limits:
     max_connection_idle: float | None = 300.0
     max_connection_age: float | None = None
     max_connection_age_grace: float = 30.0
+    #: ReportLoad caps (``_api.load.LoadLimits``): stored reports per client IP and per target, endpoints
+    #: per report; beyond them RESOURCE_EXHAUSTED naming the limit.
+    max_load_reports_per_peer: int = 64
+    max_load_reports_per_target: int = 1000
+    max_load_report_endpoints: int = 1000
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1 * KIB:
@@ -88,6 +95,9 @@ class Limits:
             raise ValueError("max_streams_per_connection must be at least 1")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
             raise ValueError("max_concurrent_rpcs must be at least 1 (or None for no limit)")
+        for name in ("max_load_reports_per_peer", "max_load_reports_per_target", "max_load_report_endpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
 
     def server_options(self) -> list[tuple[str, Any]]:
         """The channel arguments of the gRPC server."""
