@@ -740,19 +740,29 @@ def big_greet() -> Iterator[World]:
 
 def test_06_interceptor_dials_backends_with_the_wrapped_channels_options() -> None:
     """A 5 MB reply works on the plain channel with max_receive_message_length=16MB (and fails without);
-    balanced through the interceptor on that channel it works too, answered by a balanced backend."""
+    balanced it works too, answered by a balanced backend: through ``intercepted_channel`` (the original
+    channel and the backends built from the same options) and through ``grpc.intercept_channel`` with the
+    options given to both. (grpc exposes no channel's own options, so an interceptor cannot read them off
+    the channel it wraps.)"""
     name = "x" * FIVE_MB
     with big_greet() as w:
         with grpc.insecure_channel(w.addresses[0]) as small:
             assert w.call(small, name=name, timeout=10).code is grpc.StatusCode.RESOURCE_EXHAUSTED
         with grpc.insecure_channel(w.addresses[0], options=BIG) as plain:
             assert w.call(plain, name=name, timeout=10).served_by == w.addresses[0]
+        with lookaside_grpc.intercepted_channel(
+            w.fallback.address, w.routes(fresh_service()), lookaside=w.lookaside.address, options=BIG
+        ) as ch:
+            got = w.call(ch, name=name, timeout=10)
+        assert (got.code, got.details) == (OK, None)
+        assert got.served_by in w.addresses
         with sync_flavour(
             "sync_interceptor",
             w.lookaside.address,
             w.fallback.address,
             original_options=BIG,
             routes_for=w.routes,
+            options=BIG,
         ) as ch:
             got = w.call(ch, name=name, timeout=10)
         assert (got.code, got.details) == (OK, None)
@@ -764,12 +774,20 @@ async def test_06_aio_interceptors_dial_backends_with_the_wrapped_channels_optio
     with big_greet() as w:
         async with grpc.aio.insecure_channel(w.addresses[0], options=BIG) as plain:
             assert (await w.acall(plain, name=name, timeout=10)).served_by == w.addresses[0]
+        ch, icpt = lookaside_grpc.aio.intercepted_channel(
+            w.fallback.address, w.routes(fresh_service()), lookaside=w.lookaside.address, options=BIG
+        )
+        async with icpt, ch:
+            got = await w.acall(ch, name=name, timeout=10)
+        assert (got.code, got.details) == (OK, None)
+        assert got.served_by in w.addresses
         async with aio_flavour(
             "aio_interceptors",
             w.lookaside.address,
             w.fallback.address,
             original_options=BIG,
             routes_for=w.routes,
+            options=BIG,
         ) as ch:
             got = await w.acall(ch, name=name, timeout=10)
         assert (got.code, got.details) == (OK, None)
@@ -892,20 +910,39 @@ def test_09_unresolvable_route_warns_once_and_strict_raises(
 # ======================================== 10. OpenTelemetry
 
 
+_EXPORTER: Any = None
+
+
+def _span_exporter() -> Any:
+    """One in-memory exporter on the global tracer provider (the sync client instrumentation ignores
+    ``instrument(tracer_provider=...)`` and uses the global one, which can be set once per process)."""
+    global _EXPORTER
+    if _EXPORTER is None:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        if not isinstance(trace.get_tracer_provider(), TracerProvider):
+            trace.set_tracer_provider(TracerProvider())
+        provider = trace.get_tracer_provider()
+        assert isinstance(provider, TracerProvider), provider
+        _EXPORTER = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+    return _EXPORTER
+
+
 @pytest.fixture
 def otel() -> Iterator[Any]:
-    """OpenTelemetry's gRPC client instrumentation (sync and aio) active for the test; its spans."""
+    """OpenTelemetry's gRPC client instrumentation (sync and aio) active for the test; its span exporter."""
+    from opentelemetry import trace
     from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcInstrumentorClient
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    exporter = _span_exporter()
+    exporter.clear()
     sync_instr, aio_instr = GrpcInstrumentorClient(), GrpcAioInstrumentorClient()
-    sync_instr.instrument(tracer_provider=provider)
-    aio_instr.instrument(tracer_provider=provider)
+    sync_instr.instrument()
+    aio_instr.instrument(tracer_provider=trace.get_tracer_provider())
     try:
         yield exporter
     finally:
@@ -913,10 +950,20 @@ def otel() -> Iterator[Any]:
         aio_instr.uninstrument()
 
 
+def _client_spans(exporter: Any) -> int:
+    from opentelemetry.trace import SpanKind
+
+    return sum(1 for span in exporter.get_finished_spans() if span.kind is SpanKind.CLIENT)
+
+
 @pytest.mark.parametrize("flavour", ["sync_watch", "sync_per_call", "sync_interceptor"])
 def test_10_opentelemetry_instrumentation(greet: World, otel: Any, flavour: str) -> None:
     """With GrpcInstrumentorClient active (it wraps grpc.insecure_channel), every call shape and close()
-    work: calls are balanced and traced, and close() stops the Watch and the threads."""
+    work: calls are balanced and traced, as on a plain channel, and close() stops the Watch and threads."""
+    with grpc.insecure_channel(greet.addresses[0]) as plain:  # the control: traced, one span per call
+        assert [greet.call(plain, shape).code for shape in SHAPES] == [OK] * len(SHAPES)
+    control_spans = _client_spans(otel)
+    assert control_spans == len(SHAPES)
     la = greet.lookaside.servicer
     base_threads, base_watches = threads(), la.active_watches
     with sync_flavour(
@@ -925,7 +972,7 @@ def test_10_opentelemetry_instrumentation(greet: World, otel: Any, flavour: str)
         results = {shape: greet.call(ch, shape) for shape in SHAPES}
     assert {s: r.code for s, r in results.items()} == dict.fromkeys(SHAPES, OK), results
     assert all(r.served_by in greet.addresses for r in results.values()), results
-    assert len(otel.get_finished_spans()) >= len(SHAPES)
+    assert _client_spans(otel) - control_spans >= len(SHAPES)
     wait_until(lambda: threads() <= base_threads and la.active_watches <= base_watches, timeout=10)
 
 
@@ -939,7 +986,7 @@ async def test_10_aio_opentelemetry_instrumentation(greet: World, otel: Any, fla
         results = {shape: await greet.acall(ch, shape) for shape in SHAPES}
     assert {s: r.code for s, r in results.items()} == dict.fromkeys(SHAPES, OK), results
     assert all(r.served_by in greet.addresses for r in results.values()), results
-    assert len(otel.get_finished_spans()) >= len(SHAPES)
+    assert _client_spans(otel) >= len(SHAPES)
     await await_until(lambda: la.active_watches <= base_watches, timeout=10)
 
 
