@@ -35,10 +35,19 @@ class CA:
     _key: ec.EllipticCurvePrivateKey
     _cert: x509.Certificate
 
-    def issue(self, common_name: str, *, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (),
-              uris: tuple[str, ...] = (), server: bool = True, client: bool = True,
-              not_before: datetime.datetime | None = None, not_after: datetime.datetime | None = None,
-              ca: bool = False) -> KeyPair:
+    def issue(
+        self,
+        common_name: str,
+        *,
+        dns: tuple[str, ...] = (),
+        ips: tuple[str, ...] = (),
+        uris: tuple[str, ...] = (),
+        server: bool = True,
+        client: bool = True,
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+        ca: bool = False,
+    ) -> KeyPair:
         """A leaf certificate for ``common_name`` with the given SANs, signed by this CA.
 
         ``server``/``client``: the extended key usages (serverAuth, clientAuth); ``not_before``/``not_after``
@@ -48,8 +57,9 @@ class CA:
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         sans += [x509.UniformResourceIdentifier(u) for u in uris]
-        usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + \
-                 ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
+        usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
+            [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
+        )
         now = datetime.datetime.now(datetime.UTC)
         builder = (
             x509.CertificateBuilder()
@@ -69,8 +79,9 @@ class CA:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def make_ca(name: str = "lookaside test CA") -> CA:
@@ -87,10 +98,20 @@ def make_ca(name: str = "lookaside test CA") -> CA:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, encipher_only=False,
-                                     decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(key, hashes.SHA256())
     )
     return CA(name, cert.public_bytes(serialization.Encoding.PEM), key, cert)
@@ -104,15 +125,27 @@ def server_pair(ca: CA, *dns: str) -> KeyPair:
 def expired_server_pair(ca: CA) -> KeyPair:
     """A server certificate (as :func:`server_pair`) that expired an hour ago."""
     now = datetime.datetime.now(datetime.UTC)
-    return ca.issue("lookaside", dns=SERVER_DNS, ips=("127.0.0.1",), client=False,
-                    not_before=now - datetime.timedelta(days=2), not_after=now - datetime.timedelta(hours=1))
+    return ca.issue(
+        "lookaside",
+        dns=SERVER_DNS,
+        ips=("127.0.0.1",),
+        client=False,
+        not_before=now - datetime.timedelta(days=2),
+        not_after=now - datetime.timedelta(hours=1),
+    )
 
 
 def future_server_pair(ca: CA) -> KeyPair:
     """A server certificate (as :func:`server_pair`) valid only from tomorrow."""
     now = datetime.datetime.now(datetime.UTC)
-    return ca.issue("lookaside", dns=SERVER_DNS, ips=("127.0.0.1",), client=False,
-                    not_before=now + datetime.timedelta(days=1), not_after=now + datetime.timedelta(days=2))
+    return ca.issue(
+        "lookaside",
+        dns=SERVER_DNS,
+        ips=("127.0.0.1",),
+        client=False,
+        not_before=now + datetime.timedelta(days=1),
+        not_after=now + datetime.timedelta(days=2),
+    )
 
 
 def client_pair(ca: CA, uri: str = GOOD_SPIFFE, dns: tuple[str, ...] = ()) -> KeyPair:

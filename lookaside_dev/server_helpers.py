@@ -26,8 +26,6 @@ def endpoints(n: int, base_port: int = 50051, ip: str = "127.0.0.1", **extra: An
     return [{"ip": ip, "port": base_port + i, **extra} for i in range(n)]
 
 
-
-
 @dataclass
 class Served:
     """A running in-loop server with a client stub and its static file."""
@@ -53,10 +51,12 @@ async def serve(tmp_path: Path, data: Any, poll_interval: float = 0.02) -> Async
     """Start a LookasideServer on 127.0.0.1 (any port) over a static file holding ``data``."""
     path = tmp_path / "endpoints.yaml"
     write_static(path, data)
-    server = LookasideServer(ServerConfig(
-        listen=ListenConfig(host="127.0.0.1", port=0, grace=1.0),
-        source=StaticFileConfig(str(path), poll_interval=poll_interval),
-    ))
+    server = LookasideServer(
+        ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0, grace=1.0),
+            source=StaticFileConfig(str(path), poll_interval=poll_interval),
+        )
+    )
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -75,15 +75,18 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = DEAD
         await asyncio.sleep(0.01)
 
 
-async def read_until(stream: Any, check: Callable[[pb.EndpointSet], bool],
-                     timeout: float = DEADLINE) -> pb.EndpointSet:
+async def read_until(
+    stream: Any, check: Callable[[pb.EndpointSet], bool], timeout: float = DEADLINE
+) -> pb.EndpointSet:
     """Read a Watch stream until a message satisfies ``check``; fail after ``timeout`` seconds."""
+
     async def loop() -> pb.EndpointSet:
         while True:
             msg = await stream.read()
             assert msg is not grpc.aio.EOF, "watch stream ended"
             if check(msg):
                 return msg
+
     return await asyncio.wait_for(loop(), timeout)
 
 

@@ -33,8 +33,12 @@ from lookaside_server._cli.security_flags import limits_config, security_config
 from lookaside_server._core.model import Target
 from lookaside_server._security.access import AccessPolicy, parse_identities, parse_service_rules
 
-DATA = {"default/greet": endpoints(1), "default/echo": endpoints(1, 50061),
-        "team-a/api": endpoints(1, 50071), "team-b/db": endpoints(1, 50081)}
+DATA = {
+    "default/greet": endpoints(1),
+    "default/echo": endpoints(1, 50061),
+    "team-a/api": endpoints(1, 50071),
+    "team-b/db": endpoints(1, 50081),
+}
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 
 
@@ -47,12 +51,14 @@ def allow(**access: Any) -> SecurityConfig:
 async def served(tmp_path: Path, **config: Any) -> AsyncIterator[tuple[LookasideServer, grpc.aio.Channel]]:
     path = tmp_path / "endpoints.json"
     write_static(path, DATA)
-    server = LookasideServer(ServerConfig(
-        listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
-        source=StaticFileConfig(str(path)),
-        http=HttpConfig(port=0, host="127.0.0.1"),
-        **config,
-    ))
+    server = LookasideServer(
+        ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+            source=StaticFileConfig(str(path)),
+            http=HttpConfig(port=0, host="127.0.0.1"),
+            **config,
+        )
+    )
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -64,18 +70,24 @@ async def served(tmp_path: Path, **config: Any) -> AsyncIterator[tuple[Lookaside
 
 async def scrape(server: LookasideServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """The /metrics samples of ``server``, over HTTP, off the loop: (name, sorted labels) -> value."""
+
     def get() -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10) as resp:
             return resp.read().decode()
 
     text = await asyncio.to_thread(get)
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def test_parse_rules() -> None:
     assert parse_service_rules(["default/greet,default/echo", " team-a/* "]) == {
-        "default": frozenset({"greet", "echo"}), "team-a": frozenset({"*"})}
+        "default": frozenset({"greet", "echo"}),
+        "team-a": frozenset({"*"}),
+    }
     assert parse_service_rules(None) == {}
     for bad in ("greet", "Default/greet", "default/Greet", "default/"):
         with pytest.raises(ValueError, match="--allow-service"):
@@ -86,8 +98,11 @@ def test_parse_rules() -> None:
 
 def test_policy_decisions() -> None:
     reasons: list[str] = []
-    policy = AccessPolicy(frozenset({"default", "team-a", "team-b"}),
-                          parse_service_rules(["default/greet", "team-a/*"]), on_deny=reasons.append)
+    policy = AccessPolicy(
+        frozenset({"default", "team-a", "team-b"}),
+        parse_service_rules(["default/greet", "team-a/*"]),
+        on_deny=reasons.append,
+    )
     assert policy.target_denial(Target("greet", "default")) is None
     assert policy.target_denial(Target("anything", "team-a")) is None
     assert policy.target_denial(Target("db", "team-b")) is None  # no rules for team-b: the whole namespace
@@ -123,16 +138,24 @@ async def test_service_rules_for_every_rpc_and_counted(tmp_path: Path) -> None:
         assert "'default/echo'" in msg and "--allow-service" in msg and "greet" in msg
         watch = stub.Watch(pb.WatchRequest(service="echo", namespace="default"), timeout=5)
         await denied(watch.read())
-        status = channel.unary_unary("/lookaside.Lookaside/Status", pb2.StatusRequest.SerializeToString,
-                                     pb2.StatusResponse.FromString)
+        status = channel.unary_unary(
+            "/lookaside.Lookaside/Status", pb2.StatusRequest.SerializeToString, pb2.StatusResponse.FromString
+        )
         await denied(status(pb2.StatusRequest(service="echo", namespace="default"), timeout=5))
-        await denied(stub.ReportLoad(pb.LoadReport(service="echo", namespace="default", client_id="c1"),
-                                     timeout=5))
+        await denied(
+            stub.ReportLoad(pb.LoadReport(service="echo", namespace="default", client_id="c1"), timeout=5)
+        )
         samples = await scrape(server)
         assert samples[("lookaside_access_denied_total", (("reason", "service"),))] == 4
         assert samples[("lookaside_access_denied_total", (("reason", "namespace"),))] == 0
-        key = ("lookaside_rpcs_total", (("grpc_code", "PERMISSION_DENIED"), ("grpc_method", "Resolve"),
-                                        ("grpc_service", "lookaside.Lookaside")))
+        key = (
+            "lookaside_rpcs_total",
+            (
+                ("grpc_code", "PERMISSION_DENIED"),
+                ("grpc_method", "Resolve"),
+                ("grpc_service", "lookaside.Lookaside"),
+            ),
+        )
         assert samples[key] == 1
 
 
@@ -155,8 +178,11 @@ async def test_xds_omits_denied_names_and_counts_them(tmp_path: Path) -> None:
                 yield r
 
         call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(requests())
-        queue.put_nowait(discovery_pb2.DiscoveryRequest(type_url=LISTENER,
-                                                        resource_names=["greet.default", "echo.default"]))
+        queue.put_nowait(
+            discovery_pb2.DiscoveryRequest(
+                type_url=LISTENER, resource_names=["greet.default", "echo.default"]
+            )
+        )
         response = await asyncio.wait_for(call.read(), 10)
         assert response.type_url == LISTENER and len(response.resources) == 1  # only greet.default
         queue.put_nowait(None)
@@ -165,8 +191,18 @@ async def test_xds_omits_denied_names_and_counts_them(tmp_path: Path) -> None:
 
 
 def test_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    args = build_parser().parse_args(["--static-file", "x", "--allow-service", "default/greet",
-                                      "--allow-service", "team-a/*", "--max-watches", "7"])
+    args = build_parser().parse_args(
+        [
+            "--static-file",
+            "x",
+            "--allow-service",
+            "default/greet",
+            "--allow-service",
+            "team-a/*",
+            "--max-watches",
+            "7",
+        ]
+    )
     got = security_config(args)
     assert got.access.services == {"default": frozenset({"greet"}), "team-a": frozenset({"*"})}
     assert limits_config(args).max_watches == 7 and got.tls is None and got.access.client_identities is None

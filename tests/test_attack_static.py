@@ -59,7 +59,7 @@ async def rewrite_in_place(path: Path, data: bytes, chunks: int = 30, pause: flo
     step = len(data) // chunks + 1
     with open(path, "wb") as f:
         for i in range(0, len(data), step):
-            f.write(data[i:i + step])
+            f.write(data[i : i + step])
             f.flush()
             os.fsync(f.fileno())
             await asyncio.sleep(pause)
@@ -126,7 +126,8 @@ async def test_two_reads_must_agree_before_a_change_is_published(tmp_path: Path)
 
 
 async def test_recursion_error_keeps_the_last_good_set_and_later_edits_are_seen(
-        tmp_path: Path, caplog_info: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog_info: pytest.LogCaptureFixture
+) -> None:
     async with serve(tmp_path, {T: endpoints(2)}, poll_interval=0.02) as s:
         stream = s.stub.Watch(WATCH)
         assert ports(await read_until(stream, lambda m: True)) == [50051, 50052]
@@ -143,10 +144,12 @@ async def test_recursion_error_keeps_the_last_good_set_and_later_edits_are_seen(
 
 
 async def test_any_exception_while_parsing_keeps_the_last_good_set(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog_info: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog_info: pytest.LogCaptureFixture
+) -> None:
     from lookaside_server._sources import static
 
     async with serve(tmp_path, {T: endpoints(2)}, poll_interval=0.02) as s:
+
         def explode(data: Any) -> Any:
             raise MemoryError("simulated")
 
@@ -172,7 +175,8 @@ async def wait_for_ports(stub: pb.LookasideStub, n: int) -> None:
 
 
 async def test_reloader_that_ends_is_logged_and_restarted(
-        tmp_path: Path, caplog_info: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog_info: pytest.LogCaptureFixture
+) -> None:
     async with serve(tmp_path, {T: endpoints(1)}, poll_interval=3600) as s:
         stream = s.stub.Watch(WATCH)
         await read_until(stream, lambda m: True)
@@ -192,8 +196,10 @@ async def test_reloader_that_ends_is_logged_and_restarted(
 def test_cli_survives_recursion_error_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     path = tmp_path / "endpoints.json"
     write_static(path, {T: endpoints(1, 1111)})
-    with ServerProcess(path, tmp_path / "server.log", poll_interval=0.05) as server, \
-            grpc.insecure_channel(server.address) as channel:
+    with (
+        ServerProcess(path, tmp_path / "server.log", poll_interval=0.05) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
         stub = pb.LookasideStub(channel)
 
         def port() -> int:
@@ -217,10 +223,12 @@ def test_cli_survives_recursion_error_and_exits_0_on_sigterm(tmp_path: Path) -> 
 async def capped(tmp_path: Path, data: Any, max_targets: int) -> AsyncIterator[tuple[Path, Any, Any]]:
     path = tmp_path / "endpoints.json"
     write_static(path, data)
-    server = LookasideServer(ServerConfig(
-        listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
-        source=StaticFileConfig(path, poll_interval=3600, max_targets=max_targets),
-    ))
+    server = LookasideServer(
+        ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+            source=StaticFileConfig(path, poll_interval=3600, max_targets=max_targets),
+        )
+    )
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -242,8 +250,11 @@ async def test_targets_removed_from_the_file_free_their_slots(tmp_path: Path) ->
     one = endpoints(1)
     abc = {"default/a": one, "default/b": one, "default/c": one}
     async with capped(tmp_path, abc, max_targets=2) as (path, server, stub):
-        assert [await code_of(stub, s) for s in "abc"] == [grpc.StatusCode.OK, grpc.StatusCode.OK,
-                                                           grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert [await code_of(stub, s) for s in "abc"] == [
+            grpc.StatusCode.OK,
+            grpc.StatusCode.OK,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ]
         write_static(path, {"default/b": one, "default/c": one})  # a removed: its slot is free
         await server.source.check_now()
         assert await code_of(stub, "a") == grpc.StatusCode.NOT_FOUND
@@ -273,8 +284,9 @@ def test_max_targets_0_is_refused_at_start(tmp_path: Path, how: str) -> None:
         args += ["--max-targets", "0"]
     else:
         env["LB_MAX_TARGETS"] = "0"
-    proc = subprocess.run([sys.executable, "-m", "lookaside_server", *args], capture_output=True, text=True,
-                          timeout=60, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lookaside_server", *args], capture_output=True, text=True, timeout=60, env=env
+    )
     assert proc.returncode == 2, proc.stderr
     assert "--max-targets" in proc.stderr and "at least 1" in proc.stderr and "Traceback" not in proc.stderr
     with pytest.raises(ValueError, match="max_targets"):
@@ -312,8 +324,12 @@ async def test_configmap_swap_is_noticed_without_polling(tmp_path: Path) -> None
     write_static(root / "v1" / "endpoints.yaml", {T: endpoints(1)})
     os.symlink("v1", root / "..data")
     os.symlink("..data/endpoints.yaml", root / "endpoints.yaml")
-    server = LookasideServer(ServerConfig(listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
-                                          source=StaticFileConfig(root / "endpoints.yaml", poll_interval=60)))
+    server = LookasideServer(
+        ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+            source=StaticFileConfig(root / "endpoints.yaml", poll_interval=60),
+        )
+    )
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:

@@ -31,34 +31,39 @@ default/greet:
   - {ip: 10.0.0.3, port: 50051, ready: false}
 """
     got = parse_static(text)
-    assert got == {TARGET: (
-        BackendEndpoint("10.0.0.1", 50051, "grpc", "z1", ("z1",)),
-        BackendEndpoint("fd00::1", 50051, ready=False, serving=True, terminating=True),
-        BackendEndpoint("10.0.0.3", 50051, ready=False, serving=False),
-    )}
+    assert got == {
+        TARGET: (
+            BackendEndpoint("10.0.0.1", 50051, "grpc", "z1", ("z1",)),
+            BackendEndpoint("fd00::1", 50051, ready=False, serving=True, terminating=True),
+            BackendEndpoint("10.0.0.3", 50051, ready=False, serving=False),
+        )
+    }
     assert parse_static('{"a/b": []}') == {Target("b", "a"): ()}
 
 
-@pytest.mark.parametrize(("text", "why"), [
-    ("default/greet: [", "YAML"),
-    ("", "empty"),
-    ("- a", "mapping"),
-    ("greet: []", "namespace/service"),
-    ("Default/greet: []", "namespace"),
-    ("default/Greet: []", "service"),
-    ("default/greet: {ip: 1.2.3.4}", "list"),
-    ("default/greet: [{ip: 1.2.3.256, port: 80}]", "1.2.3.256"),
-    ("default/greet: [{ip: 10.0.0.1, port: 0}]", "port"),
-    ("default/greet: [{ip: 10.0.0.1, port: 65536}]", "port"),
-    ("default/greet: [{ip: 10.0.0.1, port: '80'}]", "port"),
-    ("default/greet: [{ip: 10.0.0.1, port: true}]", "port"),
-    ("default/greet: [{port: 80}]", "ip"),
-    ("default/greet: [{ip: 10.0.0.1, port: 80, ready: 'yes'}]", "ready"),
-    ("default/greet: [{ip: 10.0.0.1, port: 80, port_name: GRPC}]", "port_name"),
-    ("default/greet: [{ip: 10.0.0.1, port: 80, port_name: '80'}]", "port_name"),
-    ("default/greet: [{ip: 10.0.0.1, port: 80, colour: red}]", "colour"),
-    ("default/greet: [{ip: 10.0.0.1, port: 80, terminating: true}]", "terminating"),
-])
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("default/greet: [", "YAML"),
+        ("", "empty"),
+        ("- a", "mapping"),
+        ("greet: []", "namespace/service"),
+        ("Default/greet: []", "namespace"),
+        ("default/Greet: []", "service"),
+        ("default/greet: {ip: 1.2.3.4}", "list"),
+        ("default/greet: [{ip: 1.2.3.256, port: 80}]", "1.2.3.256"),
+        ("default/greet: [{ip: 10.0.0.1, port: 0}]", "port"),
+        ("default/greet: [{ip: 10.0.0.1, port: 65536}]", "port"),
+        ("default/greet: [{ip: 10.0.0.1, port: '80'}]", "port"),
+        ("default/greet: [{ip: 10.0.0.1, port: true}]", "port"),
+        ("default/greet: [{port: 80}]", "ip"),
+        ("default/greet: [{ip: 10.0.0.1, port: 80, ready: 'yes'}]", "ready"),
+        ("default/greet: [{ip: 10.0.0.1, port: 80, port_name: GRPC}]", "port_name"),
+        ("default/greet: [{ip: 10.0.0.1, port: 80, port_name: '80'}]", "port_name"),
+        ("default/greet: [{ip: 10.0.0.1, port: 80, colour: red}]", "colour"),
+        ("default/greet: [{ip: 10.0.0.1, port: 80, terminating: true}]", "terminating"),
+    ],
+)
 def test_parse_rejects(text: str, why: str) -> None:
     with pytest.raises(StaticFileError, match=why):
         parse_static(text)
@@ -108,8 +113,9 @@ async def test_broken_edit_keeps_last_good_set(tmp_path: Path, caplog: pytest.Lo
             # deterministic: run one check ourselves (the poller may also have run one already)
             assert not await s.source.check_now()
             assert "10.0.0.300" in caplog.text and "keeping the last good set" in caplog.text
-        resp = await s.stub.Resolve(pb.Request(router=pb.ROUNDROBIN, service="greet", namespace="default",
-                                               count=2))
+        resp = await s.stub.Resolve(
+            pb.Request(router=pb.ROUNDROBIN, service="greet", namespace="default", count=2)
+        )
         assert ports(resp) == [50051, 50052] and resp.version == 1
         # a missing file is tolerated as well
         os.remove(s.path)

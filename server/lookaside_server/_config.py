@@ -83,8 +83,9 @@ class SecurityConfig:
 
     def __post_init__(self) -> None:
         if self.access.client_identities is not None and (self.tls is None or not self.tls.mutual):
-            raise ValueError("--allow-client-identity needs mutual TLS (--tls-cert, --tls-key and "
-                             "--tls-client-ca)")
+            raise ValueError(
+                "--allow-client-identity needs mutual TLS (--tls-cert, --tls-key and --tls-client-ca)"
+            )
 
 
 @dataclass(frozen=True)

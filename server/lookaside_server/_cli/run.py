@@ -48,8 +48,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     except Exception as e:  # noqa: BLE001 - no usable Kubernetes configuration (ConfigException, OSError)
-        parser.error("no endpoint source configured: pass --static-file (LB_STATIC_FILE), or run in a pod "
-                     f"or pass --kubeconfig for the Kubernetes source (Kubernetes configuration: {e})")
+        parser.error(
+            "no endpoint source configured: pass --static-file (LB_STATIC_FILE), or run in a pod "
+            f"or pass --kubeconfig for the Kubernetes source (Kubernetes configuration: {e})"
+        )
     try:
         asyncio.run(serve(config))
     except TlsError as e:

@@ -90,10 +90,13 @@ def peer_identities(context: grpc.aio.ServicerContext) -> list[str]:
 class AccessPolicy:
     """The namespace allow-list, per-namespace service rules and the client identity rule."""
 
-    def __init__(self, allow_namespaces: Iterable[str] | None = None,
-                 allow_services: Mapping[str, Iterable[str]] | None = None,
-                 client_identities: Iterable[str] | None = None,
-                 on_deny: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        allow_namespaces: Iterable[str] | None = None,
+        allow_services: Mapping[str, Iterable[str]] | None = None,
+        client_identities: Iterable[str] | None = None,
+        on_deny: Callable[[str], None] | None = None,
+    ) -> None:
         #: None = every namespace.
         self.allow_namespaces = frozenset(allow_namespaces) if allow_namespaces is not None else None
         self.allow_services = {ns: frozenset(s) for ns, s in (allow_services or {}).items()}
@@ -103,8 +106,11 @@ class AccessPolicy:
         self.on_deny = on_deny
         if self.allow_namespaces is not None:
             for ns in sorted(set(self.allow_services) - self.allow_namespaces):
-                log.warning("--allow-service rules for namespace %r have no effect: the namespace is not in "
-                            "the namespace allow-list (--allow-namespace)", ns)
+                log.warning(
+                    "--allow-service rules for namespace %r have no effect: the namespace is not in "
+                    "the namespace allow-list (--allow-namespace)",
+                    ns,
+                )
 
     @property
     def checks_identity(self) -> bool:
@@ -127,16 +133,28 @@ class AccessPolicy:
         ns, svc = target.namespace, target.service
         name = f"{ns}/{svc}"
         if self.allow_namespaces is not None and ns not in self.allow_namespaces:
-            return self._denied(Denial(NAMESPACE, (
-                f"target {name!r}: namespace {ns!r} is not served by this lookaside server (allowed: "
-                f"{', '.join(sorted(self.allow_namespaces)) or 'none'}; see --allow-namespace / "
-                "LB_ALLOW_NAMESPACES)")))
+            return self._denied(
+                Denial(
+                    NAMESPACE,
+                    (
+                        f"target {name!r}: namespace {ns!r} is not served by this lookaside server (allowed: "
+                        f"{', '.join(sorted(self.allow_namespaces)) or 'none'}; see --allow-namespace / "
+                        "LB_ALLOW_NAMESPACES)"
+                    ),
+                )
+            )
         services = self.allow_services.get(ns)
         if services is not None and "*" not in services and svc not in services:
-            return self._denied(Denial(SERVICE, (
-                f"target {name!r}: service {svc!r} is not among the services of namespace {ns!r} this "
-                f"lookaside server may resolve (allowed: {', '.join(sorted(services))}; see --allow-service "
-                "/ LB_ALLOW_SERVICES)")))
+            return self._denied(
+                Denial(
+                    SERVICE,
+                    (
+                        f"target {name!r}: service {svc!r} is not among the services of namespace {ns!r} "
+                        f"this lookaside server may resolve (allowed: {', '.join(sorted(services))}; see "
+                        "--allow-service / LB_ALLOW_SERVICES)"
+                    ),
+                )
+            )
         return None
 
     async def check_target(self, context: grpc.aio.ServicerContext, target: Target) -> None:
@@ -162,7 +180,13 @@ class AccessPolicy:
         if self.identity_allowed(identities):
             return None
         shown = ", ".join(identities) if identities else "none (no verified client certificate)"
-        return self._denied(Denial(IDENTITY, (
-            f"client identity {shown} is not allowed to use this lookaside server (allowed: "
-            f"{', '.join(self.client_identities)}; see --allow-client-identity / "
-            "LB_ALLOW_CLIENT_IDENTITIES)")))
+        return self._denied(
+            Denial(
+                IDENTITY,
+                (
+                    f"client identity {shown} is not allowed to use this lookaside server (allowed: "
+                    f"{', '.join(self.client_identities)}; see --allow-client-identity / "
+                    "LB_ALLOW_CLIENT_IDENTITIES)"
+                ),
+            )
+        )

@@ -78,31 +78,40 @@ def check_server_certificate(cert_pem: bytes, where: str, now: datetime.datetime
     if leaf.not_valid_after_utc < now:
         raise TlsRefused(EXPIRED, f"{what} expired on {_when(leaf.not_valid_after_utc)}")
     if leaf.not_valid_before_utc > now:
-        raise TlsRefused(NOT_YET_VALID, f"{what} is not valid before {_when(leaf.not_valid_before_utc)}"
-                                        " (check the clock, or wait)")
+        raise TlsRefused(
+            NOT_YET_VALID,
+            f"{what} is not valid before {_when(leaf.not_valid_before_utc)} (check the clock, or wait)",
+        )
     ext = leaf.extensions
     try:
         if ext.get_extension_for_class(x509.BasicConstraints).value.ca:
-            raise TlsRefused(USAGE, f"{what} is a CA certificate (BasicConstraints CA:TRUE), not a server "
-                                    "certificate")
+            raise TlsRefused(
+                USAGE, f"{what} is a CA certificate (BasicConstraints CA:TRUE), not a server certificate"
+            )
     except x509.ExtensionNotFound:
         pass
     try:
         eku = ext.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         eku = None
-    if eku is not None and not {ExtendedKeyUsageOID.SERVER_AUTH,
-                                ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE} & set(eku):
+    if eku is not None and not {
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
+    } & set(eku):
         names = ", ".join(getattr(oid, "_name", None) or oid.dotted_string for oid in eku) or "none"
-        raise TlsRefused(USAGE, f"{what} is not for TLS servers: its extended key usage is {names}, "
-                                "without serverAuth")
+        raise TlsRefused(
+            USAGE, f"{what} is not for TLS servers: its extended key usage is {names}, without serverAuth"
+        )
     try:
         ku = ext.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         ku = None
     if ku is not None and not (ku.digital_signature or ku.key_encipherment or ku.key_agreement):
-        raise TlsRefused(USAGE, f"{what} is not for TLS servers: its key usage allows neither "
-                                "digitalSignature nor keyEncipherment")
+        raise TlsRefused(
+            USAGE,
+            f"{what} is not for TLS servers: its key usage allows neither "
+            "digitalSignature nor keyEncipherment",
+        )
 
 
 @dataclass(frozen=True)
@@ -139,9 +148,9 @@ def fingerprint(cert_pem: bytes) -> str:
     end = text.find("-----END CERTIFICATE-----", start)
     if start < 0 or end < 0:
         return "not a PEM certificate"
-    der = ssl.PEM_cert_to_DER_cert(text[start:end + len("-----END CERTIFICATE-----")])
+    der = ssl.PEM_cert_to_DER_cert(text[start : end + len("-----END CERTIFICATE-----")])
     digest = hashlib.sha256(der).hexdigest().upper()
-    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 
 def _read(path: str | os.PathLike[str], what: str) -> bytes:
@@ -171,10 +180,15 @@ class CertificateStore:
         self._failed: tuple[bytes, bool] | None = None
         self._material = self._load()
         self._checked = time.monotonic()
-        log.info("TLS: certificate %s (sha256 %s), key %s%s", os.fspath(config.cert_file),
-                 fingerprint(self._material.cert), os.fspath(config.key_file),
-                 f", client certificates required (CA {os.fspath(config.client_ca_file)})"
-                 if config.client_ca_file is not None else ", no client certificates")
+        log.info(
+            "TLS: certificate %s (sha256 %s), key %s%s",
+            os.fspath(config.cert_file),
+            fingerprint(self._material.cert),
+            os.fspath(config.key_file),
+            f", client certificates required (CA {os.fspath(config.client_ca_file)})"
+            if config.client_ca_file is not None
+            else ", no client certificates",
+        )
 
     @property
     def cert_fingerprint(self) -> str:
@@ -200,15 +214,19 @@ class CertificateStore:
         try:
             ctx.load_cert_chain(os.fspath(c.cert_file), os.fspath(c.key_file), password=b"")
         except (ssl.SSLError, OSError) as e:
-            raise TlsError(f"TLS certificate {os.fspath(c.cert_file)} and key {os.fspath(c.key_file)} are "
-                           f"not a usable pair (PEM, unencrypted key matching the certificate): "
-                           f"{getattr(e, 'reason', None) or type(e).__name__}") from None
+            raise TlsError(
+                f"TLS certificate {os.fspath(c.cert_file)} and key {os.fspath(c.key_file)} are "
+                f"not a usable pair (PEM, unencrypted key matching the certificate): "
+                f"{getattr(e, 'reason', None) or type(e).__name__}"
+            ) from None
         if c.client_ca_file is not None:
             try:
                 ctx.load_verify_locations(cafile=os.fspath(c.client_ca_file))
             except (ssl.SSLError, OSError) as e:
-                raise TlsError(f"TLS client CA {os.fspath(c.client_ca_file)} is not a PEM CA bundle: "
-                               f"{getattr(e, 'reason', None) or type(e).__name__}") from None
+                raise TlsError(
+                    f"TLS client CA {os.fspath(c.client_ca_file)} is not a PEM CA bundle: "
+                    f"{getattr(e, 'reason', None) or type(e).__name__}"
+                ) from None
         # The files may have been swapped between our read and the check: only accept a stable set.
         if self._read_all() != first:
             raise _Unstable("the TLS files changed while being read")
@@ -245,8 +263,9 @@ class CertificateStore:
                 if not seen:
                     self.reload_errors += 1
                     self.refusals += 1
-                    log.warning("TLS files changed but the certificate is refused, keeping the current one: "
-                                "%s", e)
+                    log.warning(
+                        "TLS files changed but the certificate is refused, keeping the current one: %s", e
+                    )
                 return None
             except TlsError as e:
                 if digest is not None:
@@ -266,21 +285,27 @@ class CertificateStore:
             old = self._material
             self._material = material
             self.reloads += 1
-        log.info("TLS: reloaded %s: certificate sha256 %s (was %s)", os.fspath(self.config.cert_file),
-                 fingerprint(material.cert), fingerprint(old.cert))
+        log.info(
+            "TLS: reloaded %s: certificate sha256 %s (was %s)",
+            os.fspath(self.config.cert_file),
+            fingerprint(material.cert),
+            fingerprint(old.cert),
+        )
         return material.configuration()
 
 
 def server_credentials(config: TlsConfig) -> tuple[grpc.ServerCredentials, CertificateStore]:
     """Dynamic TLS credentials for ``config`` and the store behind them; raise TlsError if unusable now."""
     store = CertificateStore(config)
-    creds = grpc.dynamic_ssl_server_credentials(store.initial(), store.fetch,
-                                                require_client_authentication=config.mutual)
+    creds = grpc.dynamic_ssl_server_credentials(
+        store.initial(), store.fetch, require_client_authentication=config.mutual
+    )
     return creds, store
 
 
-def tls_config_from(cert: str | None, key: str | None, client_ca: str | None,
-                    check_interval: float = DEFAULT_CHECK_INTERVAL) -> TlsConfig | None:
+def tls_config_from(
+    cert: str | None, key: str | None, client_ca: str | None, check_interval: float = DEFAULT_CHECK_INTERVAL
+) -> TlsConfig | None:
     """The TLS config the flags ask for (None: plaintext); ValueError if they are incomplete."""
     if not cert and not key:
         if client_ca:

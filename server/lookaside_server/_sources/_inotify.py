@@ -35,8 +35,19 @@ _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = 0o2000000
 
 #: What a directory watch asks for: every way a file in it can get new content or disappear.
-DIR_EVENTS = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
-              | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR | IN_EXCL_UNLINK)
+DIR_EVENTS = (
+    IN_MODIFY
+    | IN_ATTRIB
+    | IN_CLOSE_WRITE
+    | IN_MOVED_FROM
+    | IN_MOVED_TO
+    | IN_CREATE
+    | IN_DELETE
+    | IN_DELETE_SELF
+    | IN_MOVE_SELF
+    | IN_ONLYDIR
+    | IN_EXCL_UNLINK
+)
 _HEADER = struct.Struct("iIII")
 
 #: Called on the loop with (directory, name, mask); directory is None for a queue overflow.
@@ -118,7 +129,7 @@ class DirectoryWatcher:
             offset = 0
             while offset + _HEADER.size <= len(data):
                 wd, mask, _cookie, length = _HEADER.unpack_from(data, offset)
-                raw = data[offset + _HEADER.size: offset + _HEADER.size + length]
+                raw = data[offset + _HEADER.size : offset + _HEADER.size + length]
                 offset += _HEADER.size + length
                 name = os.fsdecode(raw.rstrip(b"\0"))
                 if mask & IN_Q_OVERFLOW:

@@ -46,8 +46,9 @@ def parse_static(text: str | bytes) -> Contents:
     if data is None:
         raise StaticFileError("file is empty (write {} for no targets)")
     if not isinstance(data, dict):
-        raise StaticFileError("top level must be a mapping of 'namespace/service' to endpoint lists, "
-                              f"not {type(data).__name__}")
+        raise StaticFileError(
+            f"top level must be a mapping of 'namespace/service' to endpoint lists, not {type(data).__name__}"
+        )
     contents: Contents = {}
     for key, items in data.items():
         target = _parse_target(key)
@@ -91,20 +92,32 @@ def _parse_endpoint(target: Target, index: int, item: object) -> BackendEndpoint
         except InvalidTarget as e:
             raise StaticFileError(f"{where}: port_name: {e}") from None
         if not named:
-            raise StaticFileError(f"{where}: port_name {port_name!r} must contain a letter (digits alone "
-                                  "select a port by number)")
+            raise StaticFileError(
+                f"{where}: port_name {port_name!r} must contain a letter (digits alone "
+                "select a port by number)"
+            )
     zone = _opt_str(item, "zone", where)
     for_zones = item.get("for_zones", [])
     if not isinstance(for_zones, list) or not all(isinstance(z, str) for z in for_zones):
         raise StaticFileError(f"{where}: for_zones must be a list of strings")
-    flags = {name: _opt_bool(item, name, default, where) for name, default in
-             (("ready", True), ("serving", None), ("terminating", False))}
+    flags = {
+        name: _opt_bool(item, name, default, where)
+        for name, default in (("ready", True), ("serving", None), ("terminating", False))
+    }
     ready, terminating = bool(flags["ready"]), bool(flags["terminating"])
     serving = ready if flags["serving"] is None else bool(flags["serving"])
     if ready and terminating:
         raise StaticFileError(f"{where}: an endpoint cannot be both ready and terminating")
-    return BackendEndpoint(ip=ip, port=port, port_name=port_name, zone=zone, for_zones=tuple(for_zones),
-                           ready=ready, serving=serving, terminating=terminating)
+    return BackendEndpoint(
+        ip=ip,
+        port=port,
+        port_name=port_name,
+        zone=zone,
+        for_zones=tuple(for_zones),
+        ready=ready,
+        serving=serving,
+        terminating=terminating,
+    )
 
 
 def _opt_str(item: dict[str, Any], name: str, where: str) -> str:
@@ -134,8 +147,15 @@ class StaticFileSource(EndpointSource):
     supervised and restarted if it ever ends.
     """
 
-    def __init__(self, path: str | os.PathLike[str], poll_interval: float = 1.0,
-                 max_targets: int | None = None, *, notify: bool = True, settle: float = 0.02) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        poll_interval: float = 1.0,
+        max_targets: int | None = None,
+        *,
+        notify: bool = True,
+        settle: float = 0.02,
+    ) -> None:
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
         if max_targets is not None and max_targets < 1:
@@ -176,8 +196,12 @@ class StaticFileSource(EndpointSource):
     @classmethod
     def from_config(cls, config: StaticFileConfig) -> StaticFileSource:
         """The source a :class:`~lookaside_server._config.StaticFileConfig` describes."""
-        return cls(config.path, poll_interval=config.poll_interval, max_targets=config.max_targets,
-                   notify=config.notify)
+        return cls(
+            config.path,
+            poll_interval=config.poll_interval,
+            max_targets=config.max_targets,
+            notify=config.notify,
+        )
 
     @property
     def notifying(self) -> bool:
@@ -201,15 +225,19 @@ class StaticFileSource(EndpointSource):
             except StaticFileError as e:
                 raise StaticFileError(f"static endpoint file {self.path}: {e}") from e
             except Exception as e:  # noqa: BLE001 - e.g. RecursionError from absurd nesting
-                raise StaticFileError(f"static endpoint file {self.path}: cannot be parsed "
-                                      f"({type(e).__name__})") from e
+                raise StaticFileError(
+                    f"static endpoint file {self.path}: cannot be parsed ({type(e).__name__})"
+                ) from e
         except BaseException:
             self._stop_notify()
             raise
         self._seen = hashlib.sha256(data).digest()
-        log.info("static endpoint file %s: %d target(s), changes noticed by %s", self.path,
-                 len(self._contents),
-                 "inotify" if self.notifying else f"polling every {self.poll_interval:g} s")
+        log.info(
+            "static endpoint file %s: %d target(s), changes noticed by %s",
+            self.path,
+            len(self._contents),
+            "inotify" if self.notifying else f"polling every {self.poll_interval:g} s",
+        )
         self._start_reloader()
 
     # --- subscriptions ----------------------------------------------------------------------------------
@@ -260,8 +288,11 @@ class StaticFileSource(EndpointSource):
             return
         exc = None if task.cancelled() else task.exception()
         self.reloader_restarts += 1
-        log.error("static endpoint file %s: reloader ended unexpectedly (%s); restarting it", self.path,
-                  "cancelled" if exc is None else f"{type(exc).__name__}: {exc}")
+        log.error(
+            "static endpoint file %s: reloader ended unexpectedly (%s); restarting it",
+            self.path,
+            "cancelled" if exc is None else f"{type(exc).__name__}: {exc}",
+        )
         self._start_reloader()
 
     async def _run(self) -> None:
@@ -292,8 +323,12 @@ class StaticFileSource(EndpointSource):
         try:
             self._watcher = _inotify.DirectoryWatcher(asyncio.get_running_loop(), self._on_event)
         except OSError as e:
-            log.info("static endpoint file %s: no inotify (%s), polling every %g s", self.path, e,
-                     self.poll_interval)
+            log.info(
+                "static endpoint file %s: no inotify (%s), polling every %g s",
+                self.path,
+                e,
+                self.poll_interval,
+            )
             return
         self._update_watches()
 
@@ -333,11 +368,13 @@ class StaticFileSource(EndpointSource):
         if name == file_name:
             if mask & (_inotify.IN_MODIFY | _inotify.IN_CREATE):
                 self._writing = True
-            elif mask & (_inotify.IN_CLOSE_WRITE | _inotify.IN_MOVED_TO | _inotify.IN_DELETE
-                         | _inotify.IN_MOVED_FROM):
+            elif mask & (
+                _inotify.IN_CLOSE_WRITE | _inotify.IN_MOVED_TO | _inotify.IN_DELETE | _inotify.IN_MOVED_FROM
+            ):
                 self._writing = False
-        elif not (swaps and name.startswith("..")) and not mask & (_inotify.IN_DELETE_SELF
-                                                                   | _inotify.IN_MOVE_SELF):
+        elif not (swaps and name.startswith("..")) and not mask & (
+            _inotify.IN_DELETE_SELF | _inotify.IN_MOVE_SELF
+        ):
             return
         self._wake.set()
 
@@ -380,13 +417,18 @@ class StaticFileSource(EndpointSource):
             contents = await asyncio.to_thread(parse_static, data)
         except StaticFileError as e:
             self.reload_errors += 1
-            log.warning("static endpoint file %s: broken edit ignored, keeping the last good set: %s",
-                        self.path, e)
+            log.warning(
+                "static endpoint file %s: broken edit ignored, keeping the last good set: %s", self.path, e
+            )
             return
         except Exception as e:  # noqa: BLE001 - RecursionError, MemoryError...: never lose the last good set
             self.reload_errors += 1
-            log.warning("static endpoint file %s: cannot be parsed (%s: %s), keeping the last good set",
-                        self.path, type(e).__name__, str(e)[:200])
+            log.warning(
+                "static endpoint file %s: cannot be parsed (%s: %s), keeping the last good set",
+                self.path,
+                type(e).__name__,
+                str(e)[:200],
+            )
             return
         self._apply(contents)
 
@@ -441,9 +483,13 @@ class StaticFileSource(EndpointSource):
                 self._publish(target, new)
         for target in sorted(self._gone & contents.keys(), key=str):  # back in the file
             if self.max_targets is not None and len(self._subscribed) >= self.max_targets:
-                log.warning("static endpoint file %s: %s is back but all %d target slots are taken "
-                            "(--max-targets); it stays unavailable until a slot frees", self.path, target,
-                            self.max_targets)
+                log.warning(
+                    "static endpoint file %s: %s is back but all %d target slots are taken "
+                    "(--max-targets); it stays unavailable until a slot frees",
+                    self.path,
+                    target,
+                    self.max_targets,
+                )
                 continue
             self._gone.discard(target)
             self._subscribed.add(target)
