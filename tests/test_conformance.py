@@ -767,6 +767,23 @@ def runner(world: World) -> Iterator[Runner]:
     r.close_all()
 
 
+def test_the_test_service_proto_holds_only_the_service() -> None:
+    """The structure item 9 is about: test.proto defines no message, only the services, and imports its
+    messages from the two other files."""
+    from lookaside_dev.interop.v1 import test_pb2
+
+    file = test_pb2.DESCRIPTOR
+    assert file.name == "lookaside_dev/interop/v1/test.proto"
+    assert dict(file.message_types_by_name) == {}
+    assert sorted(file.services_by_name) == ["TestService", "UnimplementedService"]
+    assert sorted(d.name for d in file.dependencies) == [
+        "lookaside_dev/interop/v1/empty.proto",
+        "lookaside_dev/interop/v1/messages.proto",
+    ]
+    method = file.services_by_name["TestService"].methods_by_name["UnaryCall"]
+    assert method.input_type.file.name == "lookaside_dev/interop/v1/messages.proto"
+
+
 def test_controls_are_what_the_interop_spec_says(runner: Runner) -> None:
     """The harness itself: the plain channels give the outcomes gRPC's interop test cases require."""
     for control in ("control_sync", "control_aio"):

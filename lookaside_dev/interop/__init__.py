@@ -5,7 +5,8 @@
 gRPC's own ``test.proto`` imports ``messages.proto`` and ``empty.proto``. ``server.InteropBackend`` runs the
 servicer in process on 127.0.0.1, signing every reply with its address.
 
-Regenerate the Python code after editing a .proto, from the repository root::
+Regenerate the Python code after editing a .proto, from the repository root, with the oldest supported
+generator (``.venv-proto``, see ``generate.py``)::
 
-    .venv/bin/python -m lookaside_dev.interop.generate
+    .venv-proto/bin/python -m lookaside_dev.interop.generate
 """

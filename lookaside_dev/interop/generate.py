@@ -1,9 +1,15 @@
 """Regenerate the interop test service's Python code next to its .proto files.
 
-From the repository root: ``.venv/bin/python -m lookaside_dev.interop.generate``. The protos are compiled
-with the repository root as the include path, so their file names are ``lookaside_dev/interop/v1/*.proto``
-(unique in any descriptor pool) and the generated imports are absolute (``from lookaside_dev.interop.v1
-import messages_pb2``) with no rewriting.
+From the repository root, with the OLDEST generator the project supports (``.venv-proto``, made by
+``python3 dev.py proto``; gencode from newer tools refuses to import on older protobuf runtimes)::
+
+    .venv-proto/bin/python -m lookaside_dev.interop.generate
+
+The protos are compiled with the repository root as the include path, so their file names are
+``lookaside_dev/interop/v1/*.proto`` (unique in any descriptor pool) and the generated imports are absolute
+(``from lookaside_dev.interop.v1 import messages_pb2``) with no rewriting. The output is byte-identical to
+``proto/generate.py`` given the group ``Group(".", ("lookaside_dev/interop/v1/empty.proto",
+"lookaside_dev/interop/v1/messages.proto", "lookaside_dev/interop/v1/test.proto"))``.
 """
 
 from __future__ import annotations
