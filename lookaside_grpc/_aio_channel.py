@@ -7,7 +7,7 @@ on hand); otherwise it starts once its awaited pick arrives (``_calls._aio``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar, Unpack
 
 import grpc
@@ -20,7 +20,6 @@ from lookaside_grpc._calls._engine import (
     AioMethods,
     CallArgs,
     Deserializer,
-    Metadata,
     Method,
     Serializer,
     deadline_of,
@@ -52,7 +51,7 @@ class _Multi:
         self,
         request: object,
         timeout: float | None,
-        metadata: Metadata | grpc.aio.Metadata | None,
+        metadata: grpc.aio.Metadata | Sequence[tuple[str, str | bytes]] | None,
         credentials: grpc.CallCredentials | None,
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
@@ -87,7 +86,7 @@ class _UnaryUnary(_Multi, grpc.aio.UnaryUnaryMultiCallable[Req, Resp]):
         request: Req,
         *,
         timeout: float | None = None,
-        metadata: Metadata | grpc.aio.Metadata | None = None,
+        metadata: grpc.aio.Metadata | Sequence[tuple[str, str | bytes]] | None = None,
         credentials: grpc.CallCredentials | None = None,
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
@@ -105,7 +104,7 @@ class _UnaryStream(_Multi, grpc.aio.UnaryStreamMultiCallable[Req, Resp]):
         request: Req,
         *,
         timeout: float | None = None,
-        metadata: Metadata | grpc.aio.Metadata | None = None,
+        metadata: grpc.aio.Metadata | Sequence[tuple[str, str | bytes]] | None = None,
         credentials: grpc.CallCredentials | None = None,
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
@@ -120,9 +119,9 @@ class _StreamUnary(_Multi, grpc.aio.StreamUnaryMultiCallable[Req, Resp]):
 
     def __call__(
         self,
-        request_iterator: AsyncIterable[Req] | None = None,
+        request_iterator: AsyncIterator[Req] | Iterator[Req] | None = None,
         timeout: float | None = None,
-        metadata: Metadata | grpc.aio.Metadata | None = None,
+        metadata: grpc.aio.Metadata | Sequence[tuple[str, str | bytes]] | None = None,
         credentials: grpc.CallCredentials | None = None,
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
@@ -137,9 +136,9 @@ class _StreamStream(_Multi, grpc.aio.StreamStreamMultiCallable[Req, Resp]):
 
     def __call__(
         self,
-        request_iterator: AsyncIterable[Req] | None = None,
+        request_iterator: AsyncIterator[Req] | Iterator[Req] | None = None,
         timeout: float | None = None,
-        metadata: Metadata | grpc.aio.Metadata | None = None,
+        metadata: grpc.aio.Metadata | Sequence[tuple[str, str | bytes]] | None = None,
         credentials: grpc.CallCredentials | None = None,
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,

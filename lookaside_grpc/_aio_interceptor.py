@@ -101,7 +101,9 @@ class _StreamUnary(_Shape, grpc.aio.StreamUnaryClientInterceptor):
         client_call_details: grpc.aio.ClientCallDetails,
         request_iterator: object,
     ) -> object:
-        return await _intercept(self._core, "stream_unary", continuation, client_call_details, request_iterator)
+        return await _intercept(
+            self._core, "stream_unary", continuation, client_call_details, request_iterator
+        )
 
 
 class _StreamStream(_Shape, grpc.aio.StreamStreamClientInterceptor):
@@ -111,7 +113,9 @@ class _StreamStream(_Shape, grpc.aio.StreamStreamClientInterceptor):
         client_call_details: grpc.aio.ClientCallDetails,
         request_iterator: object,
     ) -> object:
-        return await _intercept(self._core, "stream_stream", continuation, client_call_details, request_iterator)
+        return await _intercept(
+            self._core, "stream_stream", continuation, client_call_details, request_iterator
+        )
 
 
 class LookasideInterceptor(_UnaryUnary):
@@ -185,7 +189,9 @@ def interceptors(
 ) -> list[grpc.aio.ClientInterceptor]:
     """The four grpc.aio interceptors (one per call shape) of one :class:`LookasideInterceptor` (to close
     them, keep the interceptor: ``LookasideInterceptor(...).interceptors``)."""
-    return LookasideInterceptor(lookaside, routes, route_wait=route_wait, strict=strict, **options).interceptors
+    return LookasideInterceptor(
+        lookaside, routes, route_wait=route_wait, strict=strict, **options
+    ).interceptors
 
 
 def intercepted_channel(

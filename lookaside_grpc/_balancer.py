@@ -11,7 +11,7 @@ import secrets
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 import grpc.aio
@@ -52,7 +52,9 @@ def _options(opts: Iterable[tuple[str, OptionValue]]) -> list[tuple[str, OptionV
     return list(opts)
 
 
-def open_sync(address: str, credentials: grpc.ChannelCredentials | None, options: Iterable[tuple[str, OptionValue]]) -> grpc.Channel:
+def open_sync(
+    address: str, credentials: grpc.ChannelCredentials | None, options: Iterable[tuple[str, OptionValue]]
+) -> grpc.Channel:
     """A sync channel through ``grpc.insecure_channel``/``secure_channel`` (so instrumentation that wraps
     them, as OpenTelemetry's, sees the backend calls too)."""
     if credentials is None:
@@ -77,7 +79,9 @@ class BalancerBase(Generic[C]):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         mode = settings.mode
-        self.query = Query(settings.target, settings.lookaside, mode.batch if isinstance(mode, PerCall) else 1)
+        self.query = Query(
+            settings.target, settings.lookaside, mode.batch if isinstance(mode, PerCall) else 1
+        )
         self.target = settings.target
         self.policy: RoutingPolicy = resolve_policy(settings.policy)
         self.counters = Counters()
@@ -100,7 +104,7 @@ class BalancerBase(Generic[C]):
         self._last_state: Connectivity | None = None
 
     def _finish_init(self, pool: ChannelPool[C]) -> None:
-        self.pool = pool
+        self.pool: ChannelPool[C] = pool
         self.policy.bind(pool)
         self.ejector = Ejector(
             self.resolver.population, self.resolver.set_ejected, self.counters, on_eject=self._on_eject
@@ -532,7 +536,13 @@ def close_in_loop(balancer: AioBalancer, loop: asyncio.AbstractEventLoop | None)
 _closing: set[asyncio.Task[None]] = set()
 
 
-def finalize_holder(holder: object, lease: Lease[Balancer] | Lease[AioBalancer]) -> weakref.finalize[..., None]:
+class Finalizer(Protocol):
+    """What a holder keeps of its finalizer: ``detach()`` once it closed properly."""
+
+    def detach(self) -> object: ...
+
+
+def finalize_holder(holder: object, lease: Lease[Balancer] | Lease[AioBalancer]) -> Finalizer:
     """Release ``lease`` when ``holder`` is garbage collected without having closed it."""
     if isinstance(lease.balancer, Balancer):
         return weakref.finalize(holder, release_sync, lease, background=True)

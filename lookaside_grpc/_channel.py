@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar, Unpack
+from typing import Generic, TypeVar, Unpack, cast
 
 import grpc
 
-
-from lookaside_grpc import _balancer
+from lookaside_grpc import _balancer, _compat
 from lookaside_grpc._balancer import Balancer, Lease
-from lookaside_grpc._calls import _compat, _sync
+from lookaside_grpc._calls import _sync
 from lookaside_grpc._calls._engine import (
     CallArgs,
     Deserializer,
@@ -65,9 +64,7 @@ class _Multi(Generic[M]):
         self._channel = channel
         self._m = m
 
-    def _later(
-        self, timeout: float | None, wait_for_ready: bool | None, start: Callable[[Endpoint], T]
-    ) -> T | _sync.DeferredCall | FailedCall:
+    def _later(self, timeout: float | None, wait_for_ready: bool | None, start: Callable[[Endpoint], T]) -> T:
         """A non-blocking call: started at once on a local pick, else returned at once as a call that
         starts once its pick arrives (grpc never blocks in ``future()`` or a response stream's call)."""
         ch = self._channel
@@ -78,7 +75,8 @@ class _Multi(Generic[M]):
         if ep is not None:
             return start(ep)
         wait, code = pick_wait(timeout, wait_for_ready, ch._init_timeout)
-        return _sync.DeferredCall(lambda: start(pick_sync(balancer, wait, bool(wait_for_ready), code)))
+        deferred = _sync.DeferredCall(lambda: start(pick_sync(balancer, wait, bool(wait_for_ready), code)))
+        return cast(T, deferred)  # it delegates every call method to the call ``start`` makes
 
     def _pick(self, timeout: float | None, wait_for_ready: bool | None) -> Endpoint:
         ch = self._channel
@@ -92,7 +90,9 @@ class _Multi(Generic[M]):
         return pick_sync(balancer, wait, bool(wait_for_ready), code)
 
 
-class _UnaryUnary(_Multi[_compat.UnaryUnaryMultiCallable[Req, Resp]], _compat.UnaryUnaryMultiCallable[Req, Resp]):
+class _UnaryUnary(
+    _Multi[_compat.UnaryUnaryMultiCallable[Req, Resp]], _compat.UnaryUnaryMultiCallable[Req, Resp]
+):
     __slots__ = ()
 
     def __call__(
@@ -137,7 +137,7 @@ class _UnaryUnary(_Multi[_compat.UnaryUnaryMultiCallable[Req, Resp]], _compat.Un
         credentials: grpc.CallCredentials | None = None,
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
-    ) -> _sync.UnaryUnaryFuture[Req, Resp] | _sync.DeferredCall | FailedCall:
+    ) -> _compat.CallFuture[Resp]:
         deadline = deadline_of(timeout)
         args = CallArgs(metadata, credentials, wait_for_ready, compression)
         m = self._m
@@ -159,7 +159,7 @@ class _UnaryStream(
         credentials: grpc.CallCredentials | None = None,
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
-    ) -> _sync.ResponseStream[Req, Resp] | _sync.DeferredCall | FailedCall:
+    ) -> _compat.CallIterator[Resp]:
         deadline = deadline_of(timeout)
         args = CallArgs(metadata, credentials, wait_for_ready, compression)
         m = self._m
@@ -215,7 +215,7 @@ class _StreamUnary(
         credentials: grpc.CallCredentials | None = None,
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
-    ) -> grpc.Future[Resp] | _sync.DeferredCall | FailedCall:
+    ) -> _compat.CallFuture[Resp]:
         deadline = deadline_of(timeout)
         args = CallArgs(metadata, credentials, wait_for_ready, compression)
         m = self._m
@@ -239,7 +239,7 @@ class _StreamStream(
         credentials: grpc.CallCredentials | None = None,
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
-    ) -> _sync.ResponseStream[Req, Resp] | _sync.DeferredCall | FailedCall:
+    ) -> _compat.CallIterator[Resp]:
         deadline = deadline_of(timeout)
         args = CallArgs(metadata, credentials, wait_for_ready, compression)
         m = self._m

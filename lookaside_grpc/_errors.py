@@ -10,6 +10,8 @@ from typing import Any, NoReturn
 import grpc
 import grpc.aio
 
+from lookaside_grpc import _compat
+
 #: Lookaside statuses that mean the caller asked for something wrong: passed through unchanged.
 CALLER_ERRORS = frozenset(
     {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED}
@@ -39,7 +41,7 @@ def from_lookaside_error(err: grpc.RpcError, target: str, lookaside: str) -> Pic
     )
 
 
-class FailedCall(grpc.RpcError, grpc.Call, grpc.Future):  # type: ignore[misc]
+class FailedCall(grpc.RpcError, _compat.CallFuture[NoReturn], _compat.CallIterator[NoReturn]):
     """A sync call that failed before reaching a backend: raised, or returned as a done future/iterator."""
 
     def __init__(self, error: PickError) -> None:
@@ -72,8 +74,8 @@ class FailedCall(grpc.RpcError, grpc.Call, grpc.Future):  # type: ignore[misc]
     def is_active(self) -> bool:
         return False
 
-    def time_remaining(self) -> float | None:
-        return None
+    def time_remaining(self) -> float:
+        return 0.0
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         return False

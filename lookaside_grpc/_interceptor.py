@@ -15,7 +15,16 @@ import grpc
 
 from lookaside_grpc._balancer import Balancer
 from lookaside_grpc._calls import _sync
-from lookaside_grpc._calls._engine import CallArgs, Method, SyncMethods, deadline_of, pick_sync
+from lookaside_grpc._calls._engine import (
+    CallArgs,
+    Deserializer,
+    Method,
+    Serializer,
+    SyncMethods,
+    deadline_of,
+    pick_sync,
+    with_registered,
+)
 from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._errors import PickError
 from lookaside_grpc._routing import DEFAULT_ROUTE_WAIT, Route, RouterCore, lease_sync, serialize
@@ -24,6 +33,8 @@ from lookaside_grpc._stats import Stats
 from lookaside_grpc._target import Target
 
 M = TypeVar("M")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 _FACTORIES: dict[str, Callable[..., Method[grpc.Channel, object]]] = {
     "unary_unary": SyncMethods.unary_unary,
     "unary_stream": SyncMethods.unary_stream,
@@ -127,7 +138,10 @@ class LookasideInterceptor(
         return route, ep
 
     def intercept_unary_unary(  # type: ignore[override]
-        self, continuation: Callable[..., object], client_call_details: grpc.ClientCallDetails, request: object
+        self,
+        continuation: Callable[..., object],
+        client_call_details: grpc.ClientCallDetails,
+        request: object,
     ) -> object:
         deadline = deadline_of(client_call_details.timeout)
         started = self._start(client_call_details)
@@ -138,7 +152,10 @@ class LookasideInterceptor(
         return _sync.UnaryUnaryFuture(m, ep, request, deadline, _args(client_call_details))  # type: ignore[arg-type]
 
     def intercept_unary_stream(  # type: ignore[override]
-        self, continuation: Callable[..., object], client_call_details: grpc.ClientCallDetails, request: object
+        self,
+        continuation: Callable[..., object],
+        client_call_details: grpc.ClientCallDetails,
+        request: object,
     ) -> object:
         deadline = deadline_of(client_call_details.timeout)
         started = self._start(client_call_details)
@@ -186,17 +203,45 @@ class InterceptedChannel(grpc.Channel):
         self.interceptor = interceptor
         self._channel = grpc.intercept_channel(original, interceptor)
 
-    def unary_unary(self, *args: object, **kwargs: object) -> grpc.UnaryUnaryMultiCallable[object, object]:  # type: ignore[override]
-        return self._channel.unary_unary(*args, **kwargs)  # type: ignore[arg-type]
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Serializer[Req] | None = None,
+        response_deserializer: Deserializer[Resp] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.UnaryUnaryMultiCallable[Req, Resp]:
+        make = with_registered(self._channel.unary_unary, bool(_registered_method))
+        return make(method, request_serializer, response_deserializer)
 
-    def unary_stream(self, *args: object, **kwargs: object) -> grpc.UnaryStreamMultiCallable[object, object]:  # type: ignore[override]
-        return self._channel.unary_stream(*args, **kwargs)  # type: ignore[arg-type]
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Serializer[Req] | None = None,
+        response_deserializer: Deserializer[Resp] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.UnaryStreamMultiCallable[Req, Resp]:
+        make = with_registered(self._channel.unary_stream, bool(_registered_method))
+        return make(method, request_serializer, response_deserializer)
 
-    def stream_unary(self, *args: object, **kwargs: object) -> grpc.StreamUnaryMultiCallable[object, object]:  # type: ignore[override]
-        return self._channel.stream_unary(*args, **kwargs)  # type: ignore[arg-type]
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Serializer[Req] | None = None,
+        response_deserializer: Deserializer[Resp] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.StreamUnaryMultiCallable[Req, Resp]:
+        make = with_registered(self._channel.stream_unary, bool(_registered_method))
+        return make(method, request_serializer, response_deserializer)
 
-    def stream_stream(self, *args: object, **kwargs: object) -> grpc.StreamStreamMultiCallable[object, object]:  # type: ignore[override]
-        return self._channel.stream_stream(*args, **kwargs)  # type: ignore[arg-type]
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Serializer[Req] | None = None,
+        response_deserializer: Deserializer[Resp] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.StreamStreamMultiCallable[Req, Resp]:
+        make = with_registered(self._channel.stream_stream, bool(_registered_method))
+        return make(method, request_serializer, response_deserializer)
 
     def subscribe(
         self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False
@@ -231,7 +276,11 @@ def intercepted_channel(
     keepalive, ...)."""
     creds = options.get("credentials")
     opts = list(options.get("options", ()))
-    original = grpc.secure_channel(address, creds, opts) if creds is not None else grpc.insecure_channel(address, opts)
+    original = (
+        grpc.secure_channel(address, creds, opts)
+        if creds is not None
+        else grpc.insecure_channel(address, opts)
+    )
     try:
         interceptor = LookasideInterceptor(lookaside, routes, route_wait=route_wait, strict=strict, **options)
     except BaseException:

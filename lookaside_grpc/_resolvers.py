@@ -718,7 +718,9 @@ class _PerCallCore:
         eps = self.query.endpoints_from_response(resp)
         if not eps:
             self._set_state(Connectivity.TRANSIENT_FAILURE)
-            raise PickError(grpc.StatusCode.UNAVAILABLE, f"the lookaside returned no endpoint for {self.query}")
+            raise PickError(
+                grpc.StatusCode.UNAVAILABLE, f"the lookaside returned no endpoint for {self.query}"
+            )
         now = time.monotonic()
         self._last_ok = now
         if resp.version != self._known_version or not self.known:
@@ -886,7 +888,9 @@ class AioPerCallResolver(_PerCallCore):
         backoff = Backoff()
         while not self._closed and self._state is not Connectivity.READY:
             try:
-                resp = await self._calls.resolve(self.query.resolve_request(protocol.ROUNDROBIN), timeout=10.0)
+                resp = await self._calls.resolve(
+                    self.query.resolve_request(protocol.ROUNDROBIN), timeout=10.0
+                )
                 self._take(resp, None)
             except (grpc.RpcError, PickError) as e:
                 log.debug("%s: connect Resolve failed: %s", self.query, e)

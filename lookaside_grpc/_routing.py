@@ -118,7 +118,7 @@ class RouterCore(Generic[B]):
         if not route_wait >= 0:
             raise ValueError(f"route_wait must be >= 0, got {route_wait!r}")
         self.route_wait = route_wait
-        self._lease = lease
+        self._lease: Callable[[Settings], Lease[B]] = lease
         self._loop_key = loop_key
         self.counters = Counters()
         #: (loop key, method) -> Route, or the fallback reason (str) for methods that are not routed

@@ -82,8 +82,9 @@ class ClientOptions(TypedDict, total=False):
     """The keyword options shared by ``channel()``, ``aio.channel()`` and both interceptors (declared once).
 
     (Each flavour also takes ``lookaside``: the lookaside address, default ``$LOOKASIDE_ADDR``, else
-    ``127.0.0.1:50055``.) ``mode``: :class:`Watch` (default) or :class:`PerCall`; ``policy``: ``"round_robin"`` (default),
-    ``"random"``, ``"least_request"``, ``"peak_ewma"``, ``"weighted"`` or a :class:`RoutingPolicy`;
+    ``127.0.0.1:50055``.) ``mode``: :class:`Watch` (default) or :class:`PerCall`; ``policy``:
+    ``"round_robin"`` (default), ``"random"``, ``"least_request"``, ``"peak_ewma"``, ``"weighted"`` or a
+    :class:`RoutingPolicy`;
     ``credentials`` / ``options``: of the per-backend channels; ``lookaside_credentials``: of the lookaside
     channel (None = insecure); ``tls_server_name``: the name backends' certificates are verified against
     (default ``<service>.<namespace>.svc``; ``""`` = the pod IP); ``max_staleness``: seconds the last set

@@ -21,7 +21,9 @@ NO_ENDPOINTS = "no_endpoints"  # no endpoint known and the lookaside failed / di
 STALE = "stale"  # the last set is older than ``max_staleness``
 LOCAL_ROTATION = "local_rotation"  # per_call: Resolve failed, picked from the last known set instead
 THROTTLED = "throttled"  # per_call: Resolve throttled locally, picked from the last known set instead
-UNRESOLVED_ROUTE = "unresolved_route"  # interceptor: a route names a gRPC service unknown to the descriptor pool
+UNRESOLVED_ROUTE = (
+    "unresolved_route"  # interceptor: a route names a gRPC service unknown to the descriptor pool
+)
 
 
 @dataclass

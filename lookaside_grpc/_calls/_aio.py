@@ -95,7 +95,15 @@ class AioCall(Generic[Req, Resp]):
         if self._callbacks:
             callbacks, self._callbacks = self._callbacks, []
             for cb in callbacks:
-                call.add_done_callback(lambda _c, cb=cb: cb(self))
+                call.add_done_callback(self._relay(cb))
+
+    def _relay(self, callback: DoneCallback) -> DoneCallback:
+        """A done callback of the backend call that calls ``callback`` with this call."""
+
+        def relay(_call: object) -> None:
+            callback(self)
+
+        return relay
 
     async def _started(self) -> grpc.aio.Call:
         """The current backend call, once started (raises the pick's failure, or CancelledError)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -20,12 +20,12 @@ from lookaside_grpc._pool import Slot
 log = logging.getLogger(__name__)
 
 C = TypeVar("C", grpc.Channel, grpc.aio.Channel)
-M = TypeVar("M")
+M = TypeVar("M", covariant=True)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 #: Call metadata as both grpc flavours take it.
-Metadata = Sequence[tuple[str, str | bytes]]
+Metadata = tuple[tuple[str, str | bytes], ...]
 Serializer = Callable[[Req], bytes]
 Deserializer = Callable[[bytes], Resp]
 _now = time.monotonic
@@ -56,8 +56,8 @@ class Bound(Generic[C, M]):
     __slots__ = ("slot", "call")
 
     def __init__(self, slot: Slot[C], call: M) -> None:
-        self.slot = slot
-        self.call = call
+        self.slot: Slot[C] = slot
+        self.call: M = call
 
 
 class Method(Generic[C, M]):
@@ -66,9 +66,9 @@ class Method(Generic[C, M]):
     __slots__ = ("balancer", "name", "_make", "_cache", "_gen", "observe")
 
     def __init__(self, balancer: BalancerBase[C], name: str, make: Callable[[C], M]) -> None:
-        self.balancer = balancer
+        self.balancer: BalancerBase[C] = balancer
         self.name = name
-        self._make = make
+        self._make: Callable[[C], M] = make
         #: address -> bound multicallable; pruned of retired slots when the pool's generation moves
         self._cache: dict[str, Bound[C, M]] = {}
         self._gen = balancer.pool.generation
@@ -126,7 +126,9 @@ class Method(Generic[C, M]):
         if ep is None or (deadline is not None and deadline - _now() <= 0):
             return None
         balancer.counters.retry()
-        log.info("%s: retrying %s on %s after UNAVAILABLE from %s", balancer.target, self.name, ep.address, failed)
+        log.info(
+            "%s: retrying %s on %s after UNAVAILABLE from %s", balancer.target, self.name, ep.address, failed
+        )
         return self.enter(ep.address)
 
 
@@ -164,25 +166,25 @@ class SyncMethods:
     def unary_unary(
         b: Balancer, name: str, ser: Serializer[Req] | None, deser: Deserializer[Resp] | None, reg: bool
     ) -> Method[grpc.Channel, grpc.UnaryUnaryMultiCallable[Req, Resp]]:
-        return Method(b, name, lambda ch: _factory(ch.unary_unary, reg)(name, ser, deser))
+        return Method(b, name, lambda ch: with_registered(ch.unary_unary, reg)(name, ser, deser))
 
     @staticmethod
     def unary_stream(
         b: Balancer, name: str, ser: Serializer[Req] | None, deser: Deserializer[Resp] | None, reg: bool
     ) -> Method[grpc.Channel, grpc.UnaryStreamMultiCallable[Req, Resp]]:
-        return Method(b, name, lambda ch: _factory(ch.unary_stream, reg)(name, ser, deser))
+        return Method(b, name, lambda ch: with_registered(ch.unary_stream, reg)(name, ser, deser))
 
     @staticmethod
     def stream_unary(
         b: Balancer, name: str, ser: Serializer[Req] | None, deser: Deserializer[Resp] | None, reg: bool
     ) -> Method[grpc.Channel, grpc.StreamUnaryMultiCallable[Req, Resp]]:
-        return Method(b, name, lambda ch: _factory(ch.stream_unary, reg)(name, ser, deser))
+        return Method(b, name, lambda ch: with_registered(ch.stream_unary, reg)(name, ser, deser))
 
     @staticmethod
     def stream_stream(
         b: Balancer, name: str, ser: Serializer[Req] | None, deser: Deserializer[Resp] | None, reg: bool
     ) -> Method[grpc.Channel, grpc.StreamStreamMultiCallable[Req, Resp]]:
-        return Method(b, name, lambda ch: _factory(ch.stream_stream, reg)(name, ser, deser))
+        return Method(b, name, lambda ch: with_registered(ch.stream_stream, reg)(name, ser, deser))
 
 
 class AioMethods:
@@ -192,31 +194,31 @@ class AioMethods:
     def unary_unary(
         b: AioBalancer, name: str, ser: Serializer[Req] | None, deser: Deserializer[Resp] | None, reg: bool
     ) -> Method[grpc.aio.Channel, grpc.aio.UnaryUnaryMultiCallable[Req, Resp]]:
-        return Method(b, name, lambda ch: _factory(ch.unary_unary, reg)(name, ser, deser))
+        return Method(b, name, lambda ch: with_registered(ch.unary_unary, reg)(name, ser, deser))
 
     @staticmethod
     def unary_stream(
         b: AioBalancer, name: str, ser: Serializer[Req] | None, deser: Deserializer[Resp] | None, reg: bool
     ) -> Method[grpc.aio.Channel, grpc.aio.UnaryStreamMultiCallable[Req, Resp]]:
-        return Method(b, name, lambda ch: _factory(ch.unary_stream, reg)(name, ser, deser))
+        return Method(b, name, lambda ch: with_registered(ch.unary_stream, reg)(name, ser, deser))
 
     @staticmethod
     def stream_unary(
         b: AioBalancer, name: str, ser: Serializer[Req] | None, deser: Deserializer[Resp] | None, reg: bool
     ) -> Method[grpc.aio.Channel, grpc.aio.StreamUnaryMultiCallable[Req, Resp]]:
-        return Method(b, name, lambda ch: _factory(ch.stream_unary, reg)(name, ser, deser))
+        return Method(b, name, lambda ch: with_registered(ch.stream_unary, reg)(name, ser, deser))
 
     @staticmethod
     def stream_stream(
         b: AioBalancer, name: str, ser: Serializer[Req] | None, deser: Deserializer[Resp] | None, reg: bool
     ) -> Method[grpc.aio.Channel, grpc.aio.StreamStreamMultiCallable[Req, Resp]]:
-        return Method(b, name, lambda ch: _factory(ch.stream_stream, reg)(name, ser, deser))
+        return Method(b, name, lambda ch: with_registered(ch.stream_stream, reg)(name, ser, deser))
 
 
 F = TypeVar("F", bound=Callable[..., object])
 
 
-def _factory(make: F, registered: bool) -> F:
+def with_registered(make: F, registered: bool) -> F:
     """``channel.<shape>`` passing grpc's private ``_registered_method`` flag along when the stub set it
     (registered methods skip a per-call lookup in grpc core); instrumented channels may not take it."""
     if not registered:

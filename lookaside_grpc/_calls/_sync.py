@@ -7,14 +7,13 @@ objects that retry. Backend calls may be plain iterators (instrumented channels)
 from __future__ import annotations
 
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 import grpc
 
-from lookaside_grpc._calls import _compat
+from lookaside_grpc import _compat
 from lookaside_grpc._calls._engine import (
     Bound,
     CallArgs,
@@ -44,7 +43,7 @@ class _Once:
     __slots__ = ("_method", "_slot", "_t0", "_done")
 
     def __init__(self, method: Method[grpc.Channel, M], slot: Slot[grpc.Channel], t0: float) -> None:
-        self._method: Method[grpc.Channel, object] = method  # type: ignore[assignment]
+        self._method: Method[grpc.Channel, object] = method
         self._slot = slot
         self._t0 = t0
         self._done = False
@@ -93,7 +92,7 @@ def unary_unary(
     """Blocking unary-unary ``__call__``."""
 
     def invoke(mc: UU[Req, Resp], timeout: float | None) -> Resp:
-        return mc(request, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)  # type: ignore[arg-type]
+        return mc(request, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)
 
     return _blocking(m, ep, deadline, invoke, retry=True)
 
@@ -104,7 +103,7 @@ def unary_unary_with_call(
     """Blocking unary-unary ``with_call``."""
 
     def invoke(mc: UU[Req, Resp], timeout: float | None) -> tuple[Resp, grpc.Call]:
-        return mc.with_call(request, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)  # type: ignore[arg-type]
+        return mc.with_call(request, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)
 
     return _blocking(m, ep, deadline, invoke, retry=True)
 
@@ -115,7 +114,7 @@ def stream_unary(
     """Blocking stream-unary ``__call__``: never retried (the request iterator is consumed)."""
 
     def invoke(mc: SU[Req, Resp], timeout: float | None) -> Resp:
-        return mc(requests, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)  # type: ignore[arg-type]
+        return mc(requests, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)
 
     return _blocking(m, ep, deadline, invoke, retry=False)
 
@@ -126,7 +125,7 @@ def stream_unary_with_call(
     """Blocking stream-unary ``with_call``."""
 
     def invoke(mc: SU[Req, Resp], timeout: float | None) -> tuple[Resp, grpc.Call]:
-        return mc.with_call(requests, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)  # type: ignore[arg-type]
+        return mc.with_call(requests, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)
 
     return _blocking(m, ep, deadline, invoke, retry=False)
 
@@ -142,13 +141,18 @@ def _track(m: SyncMethod[M], bound: Bound[grpc.Channel, M], call: object, t0: fl
 
 def stream_unary_future(
     m: SyncMethod[SU[Req, Resp]], ep: Endpoint, requests: Iterator[Req], deadline: float | None, a: CallArgs
-) -> grpc.Future[Resp]:
+) -> _compat.CallFuture[Resp]:
     """Stream-unary ``future()``: grpc's own future, uncounted when done (no retry)."""
     bound = m.enter(ep.address)
     t0 = m.clock()
     try:
         fut = bound.call.future(
-            requests, remaining(deadline), a.metadata, a.credentials, a.wait_for_ready, a.compression  # type: ignore[arg-type]
+            requests,
+            remaining(deadline),
+            a.metadata,
+            a.credentials,
+            a.wait_for_ready,
+            a.compression,
         )
     except BaseException:
         m.finished(bound.slot, t0)
@@ -160,7 +164,7 @@ def stream_unary_future(
     return fut
 
 
-class UnaryUnaryFuture(grpc.Call, _compat.Future[Resp], Generic[Req, Resp]):
+class UnaryUnaryFuture(_compat.CallFuture[Resp], Generic[Req, Resp]):
     """A unary-unary call as ``future()`` returns it (Call + Future), retried once on another endpoint when
     it fails with UNAVAILABLE before any response byte."""
 
@@ -184,7 +188,12 @@ class UnaryUnaryFuture(grpc.Call, _compat.Future[Resp], Generic[Req, Resp]):
         a = self._args
         try:
             self._inner: grpc.Future[Resp] = bound.call.future(
-                self._request, remaining(self._deadline), a.metadata, a.credentials, a.wait_for_ready, a.compression  # type: ignore[arg-type]
+                self._request,
+                remaining(self._deadline),
+                a.metadata,
+                a.credentials,
+                a.wait_for_ready,
+                a.compression,
             )
         except BaseException:
             self._m.finished(bound.slot, self._t0)
@@ -280,7 +289,7 @@ class UnaryUnaryFuture(grpc.Call, _compat.Future[Resp], Generic[Req, Resp]):
         return True
 
 
-class ResponseStream(grpc.Call, _compat.Future[Resp], Iterator[Resp], Generic[Req, Resp]):
+class ResponseStream(_compat.CallFuture[Resp], _compat.CallIterator[Resp], Generic[Req, Resp]):
     """A response-streaming call (iterator + Call + Future). A unary-request call is retried once on another
     endpoint when it fails with UNAVAILABLE before the first response message (``retry`` set). The backend
     call may be grpc's own or a plain iterator (an instrumented channel's): this object works for both and
@@ -311,7 +320,12 @@ class ResponseStream(grpc.Call, _compat.Future[Resp], Iterator[Resp], Generic[Re
         a = self._args
         try:
             self._inner: Iterator[Resp] = bound.call(
-                self._request, remaining(self._deadline), a.metadata, a.credentials, a.wait_for_ready, a.compression
+                self._request,
+                remaining(self._deadline),
+                a.metadata,
+                a.credentials,
+                a.wait_for_ready,
+                a.compression,
             )
         except BaseException:
             self._m.finished(bound.slot, t0)
@@ -370,7 +384,7 @@ class ResponseStream(grpc.Call, _compat.Future[Resp], Iterator[Resp], Generic[Re
         call = self._grpc_call()
         if call is not None:
             return call.trailing_metadata()
-        return tuple(self._error.trailing_metadata() or ()) if isinstance(self._error, grpc.Call) else ()  # type: ignore[arg-type]
+        return tuple(self._error.trailing_metadata() or ()) if isinstance(self._error, grpc.Call) else ()
 
     def code(self) -> grpc.StatusCode:
         call = self._grpc_call()
@@ -453,19 +467,17 @@ def unary_stream(
     m: SyncMethod[US[Req, Resp]], ep: Endpoint, request: Req, deadline: float | None, a: CallArgs
 ) -> ResponseStream[Req, Resp]:
     """Unary-stream call, retried before its first response message."""
-    return ResponseStream(m, ep, request, deadline, a, retry=True)  # type: ignore[arg-type]
+    return ResponseStream(m, ep, request, deadline, a, retry=True)
 
 
 def stream_stream(
     m: SyncMethod[SS[Req, Resp]], ep: Endpoint, requests: Iterator[Req], deadline: float | None, a: CallArgs
 ) -> ResponseStream[Req, Resp]:
     """Stream-stream call: never retried (the request iterator is consumed)."""
-    return ResponseStream(m, ep, requests, deadline, a, retry=False)  # type: ignore[arg-type]
+    return ResponseStream(m, ep, requests, deadline, a, retry=False)
 
 
-
-
-class DeferredCall(grpc.Call, _compat.Future[object], Iterator[object]):
+class DeferredCall(_compat.CallFuture[object], _compat.CallIterator[object]):
     """A non-blocking call (``future()`` or a response stream) whose pick must wait (cold start): it is
     returned at once, as grpc returns its calls, while a thread waits for the pick and starts the real call;
     every method waits for that call (a failed pick becomes a failed call) and delegates to it."""
