@@ -1,8 +1,11 @@
-"""The `lookaside` operator CLI against a real lookaside server: resolve, watch, status, exit codes."""
+"""The `lookaside` operator CLI against a real lookaside server: resolve, watch, status, exit codes; it needs
+only the client package, and `lookaside-server` without the server extra says what to install."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import pathlib
 import socket
 import subprocess
@@ -13,16 +16,7 @@ import pytest
 
 from lookaside_dev.backends import Backend
 from lookaside_dev.static_files import write_addresses
-from lookaside_server import (
-    AccessConfig,
-    ListenConfig,
-    RunningServer,
-    SecurityConfig,
-    ServerConfig,
-    StaticFileConfig,
-    run_in_thread,
-)
-from lookaside_server.cli import (
+from lookaside_grpc._cli import (
     EXIT_DEADLINE,
     EXIT_INVALID_ARGUMENT,
     EXIT_NOT_FOUND,
@@ -32,14 +26,43 @@ from lookaside_server.cli import (
     EXIT_USAGE,
     parse_target,
 )
+from lookaside_grpc.protocol import Target
+from lookaside_server import (
+    AccessConfig,
+    ListenConfig,
+    RunningServer,
+    SecurityConfig,
+    ServerConfig,
+    StaticFileConfig,
+    run_in_thread,
+)
 
-TARGET = "default/greet"
+TARGET = "default/greet"  # the static file's key
+CLI = [sys.executable, "-m", "lookaside_grpc"]
+#: The server's third-party dependencies (the `server` extra), made unimportable to run client-only code.
+SERVER_EXTRA_MODULES = (
+    "aiohttp",
+    "envoy",
+    "google.rpc",
+    "grpc_health",
+    "grpc_reflection",
+    "grpc_status",
+    "kubernetes",
+    "prometheus_client",
+    "yaml",
+)
+
+
+def without_server_extra(code: str, *also: str) -> list[str]:
+    """``python -c code`` in a process where importing any server dependency (and ``also``) fails, as after a
+    client-only ``pip install lookaside-grpc`` (``sys.modules[name] = None`` makes ``import name`` raise)."""
+    blocked = (*SERVER_EXTRA_MODULES, *also)
+    block = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
+    return [sys.executable, "-c", block + code]
 
 
 def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lookaside_server.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def free_port() -> int:
@@ -69,10 +92,17 @@ def server(
         yield s, group
 
 
-def test_parse_target() -> None:
-    assert parse_target("greet.default") == parse_target("greet.default.svc.cluster.local")
-    assert parse_target("default/greet") == parse_target("greet.default.svc")
-    assert (parse_target("greet.prod").service, parse_target("greet.prod").namespace) == ("greet", "prod")
+def test_parse_target_is_the_one_target_grammar() -> None:
+    assert (
+        parse_target("greet.default")
+        == parse_target("greet.default.svc.cluster.local")
+        == Target("greet", "default")
+    )
+    assert parse_target("greet.default.svc:050051") == Target("greet", "default", 50051)
+    assert parse_target("greet.prod:grpc") == Target.parse("greet.prod:grpc")
+    for bad in ("default/greet", "greet", "greet.default:", "Greet.default"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_target(bad)
 
 
 def test_resolve_human_and_json(server: tuple[RunningServer, list]) -> None:
@@ -89,17 +119,21 @@ def test_resolve_human_and_json(server: tuple[RunningServer, list]) -> None:
     )
     assert proc.returncode == EXIT_OK, proc.stderr
     data = json.loads(proc.stdout)
-    assert data["target"] == TARGET and data["router"] == "random" and data["version"] == 1
+    assert data["target"] == "greet.default:grpc" and data["router"] == "random" and data["version"] == 1
     assert f"{data['address']}:{data['port']}" in {b.address for b in group}
     assert [e["port_name"] for e in data["endpoints"]] == ["grpc"]
+    # the port as part of the target, as everywhere else
+    proc = cli("--json", "resolve", "greet.default.svc:grpc", "--server", s.address)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert json.loads(proc.stdout)["target"] == "greet.default:grpc"
 
 
 @pytest.mark.parametrize(
     ("args", "code", "hint"),
     [
         (["resolve", "nope.default"], EXIT_NOT_FOUND, "check the Service name and namespace"),
-        (["resolve", "Greet.default"], EXIT_INVALID_ARGUMENT, "fix the service"),
         (["resolve", "greet.default", "--port", "http"], EXIT_INVALID_ARGUMENT, "fix the port"),
+        (["resolve", "greet.default:http"], EXIT_INVALID_ARGUMENT, "fix the port"),
         (["watch", "greet.nope", "--timeout", "10"], EXIT_NOT_FOUND, "kubectl get service greet -n nope"),
         (["status", "other.default"], EXIT_NOT_FOUND, "not tracked"),
     ],
@@ -122,15 +156,22 @@ def test_unreachable_server() -> None:
 def test_env_server_and_usage_errors(server: tuple[RunningServer, list]) -> None:
     s, _ = server
     env_proc = subprocess.run(
-        [sys.executable, "-m", "lookaside_server.cli", "resolve", "greet.default"],
+        [*CLI, "resolve", "greet.default"],
         capture_output=True,
         text=True,
         timeout=30,
-        env={**__import__("os").environ, "LOOKASIDE_ADDR": s.address},
+        env={**os.environ, "LOOKASIDE_ADDR": s.address},
     )
     assert env_proc.returncode == EXIT_OK, env_proc.stderr
     assert cli("resolve", "greet").returncode == EXIT_USAGE  # no namespace
+    assert cli("resolve", "default/greet").returncode == EXIT_USAGE  # one grammar: service.namespace
+    bad_name = cli("resolve", "Greet.default")  # checked before asking the server
+    assert bad_name.returncode == EXIT_USAGE and "RFC 1035" in bad_name.stderr
     assert cli("resolve", "greet.default", "--count", "0").returncode == EXIT_USAGE
+    two_ports = cli("resolve", "greet.default:grpc", "--port", "http", "--server", s.address)
+    assert two_ports.returncode == EXIT_USAGE and "give one" in two_ports.stderr
+    assert cli("resolve", "greet.default:grpc", "--port", "grpc", "--server", s.address).returncode == EXIT_OK
+    assert cli("status", "greet.default:grpc").returncode == EXIT_USAGE
     assert cli("frobnicate").returncode == EXIT_USAGE
     helptext = cli("--help").stdout
     assert "exit codes:" in helptext and "NOT_FOUND" in helptext and "LOOKASIDE_ADDR" in helptext
@@ -142,9 +183,7 @@ def test_watch_prints_changes_json(
     s, group = server
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "lookaside_server.cli",
+            *CLI,
             "watch",
             "greet.default",
             "--server",
@@ -235,3 +274,41 @@ def test_permission_denied_names_the_server_flag(static_file: pathlib.Path) -> N
         assert proc.returncode == EXIT_PERMISSION_DENIED, proc.stderr
         assert "--allow-namespace" in proc.stderr
         assert cli("status", "greet.other", "--server", s.address).returncode == EXIT_PERMISSION_DENIED
+
+
+def test_cli_needs_only_the_client(server: tuple[RunningServer, list]) -> None:
+    """After a client-only install (no yaml, kubernetes, prometheus, grpc-status, lookaside_server) the CLI
+    still works: it is a client of the wire protocol."""
+    s, group = server
+    code = f"from lookaside_grpc._cli import main; main(['--server', {s.address!r}, '--json', "
+    for args in ("'resolve', 'greet.default'", "'status'"):
+        proc = subprocess.run(
+            without_server_extra(code + args + "])", "lookaside_server"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode == EXIT_OK, proc.stderr
+        assert json.loads(proc.stdout)
+    version = subprocess.run([*CLI, "--version"], capture_output=True, text=True, timeout=30)
+    assert version.returncode == 0 and version.stdout.startswith("lookaside ")
+
+
+def test_lookaside_server_without_the_server_extra_says_what_to_install() -> None:
+    proc = subprocess.run(
+        without_server_extra("from lookaside_grpc._server_entry import main; main(['--help'])"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "pip install 'lookaside-grpc[server]'" in proc.stderr
+    # with the extra it is the server's own command line
+    proc = subprocess.run(
+        [sys.executable, "-c", "from lookaside_grpc._server_entry import main; main(['--help'])"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0 and "usage: lookaside-server" in proc.stdout

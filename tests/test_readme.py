@@ -21,13 +21,13 @@ README = ROOT / "README.md"
 # Program (as written in the README) -> how to run it here.
 PROGRAMS: dict[str, list[str]] = {
     "lookaside-server": [sys.executable, "-m", "lookaside_server"],
-    "lookaside": [sys.executable, "-m", "lookaside_server.cli"],
+    "lookaside": [sys.executable, "-m", "lookaside_grpc"],
     "lookaside-demo": [sys.executable, "-m", "examples.demo"],
     "lookaside-gateway": [sys.executable, "-m", "examples.gateway"],
 }
 MODULES = {
     "lookaside_server": "lookaside_server",
-    "lookaside_server.cli": "lookaside_server.cli",
+    "lookaside_grpc": "lookaside_grpc",
     "examples.greet.server": "examples.greet.server",
     "examples.greet.client": "examples.greet.client",
     "examples.gateway": "examples.gateway",
@@ -71,7 +71,7 @@ def check(command: str) -> None:
         words = words[1:]
     program, args = words[0], words[1:]
     if program == "python3" and args[:1] == ["dev.py"]:
-        assert args[1] in {"demo", "test", "proto", "bench"}, command
+        assert args[1] in {"demo", "test", "test-floor", "lint", "proto", "bench"}, command
         if args[1] == "bench":
             check_flags([sys.executable, "-m", "benchmarks", "run"], args[2:])
     elif program in ("python", "python3") and args[:1] == ["-m"]:

@@ -37,6 +37,7 @@ from lookaside_dev.certs import (
 from lookaside_dev.server_helpers import endpoints
 from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
+from lookaside_grpc._cli import run as cli_run
 from lookaside_server import (
     AccessConfig,
     ListenConfig,
@@ -58,7 +59,6 @@ from lookaside_server._security.tls import (
     tls_config_from,
 )
 from lookaside_server._web.logging import JsonFormatter, make_handler
-from lookaside_server.cli import run as cli_run
 
 T = "default/greet"
 RESOLVE = pb.Request(router=pb.ROUNDROBIN, service="greet", namespace="default")

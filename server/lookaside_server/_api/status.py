@@ -1,12 +1,11 @@
 """The status view of a running lookaside server: :func:`collect` gathers it (on the server's event loop);
-the Status RPC (``LookasideServicer.Status``) and ``/status.json`` (:func:`to_dict`) render it; the HTML page
-lives in ``_web/status_page.py``.
+the Status RPC (``LookasideServicer.Status``) and ``/status.json`` (:func:`to_dict`, through the client's
+:func:`~lookaside_grpc.protocol.status_to_dict`) render it; the HTML page lives in ``_web/status_page.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import time
 from collections.abc import Mapping
@@ -155,58 +154,12 @@ def from_proto(resp: pb2.StatusResponse) -> StatusView:
 
 # --- JSON ----------------------------------------------------------------------------------------------
 
-
-def iso(ts: float) -> str:
-    return (
-        datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    )
+#: ``2026-12-02T04:05:06Z``, and ``42 s ago``: the formatting the CLI uses too.
+iso = pb2.iso_time
+ago = pb2.ago
 
 
 def to_dict(view: StatusView) -> dict[str, Any]:
-    """The JSON form (``/status.json`` and ``lookaside status --json``)."""
-    return {
-        "server_version": view.server_version,
-        "source": view.source,
-        "generated_at": view.generated_at,
-        "targets": [
-            {
-                "target": t.name,
-                "service": t.service,
-                "namespace": t.namespace,
-                "exists": t.exists,
-                "version": t.version,
-                "endpoints_total": len(t.endpoints),
-                "endpoints_ready": t.ready,
-                "changed_at": t.changed_at,
-                "changed_at_iso": iso(t.changed_at),
-                "watchers": t.watchers,
-                "source": dict(t.source),
-                "endpoints": [
-                    {
-                        "ip": e.ip,
-                        "port": e.port,
-                        "port_name": e.port_name,
-                        "zone": e.zone,
-                        "for_zones": list(e.for_zones),
-                        "ready": e.ready,
-                        "serving": e.serving,
-                        "terminating": e.terminating,
-                    }
-                    for e in t.endpoints
-                ],
-            }
-            for t in view.targets
-        ],
-    }
-
-
-# --- HTML ----------------------------------------------------------------------------------------------
-
-
-def ago(seconds: float) -> str:
-    """``42 s ago``, ``3 min ago``, ``2 h ago``, ``5 d ago``."""
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)} {unit} ago"
-    return f"{int(seconds)} s ago"
+    """The JSON form (``/status.json``): the Status RPC's answer through the one JSON view
+    :func:`lookaside_grpc.protocol.status_to_dict`, which ``lookaside status --json`` prints as well."""
+    return pb2.status_to_dict(to_proto(view))
