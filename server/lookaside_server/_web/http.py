@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,15 @@ HTTP_LIMITS = (HTTP_MAX_CONNECTIONS, HTTP_HEADER_TIMEOUT)
 #: the static file, inotify, /proc reads of the process collector, logs): below this headroom under the
 #: open-file limit the connection cap is reported as too high at start.
 FD_HEADROOM = 128
-_BACKLOG = 128
+#: Pending connections the kernel queues before accept (no file descriptor until accepted; capped by
+#: net.core.somaxconn): large, so a burst is taken (and closed at the cap) at once instead of trickling in
+#: with SYN-ACK retransmissions. The event loop still accepts at most _ACCEPT_BATCH per turn, reading the
+#: accepted ones in between.
+_BACKLOG = 1024
+_ACCEPT_BATCH = 100
+#: A connection is evicted at the cap only after this long without a request in progress: one that was
+#: just accepted (its request may be waiting unread in the socket) is never pushed out by the same burst.
+MIN_EVICT_AGE = 0.1
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,8 @@ class _Board:
         """Room for ``conn``: evict the oldest not-busy connection at the cap; False if all are busy."""
         if len(self.open) >= self.limits.max_connections:
             self.hit(HTTP_MAX_CONNECTIONS)
-            if not self.evictable:
+            oldest = next(iter(self.evictable), None)
+            if oldest is None or oldest.idle_for() < MIN_EVICT_AGE:
                 self.refused += 1
                 return False
             victim, _ = self.evictable.popitem(last=False)
@@ -143,6 +153,7 @@ class _Connection(RequestHandler):  # type: ignore[misc]
         self._lb_timer: asyncio.TimerHandle | None = None
         self._lb_admitted = False
         self._lb_transport: asyncio.BaseTransport | None = None
+        self._lb_since = 0.0
 
     # --- the protocol -----------------------------------------------------------------------------------
 
@@ -167,6 +178,15 @@ class _Connection(RequestHandler):  # type: ignore[misc]
             self._lb_admitted = False
             super().connection_lost(exc)
 
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        """aiohttp's report of a failed request: a malformed one (the client's fault, answered 400) is
+        logged at DEBUG, so garbage on the port cannot flood the log; anything else stays an error."""
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            log.debug("http: bad request: %s", exc)
+            return
+        log.error(*args, **kwargs)
+
     # --- states -----------------------------------------------------------------------------------------
 
     def request_started(self) -> None:
@@ -176,6 +196,10 @@ class _Connection(RequestHandler):  # type: ignore[misc]
     def request_done(self) -> None:
         """The handler is done (its response is being written): idle timer, evictable again."""
         self._enter(_WAITING)
+
+    def idle_for(self) -> float:
+        """Seconds since the connection last became evictable (accepted, or its last request done)."""
+        return asyncio.get_running_loop().time() - self._lb_since
 
     def drop(self) -> None:
         """Close at once (evicted, or its time is up)."""
@@ -193,6 +217,7 @@ class _Connection(RequestHandler):  # type: ignore[misc]
         if state == _BUSY:
             self._lb_board.evictable.pop(self, None)
             return
+        self._lb_since = loop.time()
         self._lb_board.evictable[self] = None
         self._lb_board.evictable.move_to_end(self)
         if state == _HEADERS:
@@ -314,7 +339,10 @@ class HttpServer:
             lingering_time=0.0,
         )
         try:
-            self._server = await asyncio.get_running_loop().create_server(self._aio, sock=sock)
+            self._server = await asyncio.get_running_loop().create_server(
+                self._aio, sock=sock, backlog=_ACCEPT_BATCH
+            )
+            sock.listen(_BACKLOG)  # create_server set the kernel's queue to the accept batch
         except BaseException:
             sock.close()
             raise
