@@ -857,6 +857,16 @@ def test_08_round_robin_starts_at_a_random_position_per_channel(greet: World, fl
     assert all(60 <= spread[a] <= 140 for a in greet.addresses), spread
 
 
+async def test_08_aio_round_robin_starts_at_a_random_position_per_channel(greet: World) -> None:
+    spread: Counter[str] = Counter()
+    for _ in range(FRESH_CHANNELS):
+        async with aio_flavour("aio_watch", greet.lookaside.address) as ch:
+            spread[(await greet.acall(ch)).served_by] += 1
+    assert sum(spread.values()) == FRESH_CHANNELS
+    assert set(spread) <= set(greet.addresses), spread
+    assert all(60 <= spread[a] <= 140 for a in greet.addresses), spread
+
+
 # ======================================== 9. service-only .proto
 
 
@@ -996,14 +1006,14 @@ STALENESS = 1.0
 KEEPALIVE = 0.25
 
 
-@pytest.mark.parametrize("flavour", ["sync_watch", "sync_interceptor"])
+@pytest.mark.parametrize("flavour", ["sync_watch", "sync_per_call", "sync_interceptor"])
 def test_11_silent_lookaside_is_detected_and_max_staleness_holds(greet: World, flavour: str) -> None:
     """The lookaside goes silent with its connection left open (a frozen proxy: a stopped process or a
     partition). Calls keep working from the last set for about max_staleness, then the factory fails them
     UNAVAILABLE and the interceptor uses its original channel; when the lookaside answers again the client
     reconnects and balances again. A healthy but quiet lookaside (no endpoint change for longer than
     max_staleness) is not taken for a silent one."""
-    stale_code = UNAVAILABLE if flavour == "sync_watch" else OK
+    stale_code = OK if flavour == "sync_interceptor" else UNAVAILABLE
 
     def stale(r: Result) -> bool:
         return r.code is stale_code and r.served_by not in greet.addresses
