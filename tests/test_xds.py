@@ -7,6 +7,7 @@ import asyncio
 import json
 import pathlib
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
@@ -25,6 +26,7 @@ from lookaside_dev.static_files import write_addresses
 from lookaside_server import (
     AccessConfig,
     BackendEndpoint,
+    HttpConfig,
     ListenConfig,
     RunningServer,
     SecurityConfig,
@@ -423,3 +425,104 @@ async def test_source_errors_do_not_end_the_stream(server: Callable[..., Running
     lds = await client.subscribe(LISTENER, [NAME, "flaky.default"])
     assert list(names_of(lds, listener_pb2.Listener)) == [NAME]
     assert failures
+
+
+# --- spellings, sharing, limits and rejects ---------------------------------------------------------------
+
+def cache_of(srv: RunningServer) -> dict[str, object]:
+    async def get() -> dict[str, object]:
+        xds = srv.server.xds  # type: ignore[attr-defined]
+        return {"entries": len(xds.cache), "builds": dict(xds.cache.builds), "rejects": dict(xds.rejects)}
+    return asyncio.run_coroutine_threadsafe(get(), srv._loop).result(5)
+
+
+def listener_clusters(response: discovery_pb2.DiscoveryResponse) -> dict[str, str]:
+    return {name: unpack_hcm(lis).route_config.virtual_hosts[0].routes[0].route.cluster  # type: ignore[arg-type]
+            for name, lis in names_of(response, listener_pb2.Listener).items()}
+
+
+async def test_every_spelling_gets_its_listener_and_shares_the_canonical_resources(
+    server: Callable[..., RunningServer], ads: Callable[..., RawAds], static_file: pathlib.Path,
+) -> None:
+    srv = server()
+    canonical = "greet.default:8080"
+    spellings = [canonical, "greet.default.svc:08080", "greet.default.svc.cluster.local:8080"]
+    clients = [ads(srv.address, node=f"n{i}") for i in range(2)]
+    for client in clients:
+        lds = await client.subscribe(LISTENER, spellings)
+        # the Listener under each name the client dialled, each routing to the one canonical cluster
+        assert listener_clusters(lds) == dict.fromkeys(spellings, canonical)
+        cds = await client.subscribe(CLUSTER, [canonical])
+        assert list(names_of(cds, cluster_pb2.Cluster)) == [canonical]
+        # the server names EDS canonically: another spelling gets nothing (and is counted)
+        eds = await client.subscribe(ENDPOINTS, [canonical, "greet.default.svc:8080"])
+        assert list(names_of(eds, endpoint_pb2.ClusterLoadAssignment)) == [canonical]
+        assert eds_addresses(eds, canonical) == {A, B}
+    state = cache_of(srv)
+    # one canonical entry, each resource encoded once for both streams
+    assert state["entries"] == 1 and state["builds"] == {CLUSTER: 1, ENDPOINTS: 1}, state
+    assert state["rejects"] == {"unknown_name": 2}, state
+    write_addresses(static_file, {"default/greet": [A, B, C]})
+    for client in clients:
+        update = await client.recv()
+        assert update.type_url == ENDPOINTS and eds_addresses(update, canonical) == {A, B, C}
+    assert cache_of(srv)["builds"] == {CLUSTER: 1, ENDPOINTS: 2}
+    for client in clients:
+        await client.close()
+    deadline = time.monotonic() + 10
+    while cache_of(srv)["entries"] and time.monotonic() < deadline:  # released with the last stream
+        await asyncio.sleep(0.02)
+    assert cache_of(srv)["entries"] == 0
+
+
+async def test_more_names_than_the_limit_end_the_stream(server: Callable[..., RunningServer],
+                                                        ads: Callable[..., RawAds]) -> None:
+    srv = server(xds=XdsConfig(options=XdsOptions(max_names=3)))
+    client = ads(srv.address)
+    await client.subscribe(LISTENER, [NAME, "greet.default.svc"])
+    client.send(CLUSTER, [NAME, "greet.default:80", "echo.default"])  # 4 distinct names on the stream
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await client.recv()
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--xds-max-names" in (e.value.details() or "") and "at most 3" in (e.value.details() or "")
+    assert cache_of(srv)["rejects"] == {"too_many_names": 1}
+
+
+async def test_undecodable_request_ends_the_stream_invalid_argument(server: Callable[..., RunningServer]
+                                                                    ) -> None:
+    srv = server()
+    async with grpc.aio.insecure_channel(srv.address) as channel:
+        method = channel.stream_stream(
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources")
+        call = method(iter([b"\xff\xff\xff"]), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in call:
+                pass
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "DiscoveryRequest" in (e.value.details() or "")
+
+
+async def test_rejects_are_counted_in_metrics_and_logged_rate_limited(
+    server: Callable[..., RunningServer], ads: Callable[..., RawAds], caplog: pytest.LogCaptureFixture,
+) -> None:
+    srv = server(http=HttpConfig(port=0, host="127.0.0.1"))
+    client = ads(srv.address)
+    await client.subscribe(ENDPOINTS, [NAME])
+    for i in range(20):
+        client.send("type.googleapis.com/no.Such", [NAME])
+        client.send(ENDPOINTS, [NAME], nonce=str(i), error=f"bad {i}")
+    client.send(LISTENER, [NAME])
+    await client.recv()  # answered after the 40 rejected requests: they were all handled
+    assert cache_of(srv)["rejects"] == {"unknown_type": 20, "nack": 20}
+
+    def scrape() -> str:
+        port = srv.server.http_port  # type: ignore[attr-defined]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            return resp.read().decode()
+
+    text = await asyncio.to_thread(scrape)
+    assert 'lookaside_xds_rejects_total{reason="unknown_type"} 20.0' in text
+    assert 'lookaside_xds_rejects_total{reason="nack"} 20.0' in text
+    logged = [r.getMessage() for r in caplog.records if r.name == "lookaside_server._xds.stream"]
+    assert sum("unsupported type" in m for m in logged) == 5  # 5 per client IP and reason per 30 s
+    assert sum("rejected EDS" in m for m in logged) == 5

@@ -185,7 +185,11 @@ def test_stock_xds_channel_with_port_in_name(
     by_name = xds_client("xds:///greet.default:admin", server.address)
     by_number = xds_client(f"xds:///greet.default:{a.port}", server.address)
     default = xds_client("xds:///greet.default", server.address)
-    for client, want in ((by_name, b), (by_number, a), (default, a)):
+    # other spellings of the same Service ports: the Listener carries the dialled name, the cluster behind it
+    # the canonical one (greet.default:admin, greet.default:<port>)
+    alias_name = xds_client("xds:///greet.default.svc:admin", server.address)
+    alias_number = xds_client(f"xds:///greet.default.svc.cluster.local:0{a.port}", server.address)
+    for client, want in ((by_name, b), (by_number, a), (default, a), (alias_name, b), (alias_number, a)):
         counts, failures, errors = client.call(20)
         assert failures == 0, errors
         assert set(counts) == {want.address}
