@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import json
 import logging
@@ -55,18 +56,21 @@ def allow(**access: Any) -> SecurityConfig:
 
 
 @asynccontextmanager
-async def served(tmp_path: Path, data: Any = None, **config: Any
-                 ) -> AsyncIterator[tuple[LookasideServer, grpc.aio.Channel]]:
+async def served(
+    tmp_path: Path, data: Any = None, **config: Any
+) -> AsyncIterator[tuple[LookasideServer, grpc.aio.Channel]]:
     path = tmp_path / "endpoints.json"
     write_static(path, data or {T: endpoints(2, ready=True), "default/echo": endpoints(1, 50061)})
     if config.pop("described", False):
         config["source"] = DescribedSource(path, poll_interval=0.05)
-    server = LookasideServer(ServerConfig(
-        listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
-        source=config.pop("source", StaticFileConfig(str(path))),
-        http=HttpConfig(port=0, host="127.0.0.1"),
-        **config,
-    ))
+    server = LookasideServer(
+        ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+            source=config.pop("source", StaticFileConfig(str(path))),
+            http=HttpConfig(port=0, host="127.0.0.1"),
+            **config,
+        )
+    )
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -78,20 +82,26 @@ async def served(tmp_path: Path, data: Any = None, **config: Any
 
 async def scrape(server: LookasideServer) -> tuple[str, Samples]:
     """GET /metrics (from a thread: the scrape reads the registry on the server's loop)."""
+
     def get() -> tuple[str, str]:
         with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10) as resp:
             return resp.headers["Content-Type"], resp.read().decode()
 
     content_type, text = await asyncio.to_thread(get)
     assert content_type.startswith("text/plain; version=0.0.4")
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
     return text, samples
 
 
 def rpc(method: str, code: str) -> tuple[str, tuple[tuple[str, str], ...]]:
-    return ("lookaside_rpcs_total", (("grpc_code", code), ("grpc_method", method),
-                                     ("grpc_service", "lookaside.Lookaside")))
+    return (
+        "lookaside_rpcs_total",
+        (("grpc_code", code), ("grpc_method", method), ("grpc_service", "lookaside.Lookaside")),
+    )
 
 
 async def test_metrics_after_some_calls(tmp_path: Path) -> None:
@@ -110,8 +120,10 @@ async def test_metrics_after_some_calls(tmp_path: Path) -> None:
         assert samples[rpc("Resolve", "OK")] == 3
         assert samples[rpc("Resolve", "NOT_FOUND")] == 1
         assert samples[rpc("Resolve", "INVALID_ARGUMENT")] == 1
-        hist = ("lookaside_rpc_duration_seconds_count", (("grpc_method", "Resolve"),
-                                                        ("grpc_service", "lookaside.Lookaside")))
+        hist = (
+            "lookaside_rpc_duration_seconds_count",
+            (("grpc_method", "Resolve"), ("grpc_service", "lookaside.Lookaside")),
+        )
         assert samples[hist] == 5
         assert 0 < samples[(hist[0].replace("_count", "_sum"), hist[1])] < 5
         assert samples[("lookaside_streams", (("kind", "watch"),))] == 1
@@ -123,8 +135,13 @@ async def test_metrics_after_some_calls(tmp_path: Path) -> None:
         assert samples[("lookaside_target_version", (("target", "echo.default"),))] == 1
         assert samples[("lookaside_kubernetes_watch_restarts_total", (("target", "greet.default"),))] == 3
         assert samples[("lookaside_kubernetes_watch_errors_total", (("target", "echo.default"),))] == 2
-        for name in ("lookaside_access_denied_total", "lookaside_limit_hits_total", "python_info",
-                     "process_cpu_seconds_total", "python_gc_objects_collected_total"):
+        for name in (
+            "lookaside_access_denied_total",
+            "lookaside_limit_hits_total",
+            "python_info",
+            "process_cpu_seconds_total",
+            "python_gc_objects_collected_total",
+        ):
             assert name in text
 
         # The Watch ends: its stream and watcher series drop back; then the target is forgotten.
@@ -141,6 +158,34 @@ async def test_metrics_after_some_calls(tmp_path: Path) -> None:
         _, samples = await scrape(server)
         assert samples[("lookaside_targets", ())] == 0
         assert not [k for k in samples if k[0] == "lookaside_target_endpoints"]  # series removed
+
+
+async def test_metrics_exposition_negotiated_and_compressed(tmp_path: Path) -> None:
+    """prometheus-client's own exposition: OpenMetrics by Accept, gzip by Accept-Encoding, name[] filters."""
+    async with served(tmp_path) as (server, channel):
+        await pb.LookasideStub(channel).Resolve(GREET, timeout=5)
+
+        def get(path: str, **headers: str) -> tuple[dict[str, str], bytes]:
+            req = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", headers=headers)
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return dict(resp.headers), resp.read()
+
+        headers, body = await asyncio.to_thread(
+            get, "/metrics", Accept="application/openmetrics-text; version=1.0.0; charset=utf-8"
+        )
+        assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+        assert body.endswith(b"# EOF\n") and b"lookaside_rpcs_total" in body
+        headers, body = await asyncio.to_thread(get, "/metrics", **{"Accept-Encoding": "gzip"})
+        assert headers["Content-Encoding"] == "gzip" and "Accept-Encoding" in headers["Vary"]
+        text = gzip.decompress(body).decode()
+        assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert 'lookaside_limit_hits_total{limit="http_max_connections"} 0.0' in text
+        assert 'lookaside_limit_hits_total{limit="http_header_timeout"} 0.0' in text
+        assert "lookaside_http_connections 1.0" in text  # this scrape's own connection
+        _, body = await asyncio.to_thread(get, "/metrics?name[]=lookaside_targets")
+        assert [line for line in body.decode().splitlines() if not line.startswith("#")] == [
+            "lookaside_targets 1.0"
+        ]
 
 
 async def test_two_servers_in_one_process_have_their_own_metrics(tmp_path: Path) -> None:
@@ -174,8 +219,9 @@ async def test_json_logs_carry_target_and_peer(tmp_path: Path) -> None:
     try:
         async with served(tmp_path, security=allow(namespaces=frozenset({"default"}))) as (_server, channel):
             with pytest.raises(grpc.aio.AioRpcError):
-                await pb.LookasideStub(channel).Resolve(pb.Request(service="api", namespace="team-a"),
-                                                        timeout=5)
+                await pb.LookasideStub(channel).Resolve(
+                    pb.Request(service="api", namespace="team-a"), timeout=5
+                )
             await pb.LookasideStub(channel).Resolve(GREET, timeout=5)
     finally:
         root.removeHandler(handler)
@@ -196,9 +242,24 @@ def test_cli_log_format_json(tmp_path: Path) -> None:
     path = tmp_path / "e.json"
     write_static(path, {T: endpoints(1)})
     env = {**os.environ, "LB_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lookaside_server", "--host", "127.0.0.1", "--port", "0",
-                             "--http-port", "-1", "--static-file", str(path)],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lookaside_server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--http-port",
+            "-1",
+            "--static-file",
+            str(path),
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         lines = []

@@ -9,6 +9,7 @@ import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from email.message import Message
 
 import grpc
 import pytest
@@ -47,14 +48,20 @@ class DescribedSource(StaticFileSource):
         return {"last_error": "<img src=x onerror=alert(1)>", "restarts": 2}
 
 
-def get(url: str, method: str = "GET") -> tuple[int, str, str]:
-    """Status, content type and body of a request (also for error statuses)."""
+def fetch(url: str, method: str = "GET") -> tuple[int, Message, str]:
+    """Status, headers and body of a request (also for error statuses)."""
     req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, resp.headers["Content-Type"], resp.read().decode()
+            return resp.status, resp.headers, resp.read().decode()
     except urllib.error.HTTPError as e:
-        return e.code, e.headers["Content-Type"], e.read().decode()
+        return e.code, e.headers, e.read().decode()
+
+
+def get(url: str, method: str = "GET") -> tuple[int, str, str]:
+    """Status, content type and body of a request (also for error statuses)."""
+    status, headers, body = fetch(url, method)
+    return status, headers["Content-Type"], body
 
 
 def base_url(s: RunningServer) -> str:
@@ -113,8 +120,16 @@ def test_routes_and_json(
     assert json.loads(body)["targets"] == []
     assert get(url + "/nope")[0] == 404
     assert get(url + "/", method="POST")[0] == 405
-    status, ctype, body = get(url + "/")
-    assert status == 200 and ctype.startswith("text/html") and "No targets tracked yet" in body
+    status, headers, body = fetch(url + "/")
+    assert (
+        status == 200 and headers["Content-Type"].startswith("text/html") and "No targets tracked yet" in body
+    )
+    # The page's security headers: nothing but inline style may load; no sniffing, framing or caching.
+    assert headers["Content-Security-Policy"] == "default-src 'none'; style-src 'unsafe-inline'"
+    assert headers["X-Content-Type-Options"] == "nosniff" and headers["X-Frame-Options"] == "DENY"
+    assert headers["Cache-Control"] == "no-store" and headers["Server"] == "lookaside"
+    status, headers, body = fetch(url + "/healthz", method="HEAD")
+    assert (status, body, headers["Content-Length"]) == (200, "", "3")
 
     with grpc.insecure_channel(s.address) as ch:
         stub = pb.LookasideStub(ch)
@@ -156,6 +171,21 @@ def test_html_escapes_everything(start: Callable[..., RunningServer], static_fil
     data = json.loads(get(base_url(s) + "/status.json")[2])
     assert data["targets"][0]["endpoints"][0]["zone"] == HOSTILE  # JSON keeps the raw value
     assert data["targets"][0]["source"] == {"last_error": "<img src=x onerror=alert(1)>", "restarts": "2"}
+
+
+def test_large_page_rendered_off_the_loop(
+    start: Callable[..., RunningServer], static_file: pathlib.Path
+) -> None:
+    """Above RENDER_INLINE_MAX endpoints the page is rendered in a worker thread from the loop's snapshot."""
+    eps = [{"ip": f"10.1.{i // 250}.{i % 250 + 1}", "port": 50051, "zone": HOSTILE} for i in range(600)]
+    static_file.write_text(json.dumps({TARGET: eps}))
+    s = start()
+    with grpc.insecure_channel(s.address) as ch:
+        pb.LookasideStub(ch).Resolve(pb.Request(service="greet", namespace="default"), timeout=10)
+    status, _, page = get(base_url(s) + "/")
+    assert status == 200 and page.count("<tr><td><code>10.1.") == 600 and "<script>" not in page
+    data = json.loads(get(base_url(s) + "/status.json")[2])
+    assert data["targets"][0]["endpoints_total"] == 600
 
 
 def _browser(tmp_path: pathlib.Path):  # type: ignore[no-untyped-def]

@@ -107,7 +107,8 @@ class _RegistryCollector(Collector):
         self.tls = tls
 
     def describe(self) -> list[Metric]:
-        return []  # never collect at registration
+        """The families without samples (so ``name[]`` filters find them), without reading anything."""
+        return list(self._families([]))
 
     def _rows(self) -> list[_TargetRow]:
         rows = []
@@ -131,8 +132,9 @@ class _RegistryCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         rows = _SNAPSHOT.get()
-        if rows is None:
-            rows = self._rows()
+        return self._families(self._rows() if rows is None else rows)
+
+    def _families(self, rows: list[_TargetRow]) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "lookaside_targets", "Targets tracked (subscribed in the source).", value=len(rows)
         )
