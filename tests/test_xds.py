@@ -55,6 +55,7 @@ A, B, C = "10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"
 
 # --- names and resources ---------------------------------------------------------------------------------
 
+
 def unpack_hcm(lis: listener_pb2.Listener) -> hcm_pb2.HttpConnectionManager:
     hcm = hcm_pb2.HttpConnectionManager()
     assert lis.api_listener.api_listener.Unpack(hcm)
@@ -111,8 +112,11 @@ def test_cluster_is_eds_over_ads_round_robin_with_outlier_detection() -> None:
 
 
 def test_load_assignment_has_one_weighted_locality_per_endpoint() -> None:
-    eps = (BackendEndpoint("10.0.0.1", 8080, zone="a"), BackendEndpoint("10.0.0.2", 8080, zone="a"),
-           BackendEndpoint("fd00::3", 9090))
+    eps = (
+        BackendEndpoint("10.0.0.1", 8080, zone="a"),
+        BackendEndpoint("10.0.0.2", 8080, zone="a"),
+        BackendEndpoint("fd00::3", 9090),
+    )
     cla = load_assignment(NAME, eps, XdsOptions())
     assert cla.cluster_name == NAME
     assert len(cla.endpoints) == 3
@@ -129,6 +133,7 @@ def test_load_assignment_has_one_weighted_locality_per_endpoint() -> None:
 
 # --- the ADS protocol against the real server -------------------------------------------------------------
 
+
 class RawAds:
     """A raw ADS stream (grpc.aio) for protocol tests."""
 
@@ -138,16 +143,26 @@ class RawAds:
         self._queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
         self._first = True
         self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel).StreamAggregatedResources(
-            self._requests())
+            self._requests()
+        )
 
     async def _requests(self) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
         while (request := await self._queue.get()) is not None:
             yield request
 
-    def send(self, type_url: str, names: list[str], *, ack: discovery_pb2.DiscoveryResponse | None = None,
-             nonce: str = "", version: str = "", error: str | None = None) -> None:
-        request = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names,
-                                                 version_info=version, response_nonce=nonce)
+    def send(
+        self,
+        type_url: str,
+        names: list[str],
+        *,
+        ack: discovery_pb2.DiscoveryResponse | None = None,
+        nonce: str = "",
+        version: str = "",
+        error: str | None = None,
+    ) -> None:
+        request = discovery_pb2.DiscoveryRequest(
+            type_url=type_url, resource_names=names, version_info=version, response_nonce=nonce
+        )
         if ack is not None:
             request.version_info, request.response_nonce = ack.version_info, ack.nonce
         if error is not None:
@@ -189,8 +204,11 @@ def names_of(response: discovery_pb2.DiscoveryResponse, cls: type) -> dict[str, 
 def eds_addresses(response: discovery_pb2.DiscoveryResponse, name: str = NAME) -> set[str]:
     cla = names_of(response, endpoint_pb2.ClusterLoadAssignment)[name]
     assert isinstance(cla, endpoint_pb2.ClusterLoadAssignment)
-    return {f"{lb.endpoint.address.socket_address.address}:{lb.endpoint.address.socket_address.port_value}"
-            for lle in cla.endpoints for lb in lle.lb_endpoints}
+    return {
+        f"{lb.endpoint.address.socket_address.address}:{lb.endpoint.address.socket_address.port_value}"
+        for lle in cla.endpoints
+        for lb in lle.lb_endpoints
+    }
 
 
 @pytest.fixture
@@ -205,11 +223,13 @@ def server(static_file: pathlib.Path) -> Iterator[Callable[..., RunningServer]]:
     running: list[RunningServer] = []
 
     def start(**config: object) -> RunningServer:
-        srv = run_in_thread(ServerConfig(
-            listen=ListenConfig(host="127.0.0.1", port=0, grace=5.0),
-            source=StaticFileConfig(static_file, poll_interval=0.02),
-            **config,
-        ))  # type: ignore[arg-type]
+        srv = run_in_thread(
+            ServerConfig(
+                listen=ListenConfig(host="127.0.0.1", port=0, grace=5.0),
+                source=StaticFileConfig(static_file, poll_interval=0.02),
+                **config,
+            )
+        )  # type: ignore[arg-type]
         running.append(srv)
         return srv
 
@@ -235,12 +255,13 @@ async def ads() -> AsyncIterator[Callable[..., RawAds]]:
 def describe(srv: RunningServer) -> list[dict]:
     async def get() -> list[dict]:
         return srv.server.xds.describe()  # type: ignore[attr-defined]
+
     return asyncio.run_coroutine_threadsafe(get(), srv._loop).result(5)
 
 
-async def test_full_handshake_then_only_changes_are_sent(server: Callable[..., RunningServer],
-                                                         ads: Callable[..., RawAds],
-                                                         static_file: pathlib.Path) -> None:
+async def test_full_handshake_then_only_changes_are_sent(
+    server: Callable[..., RunningServer], ads: Callable[..., RawAds], static_file: pathlib.Path
+) -> None:
     srv = server()
     client = ads(srv.address, node="node-7")
     lds = await client.subscribe(LISTENER, [NAME])
@@ -261,8 +282,16 @@ async def test_full_handshake_then_only_changes_are_sent(server: Callable[..., R
     client.send(ENDPOINTS, [NAME], ack=update)
 
     # endpoints that are not ready are left out
-    static_file.write_text(json.dumps({"default/greet": [
-        {"ip": "10.0.0.1", "port": 8080}, {"ip": "10.0.0.2", "port": 8080, "ready": False}]}))
+    static_file.write_text(
+        json.dumps(
+            {
+                "default/greet": [
+                    {"ip": "10.0.0.1", "port": 8080},
+                    {"ip": "10.0.0.2", "port": 8080, "ready": False},
+                ]
+            }
+        )
+    )
     update = await client.recv()
     assert update.type_url == ENDPOINTS and update.version_info == "3"
     assert eds_addresses(update) == {A}
@@ -273,7 +302,9 @@ async def test_full_handshake_then_only_changes_are_sent(server: Callable[..., R
 
 
 async def test_nack_is_logged_and_not_answered(
-    server: Callable[..., RunningServer], ads: Callable[..., RawAds], static_file: pathlib.Path,
+    server: Callable[..., RunningServer],
+    ads: Callable[..., RawAds],
+    static_file: pathlib.Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     srv = server()
@@ -287,13 +318,16 @@ async def test_nack_is_logged_and_not_answered(
     update = await client.recv()  # not a resend of the NACKed response: the next change
     assert update.type_url == ENDPOINTS and update.version_info == "2"
     assert eds_addresses(update) == {C}
-    assert any(all(word in r.getMessage() for word in ("picky", "rejected EDS", "no thanks"))
-               for r in caplog.records)
+    assert any(
+        all(word in r.getMessage() for word in ("picky", "rejected EDS", "no thanks")) for r in caplog.records
+    )
     assert describe(srv)[0]["nacks"] == 1
 
 
 async def test_state_of_the_world_lists_every_existing_subscribed_name(
-    server: Callable[..., RunningServer], ads: Callable[..., RawAds], static_file: pathlib.Path,
+    server: Callable[..., RunningServer],
+    ads: Callable[..., RawAds],
+    static_file: pathlib.Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     write_addresses(static_file, {"default/greet": [A], "other/echo": [B]})
@@ -315,9 +349,9 @@ async def test_state_of_the_world_lists_every_existing_subscribed_name(
     assert set(names_of(lds, listener_pb2.Listener)) == {NAME, "echo.other"}
 
 
-async def test_unknown_target_is_served_once_it_appears(server: Callable[..., RunningServer],
-                                                        ads: Callable[..., RawAds],
-                                                        static_file: pathlib.Path) -> None:
+async def test_unknown_target_is_served_once_it_appears(
+    server: Callable[..., RunningServer], ads: Callable[..., RawAds], static_file: pathlib.Path
+) -> None:
     srv = server(xds=XdsConfig(options=XdsOptions(retry_interval=0.05)))
     client = ads(srv.address)
     lds = await client.subscribe(LISTENER, ["late.default"])
@@ -327,8 +361,9 @@ async def test_unknown_target_is_served_once_it_appears(server: Callable[..., Ru
     assert list(names_of(lds, listener_pb2.Listener)) == ["late.default"]
 
 
-async def test_rds_mode_serves_route_configurations(server: Callable[..., RunningServer],
-                                                    ads: Callable[..., RawAds]) -> None:
+async def test_rds_mode_serves_route_configurations(
+    server: Callable[..., RunningServer], ads: Callable[..., RawAds]
+) -> None:
     srv = server(xds=XdsConfig(options=XdsOptions(rds=True)))
     client = ads(srv.address)
     lds = await client.subscribe(LISTENER, [NAME])
@@ -338,9 +373,9 @@ async def test_rds_mode_serves_route_configurations(server: Callable[..., Runnin
     assert names_of(rds, route_pb2.RouteConfiguration)[NAME] == route_configuration(NAME)
 
 
-async def test_gone_target_keeps_listener_and_empties_endpoints(server: Callable[..., RunningServer],
-                                                                ads: Callable[..., RawAds],
-                                                                static_file: pathlib.Path) -> None:
+async def test_gone_target_keeps_listener_and_empties_endpoints(
+    server: Callable[..., RunningServer], ads: Callable[..., RawAds], static_file: pathlib.Path
+) -> None:
     write_addresses(static_file, {"default/greet": [A], "other/echo": [B]})
     srv = server()
     client = ads(srv.address)
@@ -358,8 +393,9 @@ async def test_gone_target_keeps_listener_and_empties_endpoints(server: Callable
     assert eds_addresses(update) == {C}
 
 
-async def test_namespace_allow_list_applies(server: Callable[..., RunningServer], ads: Callable[..., RawAds],
-                                            static_file: pathlib.Path) -> None:
+async def test_namespace_allow_list_applies(
+    server: Callable[..., RunningServer], ads: Callable[..., RawAds], static_file: pathlib.Path
+) -> None:
     write_addresses(static_file, {"default/greet": [A], "other/echo": [B]})
     srv = server(security=SecurityConfig(access=AccessConfig(namespaces=frozenset({"other"}))))
     client = ads(srv.address)
@@ -371,14 +407,16 @@ async def test_xds_can_be_turned_off(server: Callable[..., RunningServer]) -> No
     srv = server(xds=XdsConfig(enabled=False))
     async with grpc.aio.insecure_channel(srv.address) as channel:
         method = channel.unary_unary(
-            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources")
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+        )
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await method(b"", timeout=5)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-async def test_stop_ends_ads_streams_promptly(server: Callable[..., RunningServer], ads: Callable[..., RawAds]
-                                              ) -> None:
+async def test_stop_ends_ads_streams_promptly(
+    server: Callable[..., RunningServer], ads: Callable[..., RawAds]
+) -> None:
     srv = server()  # grace 5 s: stop must not wait for it
     client = ads(srv.address)
     await client.subscribe(LISTENER, [NAME, "missing.default"])
@@ -407,8 +445,9 @@ def test_bootstrap_example_is_valid() -> None:
     assert data["node"]["id"]
 
 
-async def test_source_errors_do_not_end_the_stream(server: Callable[..., RunningServer],
-                                                   ads: Callable[..., RawAds]) -> None:
+async def test_source_errors_do_not_end_the_stream(
+    server: Callable[..., RunningServer], ads: Callable[..., RawAds]
+) -> None:
     srv = server(xds=XdsConfig(options=XdsOptions(retry_interval=0.05)))
     source = srv.server.source
     real = source.subscribe
@@ -429,20 +468,26 @@ async def test_source_errors_do_not_end_the_stream(server: Callable[..., Running
 
 # --- spellings, sharing, limits and rejects ---------------------------------------------------------------
 
+
 def cache_of(srv: RunningServer) -> dict[str, object]:
     async def get() -> dict[str, object]:
         xds = srv.server.xds  # type: ignore[attr-defined]
         return {"entries": len(xds.cache), "builds": dict(xds.cache.builds), "rejects": dict(xds.rejects)}
+
     return asyncio.run_coroutine_threadsafe(get(), srv._loop).result(5)
 
 
 def listener_clusters(response: discovery_pb2.DiscoveryResponse) -> dict[str, str]:
-    return {name: unpack_hcm(lis).route_config.virtual_hosts[0].routes[0].route.cluster  # type: ignore[arg-type]
-            for name, lis in names_of(response, listener_pb2.Listener).items()}
+    return {
+        name: unpack_hcm(lis).route_config.virtual_hosts[0].routes[0].route.cluster  # type: ignore[arg-type]
+        for name, lis in names_of(response, listener_pb2.Listener).items()
+    }
 
 
 async def test_every_spelling_gets_its_listener_and_shares_the_canonical_resources(
-    server: Callable[..., RunningServer], ads: Callable[..., RawAds], static_file: pathlib.Path,
+    server: Callable[..., RunningServer],
+    ads: Callable[..., RawAds],
+    static_file: pathlib.Path,
 ) -> None:
     srv = server()
     canonical = "greet.default:8080"
@@ -475,8 +520,9 @@ async def test_every_spelling_gets_its_listener_and_shares_the_canonical_resourc
     assert cache_of(srv)["entries"] == 0
 
 
-async def test_more_names_than_the_limit_end_the_stream(server: Callable[..., RunningServer],
-                                                        ads: Callable[..., RawAds]) -> None:
+async def test_more_names_than_the_limit_end_the_stream(
+    server: Callable[..., RunningServer], ads: Callable[..., RawAds]
+) -> None:
     srv = server(xds=XdsConfig(options=XdsOptions(max_names=3)))
     client = ads(srv.address)
     await client.subscribe(LISTENER, [NAME, "greet.default.svc"])
@@ -488,12 +534,14 @@ async def test_more_names_than_the_limit_end_the_stream(server: Callable[..., Ru
     assert cache_of(srv)["rejects"] == {"too_many_names": 1}
 
 
-async def test_undecodable_request_ends_the_stream_invalid_argument(server: Callable[..., RunningServer]
-                                                                    ) -> None:
+async def test_undecodable_request_ends_the_stream_invalid_argument(
+    server: Callable[..., RunningServer],
+) -> None:
     srv = server()
     async with grpc.aio.insecure_channel(srv.address) as channel:
         method = channel.stream_stream(
-            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources")
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+        )
         call = method(iter([b"\xff\xff\xff"]), timeout=10)
         with pytest.raises(grpc.aio.AioRpcError) as e:
             async for _ in call:
@@ -503,7 +551,9 @@ async def test_undecodable_request_ends_the_stream_invalid_argument(server: Call
 
 
 async def test_rejects_are_counted_in_metrics_and_logged_rate_limited(
-    server: Callable[..., RunningServer], ads: Callable[..., RawAds], caplog: pytest.LogCaptureFixture,
+    server: Callable[..., RunningServer],
+    ads: Callable[..., RawAds],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     srv = server(http=HttpConfig(port=0, host="127.0.0.1"))
     client = ads(srv.address)

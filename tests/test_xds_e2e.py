@@ -35,11 +35,18 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def bootstrap(address: str, node: str = "test-client") -> str:
-    return json.dumps({
-        "xds_servers": [{"server_uri": address, "channel_creds": [{"type": "insecure"}],
-                         "server_features": ["xds_v3"]}],
-        "node": {"id": node, "cluster": "tests", "locality": {"zone": "local"}},
-    })
+    return json.dumps(
+        {
+            "xds_servers": [
+                {
+                    "server_uri": address,
+                    "channel_creds": [{"type": "insecure"}],
+                    "server_features": ["xds_v3"],
+                }
+            ],
+            "node": {"id": node, "cluster": "tests", "locality": {"zone": "local"}},
+        }
+    )
 
 
 class XdsClient:
@@ -48,8 +55,13 @@ class XdsClient:
     def __init__(self, target: str, lookaside: str) -> None:
         env = dict(os.environ, GRPC_XDS_BOOTSTRAP_CONFIG=bootstrap(lookaside), PYTHONPATH=str(REPO))
         env.pop("GRPC_XDS_BOOTSTRAP", None)
-        self.proc = subprocess.Popen([sys.executable, str(CLIENT), target], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(CLIENT), target],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self._lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -92,11 +104,13 @@ def lookaside(static_file: pathlib.Path) -> Iterator[Callable[..., RunningServer
     running: list[RunningServer] = []
 
     def start(port: int = 0, options: XdsOptions | None = None) -> RunningServer:
-        server = run_in_thread(ServerConfig(
-            listen=ListenConfig(host="127.0.0.1", port=port, grace=1.0),
-            source=StaticFileConfig(static_file, poll_interval=0.02),
-            xds=XdsConfig(options=options),
-        ))
+        server = run_in_thread(
+            ServerConfig(
+                listen=ListenConfig(host="127.0.0.1", port=port, grace=1.0),
+                source=StaticFileConfig(static_file, poll_interval=0.02),
+                xds=XdsConfig(options=options),
+            )
+        )
         running.append(server)
         return server
 
@@ -153,8 +167,11 @@ def until_gone(client: XdsClient, backend: str, deadline: float = 20.0) -> None:
 
 @pytest.mark.parametrize("rds", [False, True], ids=["inline-routes", "rds"])
 def test_stock_xds_channel_balances_across_backends(
-    backends: Callable[..., Backend], static_file: pathlib.Path, lookaside: Callable[..., RunningServer],
-    xds_client: Callable[[str, str], XdsClient], rds: bool,
+    backends: Callable[..., Backend],
+    static_file: pathlib.Path,
+    lookaside: Callable[..., RunningServer],
+    xds_client: Callable[[str, str], XdsClient],
+    rds: bool,
 ) -> None:
     group = [backends() for _ in range(3)]
     write_addresses(static_file, {TARGET: [b.address for b in group]})
@@ -172,15 +189,23 @@ def test_stock_xds_channel_balances_across_backends(
 
 
 def test_stock_xds_channel_with_port_in_name(
-    backends: Callable[..., Backend], static_file: pathlib.Path, lookaside: Callable[..., RunningServer],
+    backends: Callable[..., Backend],
+    static_file: pathlib.Path,
+    lookaside: Callable[..., RunningServer],
     xds_client: Callable[[str, str], XdsClient],
 ) -> None:
     a, b = backends(), backends()
     # two ports of one Service: "grpc" on a, "admin" on b (same Pod IP, different ports)
-    static_file.write_text(json.dumps({TARGET: [
-        {"ip": "127.0.0.1", "port": a.port, "port_name": "grpc"},
-        {"ip": "127.0.0.1", "port": b.port, "port_name": "admin"},
-    ]}))
+    static_file.write_text(
+        json.dumps(
+            {
+                TARGET: [
+                    {"ip": "127.0.0.1", "port": a.port, "port_name": "grpc"},
+                    {"ip": "127.0.0.1", "port": b.port, "port_name": "admin"},
+                ]
+            }
+        )
+    )
     server = lookaside()
     by_name = xds_client("xds:///greet.default:admin", server.address)
     by_number = xds_client(f"xds:///greet.default:{a.port}", server.address)
@@ -196,7 +221,9 @@ def test_stock_xds_channel_with_port_in_name(
 
 
 def test_stock_xds_channel_follows_endpoint_changes(
-    backends: Callable[..., Backend], static_file: pathlib.Path, lookaside: Callable[..., RunningServer],
+    backends: Callable[..., Backend],
+    static_file: pathlib.Path,
+    lookaside: Callable[..., RunningServer],
     xds_client: Callable[[str, str], XdsClient],
 ) -> None:
     group = [backends() for _ in range(3)]
@@ -223,13 +250,17 @@ def test_stock_xds_channel_follows_endpoint_changes(
     counts, failures, errors = client.call(100)
     assert failures == 0, errors
     assert set(counts) == {group[1].address, group[2].address}
-    print(f"\nxDS change propagation (static poll 0.02 s), file write -> first call on the new backend: "
-          f"median {statistics.median(delays) * 1000:.0f} ms, max {max(delays) * 1000:.0f} ms "
-          f"({', '.join(f'{d * 1000:.0f}' for d in delays)} ms)")
+    print(
+        f"\nxDS change propagation (static poll 0.02 s), file write -> first call on the new backend: "
+        f"median {statistics.median(delays) * 1000:.0f} ms, max {max(delays) * 1000:.0f} ms "
+        f"({', '.join(f'{d * 1000:.0f}' for d in delays)} ms)"
+    )
 
 
 def test_stock_xds_channel_survives_lookaside_restart(
-    backends: Callable[..., Backend], static_file: pathlib.Path, lookaside: Callable[..., RunningServer],
+    backends: Callable[..., Backend],
+    static_file: pathlib.Path,
+    lookaside: Callable[..., RunningServer],
     xds_client: Callable[[str, str], XdsClient],
 ) -> None:
     group = [backends() for _ in range(3)]
@@ -252,5 +283,7 @@ def test_stock_xds_channel_survives_lookaside_restart(
     delay = until(client, extra.address, changed_at, deadline=40.0)
     write_addresses(static_file, {TARGET: [b.address for b in group]})
     until_gone(client, extra.address)
-    print(f"\nafter a lookaside restart, the change reached the client {delay:.2f} s after the file write "
-          f"({time.time() - restarted_at:.2f} s after the restart, incl. the removal)")
+    print(
+        f"\nafter a lookaside restart, the change reached the client {delay:.2f} s after the file write "
+        f"({time.time() - restarted_at:.2f} s after the restart, incl. the removal)"
+    )

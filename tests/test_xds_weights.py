@@ -37,6 +37,7 @@ EPS = tuple(BackendEndpoint(a.split(":")[0], int(a.split(":")[1])) for a in (A, 
 
 # --- resources --------------------------------------------------------------------------------------------
 
+
 def test_endpoint_weights_follow_the_load_board() -> None:
     opts = XdsOptions()
     assert endpoint_weights(EPS, opts) == [1, 1, 1]  # no load reported: equal
@@ -60,10 +61,14 @@ def test_load_assignment_carries_the_load_weights() -> None:
     cla = load_assignment(NAME, EPS, XdsOptions(), load)
     assert [lle.load_balancing_weight.value for lle in cla.endpoints] == [2, 100, 51]
     assert [lle.lb_endpoints[0].endpoint.address.socket_address.address for lle in cla.endpoints] == [
-        "10.0.0.1", "10.0.0.2", "10.0.0.3"]
+        "10.0.0.1",
+        "10.0.0.2",
+        "10.0.0.3",
+    ]
 
 
 # --- against the real server ------------------------------------------------------------------------------
+
 
 def locality_weights(response: discovery_pb2.DiscoveryResponse, name: str = NAME) -> dict[str, int]:
     cla = names_of(response, endpoint_pb2.ClusterLoadAssignment)[name]
@@ -78,11 +83,22 @@ def locality_weights(response: discovery_pb2.DiscoveryResponse, name: str = NAME
 
 def report(loaded: str, *, client: str = "c1", outstanding: int = 40) -> pb.LoadReport:
     """One client's load report: ``loaded`` is slow with many calls in flight, the others idle and fast."""
-    return pb.LoadReport(service="greet", namespace="default", client_id=client, interval_ms=1000, endpoints=[
-        pb.EndpointLoad(ip=a.split(":")[0], port=int(a.split(":")[1]),
-                        outstanding=outstanding if a == loaded else 0,
-                        latency_ms=50.0 if a == loaded else 1.0, calls=100)
-        for a in (A, B, C)])
+    return pb.LoadReport(
+        service="greet",
+        namespace="default",
+        client_id=client,
+        interval_ms=1000,
+        endpoints=[
+            pb.EndpointLoad(
+                ip=a.split(":")[0],
+                port=int(a.split(":")[1]),
+                outstanding=outstanding if a == loaded else 0,
+                latency_ms=50.0 if a == loaded else 1.0,
+                calls=100,
+            )
+            for a in (A, B, C)
+        ],
+    )
 
 
 @pytest.fixture
@@ -92,11 +108,13 @@ def running(tmp_path: pathlib.Path) -> Iterator[Callable[..., RunningServer]]:
     servers: list[RunningServer] = []
 
     def start(**config: object) -> RunningServer:
-        srv = run_in_thread(ServerConfig(
-            listen=ListenConfig(host="127.0.0.1", port=0, grace=0.1),
-            source=StaticFileConfig(path, poll_interval=0.02),
-            **config,
-        ))  # type: ignore[arg-type]
+        srv = run_in_thread(
+            ServerConfig(
+                listen=ListenConfig(host="127.0.0.1", port=0, grace=0.1),
+                source=StaticFileConfig(path, poll_interval=0.02),
+                **config,
+            )
+        )  # type: ignore[arg-type]
         servers.append(srv)
         return srv
 
@@ -147,8 +165,9 @@ class Responses:
         self.ads.send(ENDPOINTS, [NAME], ack=response)
         return response
 
-    async def until(self, ok: Callable[[dict[str, int]], bool], seconds: float = 5.0
-                    ) -> discovery_pb2.DiscoveryResponse:
+    async def until(
+        self, ok: Callable[[dict[str, int]], bool], seconds: float = 5.0
+    ) -> discovery_pb2.DiscoveryResponse:
         """EDS responses until one's locality weights satisfy ``ok``; fail after ``seconds``."""
         deadline = time.monotonic() + seconds
         while True:
@@ -178,7 +197,8 @@ async def subscribe(ads: RawAds) -> tuple[Responses, discovery_pb2.DiscoveryResp
 
 
 async def test_reported_load_reaches_the_locality_weights(
-    running: Callable[..., RunningServer], clients: Callable[[str], tuple[RawAds, pb.LookasideStub]],
+    running: Callable[..., RunningServer],
+    clients: Callable[[str], tuple[RawAds, pb.LookasideStub]],
 ) -> None:
     srv = running()
     ads, stub = clients(srv.address)
@@ -210,7 +230,8 @@ async def test_reported_load_reaches_the_locality_weights(
 
 
 async def test_weight_pushes_are_rate_limited(
-    running: Callable[..., RunningServer], clients: Callable[[str], tuple[RawAds, pb.LookasideStub]],
+    running: Callable[..., RunningServer],
+    clients: Callable[[str], tuple[RawAds, pb.LookasideStub]],
 ) -> None:
     srv = running()
     ads, stub = clients(srv.address)
@@ -234,7 +255,8 @@ async def test_weight_pushes_are_rate_limited(
 
 
 async def test_load_weights_can_be_turned_off_and_streams_stop_listening(
-    running: Callable[..., RunningServer], clients: Callable[[str], tuple[RawAds, pb.LookasideStub]],
+    running: Callable[..., RunningServer],
+    clients: Callable[[str], tuple[RawAds, pb.LookasideStub]],
 ) -> None:
     srv = running(xds=XdsConfig(options=XdsOptions(load_weights=False)))
     ads, stub = clients(srv.address)
@@ -254,6 +276,7 @@ async def test_load_weights_can_be_turned_off_and_streams_stop_listening(
         async def get() -> int:
             tl = board._targets.get(target)
             return len(tl.listeners) if tl is not None else 0
+
         return asyncio.run_coroutine_threadsafe(get(), srv2._loop).result(5)
 
     assert listeners() == 1
@@ -262,4 +285,3 @@ async def test_load_weights_can_be_turned_off_and_streams_stop_listening(
     while listeners() and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     assert listeners() == 0
-
