@@ -20,7 +20,6 @@ from lookaside_server._config import (
     ListenConfig,
     ServerConfig,
     StaticFileConfig,
-    XdsConfig,
 )
 
 #: The status page's port when --http-port is not given (if it is busy the server runs without the page).
@@ -169,7 +168,12 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     """The :class:`ServerConfig` the parsed flags describe; ValueError for inconsistent flags. Builds the
     Kubernetes source when the flags ask for it (kubernetes ConfigException/OSError without a usable
     Kubernetes configuration)."""
-    from lookaside_server._cli.security_flags import http_limits_config, limits_config, security_config
+    from lookaside_server._cli.security_flags import (
+        http_limits_config,
+        limits_config,
+        security_config,
+        xds_config,
+    )
     from lookaside_server._cli.source_flags import choose_source
 
     chosen = choose_source(args)
@@ -183,5 +187,5 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         limits=limits_config(args),
         http=HttpConfig(port=http.port, host=args.http_host, optional=http.optional,
                         limits=http_limits_config(args)),
-        xds=XdsConfig(enabled=args.xds),
+        xds=xds_config(args),
     )

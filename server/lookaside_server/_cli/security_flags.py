@@ -6,12 +6,13 @@ import argparse
 import os
 
 from lookaside_server._cli.flags import env_argument, integer, number, one_of
-from lookaside_server._config import AccessConfig, SecurityConfig
+from lookaside_server._config import AccessConfig, SecurityConfig, XdsConfig
 from lookaside_server._security.access import parse_identities, parse_service_rules
 from lookaside_server._security.limits import Limits
 from lookaside_server._security.tls import DEFAULT_CHECK_INTERVAL, tls_config_from
 from lookaside_server._web.http import HttpLimits
 from lookaside_server._web.logging import FORMATS
+from lookaside_server._xds import MAX_NAMES as XDS_MAX_NAMES
 
 _D = Limits()
 _H = HttpLimits()
@@ -92,6 +93,12 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
     env_argument(lim, "--max-load-report-endpoints", env="LB_MAX_LOAD_REPORT_ENDPOINTS", type=integer(1),
                  default=_D.max_load_report_endpoints, help="most endpoints one load report may name")
     # --- end of ReportLoad caps ---
+    # --- xDS name cap (issue 12 item 1; _xds XdsOptions.max_names) ---
+    env_argument(lim, "--xds-max-names", env="LB_XDS_MAX_NAMES", type=integer(1), default=XDS_MAX_NAMES,
+                 help="most resource names one xDS (ADS) stream may subscribe to, all types together; more "
+                      "end the stream RESOURCE_EXHAUSTED (a stock gRPC client needs about 4 per target it "
+                      "dials)")
+    # --- end of xDS name cap ---
 
     # --- HTTP listener limits (issue 12 item 5; _web/http.py HttpLimits) ---
     h = p.add_argument_group("HTTP listener (status page, /healthz, /metrics)")
@@ -155,6 +162,17 @@ def limits_config(args: argparse.Namespace) -> Limits:
         max_load_reports_per_target=args.max_load_reports_per_target,
         max_load_report_endpoints=args.max_load_report_endpoints,
     )
+
+
+def xds_config(args: argparse.Namespace) -> XdsConfig:
+    """``--xds`` and ``--xds-max-names`` as an :class:`XdsConfig` (default resources when the cap is)."""
+    if args.xds_max_names == XDS_MAX_NAMES:
+        return XdsConfig(enabled=args.xds)
+    try:
+        from lookaside_server._xds.resources import XdsOptions
+    except ImportError:  # no xds-protos: xDS is off anyway (the server says so at start)
+        return XdsConfig(enabled=args.xds)
+    return XdsConfig(enabled=args.xds, options=XdsOptions(max_names=args.xds_max_names))
 
 
 def http_limits_config(args: argparse.Namespace) -> HttpLimits:
