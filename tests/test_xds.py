@@ -436,6 +436,26 @@ def test_cli_flag_and_env_turn_xds_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert build_parser().parse_args(["--xds"]).xds is True
 
 
+def test_cli_max_names_flag_and_env(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lookaside_server.__main__ import build_parser
+    from lookaside_server._cli.security_flags import xds_config
+
+    monkeypatch.delenv("LB_XDS_MAX_NAMES", raising=False)
+    assert xds_config(build_parser().parse_args([])) == XdsConfig(enabled=True)  # the default: 256
+    config = xds_config(build_parser().parse_args(["--xds-max-names", "1000"]))
+    assert config.options is not None and config.options.max_names == 1000
+    monkeypatch.setenv("LB_XDS_MAX_NAMES", "40")
+    config = xds_config(build_parser().parse_args([]))
+    assert config.options is not None and config.options.max_names == 40
+    for bad in ("0", "abc"):
+        monkeypatch.setenv("LB_XDS_MAX_NAMES", bad)
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([])
+        assert e.value.code == 2 and "LB_XDS_MAX_NAMES" in capsys.readouterr().err
+
+
 def test_bootstrap_example_is_valid() -> None:
     path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "xds" / "bootstrap.json"
     data = json.loads(path.read_text())
