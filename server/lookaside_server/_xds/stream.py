@@ -200,6 +200,13 @@ class _Shared:
     route: bytes | None = None
 
 
+def _older(state: TargetState, than: TargetState | None) -> bool:
+    """Whether ``state`` is an older state of the target than ``than`` (a stream not yet woken for the new
+    one): keep the newer one cached. States are compared as objects (a target the registry forgot and
+    subscribed again starts over at version 1)."""
+    return than is not None and state.version < than.version and state.changed_at <= than.changed_at
+
+
 class ResourceCache:
     """Canonical resources shared by every stream, one entry per (target, port) in use (reference counted),
     each built once per (endpoint version, load weights)."""
@@ -229,7 +236,7 @@ class ResourceCache:
     def endpoints(self, entry: _Shared, state: TargetState) -> Endpoints | None:
         """The eligible endpoints of the entry's port in ``state``; None (and ``entry.problem``) if the target
         is gone or has no such port."""
-        if entry.state is not None and entry.state.version == state.version:
+        if entry.state is state:
             return entry.endpoints
         try:
             if state.endpoints is None:
@@ -238,7 +245,7 @@ class ResourceCache:
             problem = ""
         except (TargetNotFound, UnknownPort) as e:
             result, problem = None, str(e) or f"target {entry.target} not found"
-        if entry.state is None or state.version > entry.state.version:
+        if not _older(state, entry.state):
             entry.state, entry.endpoints, entry.problem = state, result, problem
         return result
 
@@ -246,8 +253,7 @@ class ResourceCache:
         weights = self.load.weights(entry.target.with_port("")) if self.load is not None else None
         if (
             entry.eds is not None
-            and entry.eds_state is not None
-            and entry.eds_state.version == state.version
+            and entry.eds_state is state
             and (entry.weights is weights or (not entry.weights and not weights))
         ):
             return entry.eds
@@ -256,7 +262,7 @@ class ResourceCache:
             deterministic=True
         )
         self.builds[ENDPOINTS] += 1
-        if entry.eds_state is None or state.version >= entry.eds_state.version:
+        if not _older(state, entry.eds_state):
             entry.eds, entry.eds_state, entry.weights = blob, state, weights
         return blob
 
