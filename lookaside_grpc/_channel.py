@@ -28,6 +28,7 @@ from lookaside_grpc._calls._engine import (
 from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._errors import FailedCall, PickError
 from lookaside_grpc._policies import RoutingPolicy
+from lookaside_grpc._resolvers import PerCallResolver
 from lookaside_grpc._settings import ClientOptions, Mode, Settings, make_settings, make_target
 from lookaside_grpc._stats import Stats
 from lookaside_grpc._target import Target
@@ -71,7 +72,16 @@ class _Multi(Generic[M]):
         if ch._closed:
             raise ValueError(CLOSED)
         balancer = ch._balancer
-        ep = balancer.resolver.pick_nowait(balancer.policy)
+        resolver = balancer.resolver
+        try:
+            ep = resolver.pick_nowait(balancer.policy) or resolver.ready(
+                balancer.policy, bool(wait_for_ready)
+            )
+            if ep is None and isinstance(resolver, PerCallResolver) and not wait_for_ready:
+                if resolver.connectivity() is grpc.ChannelConnectivity.READY:  # a Resolve takes one RTT
+                    ep = self._pick(timeout, wait_for_ready)
+        except PickError as e:  # failing fast, as grpc in TRANSIENT_FAILURE: a failed call, at once
+            return cast(T, FailedCall(e))
         if ep is not None:
             return start(ep)
         wait, code = pick_wait(timeout, wait_for_ready, ch._init_timeout)

@@ -143,6 +143,7 @@ class ResolverBase(Protocol):
     query: Query
 
     def pick_nowait(self, policy: RoutingPolicy) -> Endpoint | None: ...
+    def ready(self, policy: RoutingPolicy, wait_for_ready: bool) -> Endpoint | None: ...
     def set_ejected(self, ejected: frozenset[str]) -> None: ...
     def population(self) -> int: ...
     def candidates(self) -> tuple[Endpoint, ...]: ...
@@ -321,6 +322,10 @@ class _WatchCore:
             backoff,
             len(self.state.endpoints),
         )
+
+    def ready(self, policy: RoutingPolicy, wait_for_ready: bool) -> Endpoint | None:
+        """A pick if a ready endpoint is known; None to wait; raise to fail the call now."""
+        return self._ready(policy, wait_for_ready)
 
     def _ready(self, policy: RoutingPolicy, wait_for_ready: bool) -> Endpoint | None:
         """A pick if a ready endpoint is known; None to wait; raise to fail the call now."""
@@ -639,6 +644,10 @@ class _PerCallCore:
         if state is not self._state:
             self._state = state
             self._on_state()
+
+    def ready(self, policy: RoutingPolicy, wait_for_ready: bool) -> Endpoint | None:
+        """A pick on hand (batched or cached), or None: a Resolve is needed."""
+        return self.pick_nowait(policy)
 
     def _request(self, policy: RoutingPolicy) -> protocol.Request:
         req = self._requests.get(policy.router_type)
