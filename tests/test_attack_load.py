@@ -65,7 +65,13 @@ class Observed:
 def limit_args() -> tuple[list[str], dict[str, str]]:
     """Raise the per-peer and overall Watch limits (every client here is one peer, 127.0.0.1) by flag if the
     server has the flags, and by environment variable anyway."""
-    env = {"LB_MAX_WATCHES": "100000", "LB_MAX_WATCHES_PER_PEER": "100000"}
+    # The waves put WAVE Resolves in flight at once from one process: more than grpc's own queue of calls for
+    # the Python server (--max-pending-requests, 1000) holds, so this test raises it too.
+    env = {
+        "LB_MAX_WATCHES": "100000",
+        "LB_MAX_WATCHES_PER_PEER": "100000",
+        "LB_MAX_PENDING_REQUESTS": "10000",
+    }
     help_text = subprocess.run(
         [sys.executable, "-m", "lookaside_server", "--help"], capture_output=True, text=True, timeout=30
     ).stdout

@@ -180,7 +180,7 @@ def test_server_options() -> None:
     assert opts["grpc.max_receive_message_length"] == 65536
     assert opts["grpc.server.max_pending_requests"] == 1000  # grpc's own default
     # rapid reset: streams (reset ones too, until released) per connection, REFUSED_STREAM beyond
-    assert opts["grpc.max_concurrent_streams"] == 256 and opts["grpc.http.overload_protection"] == 1
+    assert opts["grpc.max_concurrent_streams"] == 1000 and opts["grpc.http.overload_protection"] == 1
     assert opts["grpc.keepalive_time_ms"] == 60_000 and opts["grpc.keepalive_timeout_ms"] == 20_000
     assert opts["grpc.http2.min_ping_interval_without_data_ms"] == 10_000
     assert opts["grpc.keepalive_permit_without_calls"] == 1 and opts["grpc.http2.max_pings_without_data"] == 0

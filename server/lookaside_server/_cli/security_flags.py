@@ -65,8 +65,8 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
     env_argument(lim, "--max-streams-per-connection", env="LB_MAX_STREAMS_PER_CONNECTION", type=integer(1),
                  default=_D.max_streams_per_connection,
                  help="HTTP/2 streams one client connection may have open, reset ones included until the "
-                      "server has released them (more are refused, REFUSED_STREAM; clients queue them); "
-                      "keep it above --max-watches-per-peer")
+                      "server has released them; more are refused (REFUSED_STREAM). Bounds HTTP/2 rapid "
+                      "reset; keep it above the calls one client process runs at once on its channel")
     # --- end of HTTP/2 streams per connection ---
     env_argument(lim, "--keepalive-time", env="LB_KEEPALIVE_TIME", type=number(above=0),
                  default=_D.keepalive_time, help="seconds between the server's keepalive pings")
