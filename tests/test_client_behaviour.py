@@ -13,8 +13,12 @@ import asyncio
 import gc
 import importlib.metadata
 import itertools
+import json
 import logging
 import os
+import pathlib
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -885,6 +889,73 @@ async def test_09_service_only_proto_is_balanced_by_the_aio_interceptors(world: 
         served = [(await aio_call(ch, shape)).served_by for shape in SHAPES]
     assert all(s in world.addresses for s in served), served
     assert world.fallback.servicer.total() == before
+
+
+_ITEM9_SCRIPT = """
+import asyncio, json, sys
+import grpc, grpc.aio
+import lookaside_grpc, lookaside_grpc.aio
+from lookaside_dev.interop.server import InteropBackend, SERVICE
+from lookaside_dev.interop.v1 import messages_pb2 as m, test_pb2_grpc  # as an application: no test_pb2
+from lookaside_dev.silent import serve_lookaside
+
+assert "lookaside_dev.interop.v1.test_pb2" not in sys.modules
+backends = [InteropBackend() for _ in range(3)]
+fallback = InteropBackend()
+la = serve_lookaside([b.address for b in backends])
+routes = {SERVICE: "interop.default"}
+unary = m.SimpleRequest()
+out_req = m.StreamingOutputCallRequest(response_parameters=[m.ResponseParameters(size=1)])
+in_req = m.StreamingInputCallRequest()
+result = {"balanced": sorted(b.address for b in backends)}
+icpt = lookaside_grpc.LookasideInterceptor(lookaside=la.address, routes=routes)
+with grpc.intercept_channel(grpc.insecure_channel(fallback.address), icpt) as ch:
+    stub = test_pb2_grpc.TestServiceStub(ch)
+    result["sync"] = [
+        stub.UnaryCall(unary, timeout=5).server_id,
+        next(iter(stub.StreamingOutputCall(out_req, timeout=5))).server_id,
+        stub.StreamingInputCall(iter([in_req]), timeout=5).server_id,
+        next(iter(stub.FullDuplexCall(iter([out_req]), timeout=5))).server_id,
+    ]
+icpt.close()
+
+
+async def aio():
+    icpt = lookaside_grpc.aio.LookasideInterceptor(lookaside=la.address, routes=routes)
+    async with grpc.aio.insecure_channel(fallback.address, interceptors=icpt.interceptors) as ch:
+        stub = test_pb2_grpc.TestServiceStub(ch)
+        result["aio"] = [
+            (await stub.UnaryCall(unary, timeout=5)).server_id,
+            [r async for r in stub.StreamingOutputCall(out_req, timeout=5)][0].server_id,
+            (await stub.StreamingInputCall(iter([in_req]), timeout=5)).server_id,
+            [r async for r in stub.FullDuplexCall(iter([out_req]), timeout=5)][0].server_id,
+        ]
+    await icpt.close()
+
+
+asyncio.run(aio())
+result["fallback_calls"] = fallback.servicer.total()
+la.stop()
+for b in [*backends, fallback]:
+    b.stop()
+print(json.dumps(result))
+"""
+
+
+def test_09_service_only_proto_in_a_fresh_process() -> None:
+    """As an application does it: a process that imports only the generated ``test_pb2_grpc`` (never
+    ``test_pb2``, the service's own file) balances every shape through both interceptors. In a fresh process,
+    because any earlier import of ``test_pb2`` in this one would hide the bug."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-c", _ITEM9_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["fallback_calls"] == 0, result
+    for flavour in ("sync", "aio"):
+        assert all(s in result["balanced"] for s in result[flavour]), (flavour, result)
 
 
 def test_09_unresolvable_route_warns_once_and_strict_raises(

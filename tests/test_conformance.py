@@ -15,7 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import os
+import pathlib
 import queue
+import subprocess
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -767,21 +772,39 @@ def runner(world: World) -> Iterator[Runner]:
     r.close_all()
 
 
+_STRUCTURE = """
+import json
+from lookaside_dev.interop.v1 import test_pb2
+file = test_pb2.DESCRIPTOR
+method = file.services_by_name["TestService"].methods_by_name["UnaryCall"]
+print(json.dumps({
+    "name": file.name,
+    "messages": sorted(file.message_types_by_name),
+    "services": sorted(file.services_by_name),
+    "imports": sorted(d.name for d in file.dependencies),
+    "request_file": method.input_type.file.name,
+}))
+"""
+
+
 def test_the_test_service_proto_holds_only_the_service() -> None:
     """The structure item 9 is about: test.proto defines no message, only the services, and imports its
-    messages from the two other files."""
-    from lookaside_dev.interop.v1 import test_pb2
-
-    file = test_pb2.DESCRIPTOR
-    assert file.name == "lookaside_dev/interop/v1/test.proto"
-    assert dict(file.message_types_by_name) == {}
-    assert sorted(file.services_by_name) == ["TestService", "UnimplementedService"]
-    assert sorted(d.name for d in file.dependencies) == [
-        "lookaside_dev/interop/v1/empty.proto",
-        "lookaside_dev/interop/v1/messages.proto",
-    ]
-    method = file.services_by_name["TestService"].methods_by_name["UnaryCall"]
-    assert method.input_type.file.name == "lookaside_dev/interop/v1/messages.proto"
+    messages from the two other files. (Checked in a child process: importing ``test_pb2`` here would put
+    the service in this process's descriptor pool and hide the very bug item 9 is about, which is that
+    applications import only ``test_pb2_grpc``.)"""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-c", _STRUCTURE], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {
+        "name": "lookaside_dev/interop/v1/test.proto",
+        "messages": [],
+        "services": ["TestService", "UnimplementedService"],
+        "imports": ["lookaside_dev/interop/v1/empty.proto", "lookaside_dev/interop/v1/messages.proto"],
+        "request_file": "lookaside_dev/interop/v1/messages.proto",
+    }
 
 
 def test_controls_are_what_the_interop_spec_says(runner: Runner) -> None:
