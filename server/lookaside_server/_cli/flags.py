@@ -33,9 +33,15 @@ def env_text(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
-def env_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *flags: str, env: str,
-                 default: Any = None, type: Callable[[str], Any] | None = None, help: str = "",
-                 **kwargs: Any) -> argparse.Action:
+def env_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *flags: str,
+    env: str,
+    default: Any = None,
+    type: Callable[[str], Any] | None = None,
+    help: str = "",
+    **kwargs: Any,
+) -> argparse.Action:
     """Add a flag falling back to environment variable ``env``, then to ``default``.
 
     The variable's text is handed to argparse as the default, so ``type`` converts and checks it exactly
@@ -46,12 +52,18 @@ def env_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *fla
     if type is not None:
         type = _naming(type, env, raw)
     shown = "" if kwargs.get("action") in ("append",) else "; default %(default)s"
-    return parser.add_argument(*flags, default=raw if raw is not None else default, type=type,
-                               help=f"{help} ({env}{shown})" if help else f"({env}{shown})", **kwargs)
+    return parser.add_argument(
+        *flags,
+        default=raw if raw is not None else default,
+        type=type,
+        help=f"{help} ({env}{shown})" if help else f"({env}{shown})",
+        **kwargs,
+    )
 
 
 def _naming(convert: Callable[[str], Any], env: str, raw: str | None) -> Callable[[str], Any]:
     """``convert`` whose errors say the value came from ``env`` when it did."""
+
     def checked(text: str) -> Any:
         try:
             return convert(text)
@@ -70,6 +82,7 @@ def _kind(convert: Callable[[str], Any]) -> str:
 
 def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
     """An argparse type: an integer within [minimum, maximum]."""
+
     def convert(text: str) -> int:
         try:
             value = int(text)
@@ -84,6 +97,7 @@ def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[
 
 def number(minimum: float | None = None, *, above: float | None = None) -> Callable[[str], float]:
     """An argparse type: a finite number at least ``minimum`` (or strictly above ``above``)."""
+
     def convert(text: str) -> float:
         try:
             value = float(text)
@@ -110,6 +124,7 @@ def _check_range(value: float, minimum: float | None, maximum: float | None) -> 
 def one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
     """An argparse type: one of ``choices`` (argparse does not check ``choices`` on defaults, i.e. on
     values from the environment)."""
+
     def convert(text: str) -> str:
         if text not in choices:
             raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}")
@@ -138,30 +153,58 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="lookaside-server", description="The lookaside load-balancing server.")
     env_argument(p, "--host", env="LB_HOST", default=DEFAULT_HOST, help="address to bind")
-    env_argument(p, "--port", env="LB_PORT", type=integer(0, 65535), default=DEFAULT_PORT,
-                 help="port to bind, 0 for any free port")
-    env_argument(p, "--http-port", env="LB_HTTP_PORT", type=integer(-1, 65535), default=None,
-                 help="port of the HTTP status page (/, /status.json, /healthz, /metrics); 0 for any free "
-                      f"port, -1 to turn it off (if not given: {DEFAULT_HTTP_PORT}, and if that one is busy "
-                      "the server runs without the page and logs a warning)")
+    env_argument(
+        p,
+        "--port",
+        env="LB_PORT",
+        type=integer(0, 65535),
+        default=DEFAULT_PORT,
+        help="port to bind, 0 for any free port",
+    )
+    env_argument(
+        p,
+        "--http-port",
+        env="LB_HTTP_PORT",
+        type=integer(-1, 65535),
+        default=None,
+        help="port of the HTTP status page (/, /status.json, /healthz, /metrics); 0 for any free "
+        f"port, -1 to turn it off (if not given: {DEFAULT_HTTP_PORT}, and if that one is busy "
+        "the server runs without the page and logs a warning)",
+    )
     env_argument(p, "--http-host", env="LB_HTTP_HOST", help="address the status page binds (default: --host)")
     add_source_arguments(p)
-    env_argument(p, "--grace", env="LB_GRACE", type=number(0), default=5.0,
-                 help="seconds in-flight calls get on shutdown")
-    env_argument(p, "--log-level", env="LB_LOG_LEVEL", type=log_level, default="INFO",
-                 help="DEBUG, INFO, WARNING or ERROR")
-    p.add_argument("--xds", action=argparse.BooleanOptionalAction,
-                   default=boolean(env_text("LB_XDS") or "1"),
-                   help="also serve xDS (ADS) on the gRPC port for stock clients dialing "
-                        "xds:///<service>.<namespace> (LB_XDS=0 or --no-xds turns it off; default on)")
+    env_argument(
+        p,
+        "--grace",
+        env="LB_GRACE",
+        type=number(0),
+        default=5.0,
+        help="seconds in-flight calls get on shutdown",
+    )
+    env_argument(
+        p,
+        "--log-level",
+        env="LB_LOG_LEVEL",
+        type=log_level,
+        default="INFO",
+        help="DEBUG, INFO, WARNING or ERROR",
+    )
+    p.add_argument(
+        "--xds",
+        action=argparse.BooleanOptionalAction,
+        default=boolean(env_text("LB_XDS") or "1"),
+        help="also serve xDS (ADS) on the gRPC port for stock clients dialing "
+        "xds:///<service>.<namespace> (LB_XDS=0 or --no-xds turns it off; default on)",
+    )
     add_security_arguments(p)
     return p
 
 
 def _http(flag: int | None) -> HttpConfig:
     """--http-port: not given = the default port (optional: a busy port is a warning), negative = off."""
-    return HttpConfig(port=DEFAULT_HTTP_PORT if flag is None else flag if flag >= 0 else None,
-                      optional=flag is None)
+    return HttpConfig(
+        port=DEFAULT_HTTP_PORT if flag is None else flag if flag >= 0 else None, optional=flag is None
+    )
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -177,15 +220,17 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     from lookaside_server._cli.source_flags import choose_source
 
     chosen = choose_source(args)
-    source = chosen.source or StaticFileConfig(args.static_file, poll_interval=args.poll_interval,
-                                               max_targets=args.max_targets)
+    source = chosen.source or StaticFileConfig(
+        args.static_file, poll_interval=args.poll_interval, max_targets=args.max_targets
+    )
     http = _http(args.http_port)
     return ServerConfig(
         listen=ListenConfig(host=args.host, port=args.port, grace=args.grace),
         source=source,
         security=security_config(args, chosen.allow_namespaces),
         limits=limits_config(args),
-        http=HttpConfig(port=http.port, host=args.http_host, optional=http.optional,
-                        limits=http_limits_config(args)),
+        http=HttpConfig(
+            port=http.port, host=args.http_host, optional=http.optional, limits=http_limits_config(args)
+        ),
         xds=xds_config(args),
     )
