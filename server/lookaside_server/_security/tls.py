@@ -61,6 +61,16 @@ class TlsRefused(TlsError):
         self.reason = reason
 
 
+_EKU_NAMES = {
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
+    ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
+    ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
+    ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
+}
+
+
 def _when(t: datetime.datetime) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -98,7 +108,7 @@ def check_server_certificate(cert_pem: bytes, where: str, now: datetime.datetime
         ExtendedKeyUsageOID.SERVER_AUTH,
         ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
     } & set(eku):
-        names = ", ".join(getattr(oid, "_name", None) or oid.dotted_string for oid in eku) or "none"
+        names = ", ".join(_EKU_NAMES.get(oid, oid.dotted_string) for oid in eku) or "none"
         raise TlsRefused(
             USAGE, f"{what} is not for TLS servers: its extended key usage is {names}, without serverAuth"
         )
