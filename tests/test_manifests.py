@@ -588,7 +588,7 @@ def test_dockerfile() -> None:
             for src in sources:
                 assert (ROOT / src).exists(), f"COPY source {src} missing"
     # The project's console script is the entrypoint the image runs.
-    assert 'lookaside-server = "lookaside_server.__main__:main"' in (ROOT / "pyproject.toml").read_text()
+    assert 'lookaside-server = "lookaside_grpc._server_entry:main"' in (ROOT / "pyproject.toml").read_text()
 
 
 # --- kubectl kustomize, when available --------------------------------------------------------------------
