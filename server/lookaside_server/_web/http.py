@@ -23,6 +23,7 @@ goes to a thread, see ``status_page.py`` and ``metrics.py``). A handler returns 
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import logging
 import resource
@@ -49,10 +50,13 @@ HTTP_LIMITS = (HTTP_MAX_CONNECTIONS, HTTP_HEADER_TIMEOUT)
 FD_HEADROOM = 128
 #: Pending connections the kernel queues before accept (no file descriptor until accepted; capped by
 #: net.core.somaxconn): large, so a burst is taken (and closed at the cap) at once instead of trickling in
-#: with SYN-ACK retransmissions. The event loop still accepts at most _ACCEPT_BATCH per turn, reading the
-#: accepted ones in between.
+#: with SYN-ACK retransmissions. The accept loop takes one connection per turn of the event loop.
 _BACKLOG = 1024
-_ACCEPT_BATCH = 100
+#: Out of file descriptors (EMFILE and the like), the accept loop pauses this long before trying again (the
+#: connections wait in the kernel's queue), and says so at most every _RESOURCE_LOG_EVERY seconds.
+_ACCEPT_RETRY = 0.1
+_RESOURCE_LOG_EVERY = 10.0
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: A connection is evicted at the cap only after this long without a request in progress: one that was
 #: just accepted (its request may be waiting unread in the socket) is never pushed out by the same burst.
 MIN_EVICT_AGE = 0.1
@@ -223,7 +227,7 @@ class _Connection(RequestHandler):  # type: ignore[misc]
         if state == _HEADERS:
             self._lb_timer = loop.call_later(self._lb_board.limits.header_timeout, self._header_timeout)
         else:
-            self._lb_timer = loop.call_later(self._lb_board.limits.idle_timeout, self.drop)
+            self._lb_timer = loop.call_later(self._lb_board.limits.idle_timeout, self._idle_timeout)
 
     def _header_timeout(self) -> None:
         self._lb_timer = None
@@ -233,6 +237,12 @@ class _Connection(RequestHandler):  # type: ignore[misc]
             "http: request headers not complete within %s s; closing", self._lb_board.limits.header_timeout
         )
         self.drop()
+
+    def _idle_timeout(self) -> None:
+        self._lb_timer = None
+        self._lb_board.evictable.pop(self, None)
+        if self._lb_transport is not None:
+            self._lb_transport.close()  # a FIN, not a reset: the client may have just sent a request
 
     def _cancel_timer(self) -> None:
         if self._lb_timer is not None:
@@ -300,7 +310,10 @@ class HttpServer:
         self._routes: dict[str, tuple[frozenset[str], Handler]] = {}
         self._board = _Board(self.limits, on_limit)
         self._aio: _AioServer | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        #: Times the accept loop paused for lack of file descriptors (or memory).
+        self.accept_pauses = 0
 
     @property
     def connections(self) -> int:
@@ -334,18 +347,13 @@ class HttpServer:
         self._aio = _AioServer(
             self._handle,
             self._board,
-            keepalive_timeout=limits.idle_timeout,
+            # our timers (header, idle) act first; aiohttp's own keep-alive timeout is only a backstop
+            keepalive_timeout=limits.idle_timeout + limits.header_timeout + 1,
             access_log=None,
             lingering_time=0.0,
         )
-        try:
-            self._server = await asyncio.get_running_loop().create_server(
-                self._aio, sock=sock, backlog=_ACCEPT_BATCH
-            )
-            sock.listen(_BACKLOG)  # create_server set the kernel's queue to the accept batch
-        except BaseException:
-            sock.close()
-            raise
+        self._sock = sock
+        self._accepting = asyncio.create_task(self._accept_loop(sock), name=f"lookaside-http-accept:{sock}")
         self.port = sock.getsockname()[1]
         host = sock.getsockname()[0]
         log.info("status page on http://%s:%d/", f"[{host}]" if ":" in host else host, self.port)
@@ -367,11 +375,15 @@ class HttpServer:
 
     async def stop(self, timeout: float = 2.0) -> None:
         """Stop listening and close every connection; idempotent."""
-        server, self._server = self._server, None
+        accepting, self._accepting = self._accepting, None
         aio, self._aio = self._aio, None
-        if server is None:
+        if accepting is None:
             return
-        server.close()
+        accepting.cancel()
+        await asyncio.gather(accepting, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         for conn in list(self._board.open):
             conn.drop()
         if aio is not None:
@@ -379,10 +391,37 @@ class HttpServer:
                 await asyncio.wait_for(aio.shutdown(timeout), timeout + 1)
             except TimeoutError:  # pragma: no cover
                 log.warning("http: connections did not close within %s s", timeout)
-        try:
-            await asyncio.wait_for(server.wait_closed(), timeout)
-        except TimeoutError:  # pragma: no cover
-            pass
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        """Accept connections one per turn of the loop; out of descriptors, pause and retry (never spin)."""
+        loop = asyncio.get_running_loop()
+        last_logged = -_RESOURCE_LOG_EVERY
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as e:
+                if e.errno not in _OUT_OF_RESOURCES:
+                    if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                        continue  # the client gave up before accept: nothing to do
+                    log.exception("http: accept failed; the status page stops listening")
+                    return
+                self.accept_pauses += 1
+                if loop.time() - last_logged >= _RESOURCE_LOG_EVERY:
+                    last_logged = loop.time()
+                    log.warning(
+                        "cannot accept HTTP connections: %s; retrying every %s s (open files: "
+                        "see ulimit -n and --http-max-connections)",
+                        e.strerror or e,
+                        _ACCEPT_RETRY,
+                    )
+                await asyncio.sleep(_ACCEPT_RETRY)
+                continue
+            try:
+                conn.setblocking(False)
+                await loop.connect_accepted_socket(self._aio, sock=conn)  # type: ignore[arg-type]
+            except Exception:  # noqa: BLE001 - one connection's failure must not end the listener
+                log.debug("http: could not set up an accepted connection", exc_info=True)
+                conn.close()
 
     # --- one request ------------------------------------------------------------------------------------
 
