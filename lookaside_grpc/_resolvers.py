@@ -463,6 +463,13 @@ class WatchResolver(_WatchCore):
             self._thread.join(timeout=5)
 
 
+def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 class AioWatchResolver(_WatchCore):
     """Aio ``watch`` mode: a task follows the Watch stream; started on first use inside the event loop."""
 
@@ -488,6 +495,7 @@ class AioWatchResolver(_WatchCore):
         self._calls = calls
         self._task: asyncio.Task[None] | None = None
         self._changed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -497,9 +505,8 @@ class AioWatchResolver(_WatchCore):
     def connect(self) -> None:
         """Start the watch task in the running loop (once)."""
         if self._task is None and not self._closed:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"lookaside-watch-{self.query}"
-            )
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._run(), name=f"lookaside-watch-{self.query}")
 
     def connectivity(self) -> Connectivity:
         if self._task is None and not self.state.endpoints:
@@ -544,10 +551,11 @@ class AioWatchResolver(_WatchCore):
     def _state_changed(self) -> None:
         changed, self._changed = self._changed, None
         if changed is not None:
-            try:
+            loop = self._loop
+            if loop is None or _in_loop(loop):
                 changed.set()
-            except RuntimeError:  # expired from the timer thread: wake the loop's waiters later
-                pass
+            elif not loop.is_closed():  # expired on the timer thread: wake the waiters in their loop
+                loop.call_soon_threadsafe(changed.set)
         self._on_state()
 
     async def _run(self) -> None:

@@ -26,6 +26,11 @@ UNRESOLVED_ROUTE = (
 )
 
 
+#: Most addresses counted one by one per balancer; the rest are summed under OTHER_ADDRESSES.
+MAX_ADDRESSES = 1024
+OTHER_ADDRESSES = "(other)"
+
+
 @dataclass
 class Stats:
     """A snapshot of the counters of one channel / interceptor (or of the whole process)."""
@@ -74,6 +79,8 @@ class Counters:
 
     def ejection(self, address: str) -> None:
         with self._lock:
+            if address not in self.ejections and len(self.ejections) >= MAX_ADDRESSES:
+                address = OTHER_ADDRESSES  # endpoint churn must not grow the counters without bound
             self.ejections[address] += 1
 
     def retry(self) -> None:
