@@ -486,7 +486,7 @@ def lease_sync(settings: Settings) -> Lease[Balancer]:
 def lease_aio(settings: Settings, share: bool) -> Lease[AioBalancer]:
     """A lease on the aio balancer for ``settings`` in the running loop (none shared outside one)."""
     if share:
-        key = _hashable_key(("aio", id(asyncio.get_running_loop()), settings))
+        key = _hashable_key(("aio", asyncio.get_running_loop(), settings))
     else:
         key = object()
     with _registry_lock:

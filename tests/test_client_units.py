@@ -231,3 +231,62 @@ def test_factory_validates_arguments() -> None:
         lookaside_grpc.channel("greet", policy="least_loaded")
     with pytest.raises(ValueError):
         lookaside_grpc.channel("greet", max_staleness=0)
+
+
+def test_one_timer_thread_for_every_cool_down() -> None:
+    """2,000 ejections are heap entries on one timer thread, not a thread each; closing cancels them."""
+    from lookaside_grpc import _timers
+    from lookaside_grpc._health import Ejector
+    from lookaside_grpc._stats import Counters
+
+    before = threading.active_count()
+    changes: list[frozenset[str]] = []
+    ejector = Ejector(lambda: 10_000, changes.append, Counters(), base=60.0)
+    for i in range(2000):
+        assert ejector.eject(f"10.0.{i // 250}.{i % 250}:1")
+    assert len(ejector.ejected) == 2000 and _timers.pending() >= 2000
+    assert threading.active_count() <= before + 1  # at most the one timer thread
+    ejector.close()
+    assert _timers.pending() < 2000
+
+
+def test_timers_run_in_order_and_can_be_cancelled() -> None:
+    from lookaside_grpc import _timers
+
+    done = threading.Event()
+    ran: list[str] = []
+    _timers.call_later(0.02, lambda: ran.append("b"))
+    _timers.call_later(0.01, lambda: ran.append("a"))
+    _timers.call_later(0.0, lambda: ran.append("x")).cancel()
+    _timers.call_later(0.03, done.set)
+    assert done.wait(5)
+    assert ran == ["a", "b"]
+
+
+def test_lookaside_channel_keepalive_and_the_liveness_window() -> None:
+    """The lookaside channel pings (grpcio times pings out by ``grpc.http2.ping_timeout_ms``); a Watch
+    broken by an unanswered ping counts the set from the last moment the lookaside was known alive."""
+    from lookaside_grpc._resolvers import _silent
+    from lookaside_grpc._settings import make_settings
+
+    s = make_settings(lookaside_grpc.Target("greet", "default"), None, {"lookaside_keepalive": 5.0})
+    opts = dict(s.lookaside_options())
+    assert opts["grpc.keepalive_time_ms"] == 5000 and opts["grpc.http2.ping_timeout_ms"] == 5000
+    assert s.liveness_window() == 10.0
+    off = make_settings(lookaside_grpc.Target("greet", "default"), None, {"lookaside_keepalive": None})
+    assert "grpc.keepalive_time_ms" not in dict(off.lookaside_options()) and off.liveness_window() == 0
+    assert _silent(PickError(grpc.StatusCode.UNAVAILABLE, "Stream removed (ping timeout)"))
+    assert not _silent(PickError(grpc.StatusCode.UNAVAILABLE, "Connection refused"))
+
+
+def test_target_spellings() -> None:
+    from lookaside_grpc._settings import make_target
+
+    t = lookaside_grpc.Target("greet", "prod", "grpc")
+    for spelling in ("greet.prod:grpc", "greet.prod.svc:grpc", "greet.prod.svc.cluster.local:grpc", t):
+        assert make_target(spelling, None, None) == t
+    assert make_target("greet", "prod", "grpc") == t
+    assert make_target("greet.prod", None, 50051) == lookaside_grpc.Target("greet", "prod", 50051)
+    assert make_target("greet", None, None) == lookaside_grpc.Target("greet", "default")
+    with pytest.raises(ValueError):
+        make_target("greet.prod:grpc", None, 50051)
