@@ -56,6 +56,8 @@ class Group:
 GROUPS: tuple[Group, ...] = (
     Group("proto", ("lookaside/v1/lookaside.proto",), out="lookaside_grpc/_generated", private_pool=True),
     Group("proto", ("greet/v1/greet.proto",), out="examples/greet"),
+    # The interop test service (gRPC's interop test.proto layout), named by its real module path.
+    Group(".", tuple(f"lookaside_dev/interop/v1/{name}.proto" for name in ("empty", "messages", "test"))),
 )
 
 #: Replaces ``_descriptor_pool.Default()`` in the private-pool modules (see the module docstring).
