@@ -31,7 +31,7 @@ import socket
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -156,15 +156,15 @@ class _Connection(RequestHandler):  # type: ignore[misc]
         self._lb_state = _HEADERS
         self._lb_timer: asyncio.TimerHandle | None = None
         self._lb_admitted = False
-        self._lb_transport: asyncio.BaseTransport | None = None
+        self._lb_transport: asyncio.Transport | None = None
         self._lb_since = 0.0
 
     # --- the protocol -----------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._lb_transport = transport
+        self._lb_transport = cast(asyncio.Transport, transport)
         if not self._lb_board.admit(self):
-            transport.abort()  # connection_lost follows; nothing of aiohttp's was set up
+            self._lb_transport.abort()  # connection_lost follows; nothing of aiohttp's was set up
             return
         self._lb_admitted = True
         super().connection_made(transport)
@@ -426,9 +426,8 @@ class HttpServer:
     # --- one request ------------------------------------------------------------------------------------
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        conn = request.protocol
-        tracked = isinstance(conn, _Connection)
-        if tracked:
+        conn = request.protocol if isinstance(request.protocol, _Connection) else None
+        if conn is not None:
             conn.request_started()
         try:
             resp, close = await self._answer(request)
@@ -447,7 +446,7 @@ class HttpServer:
                 out.force_close()
             return out
         finally:
-            if tracked:
+            if conn is not None:
                 conn.request_done()
 
     async def _answer(self, request: web.BaseRequest) -> tuple[HttpResponse, bool]:
