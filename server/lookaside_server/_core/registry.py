@@ -4,9 +4,10 @@ Watchers get a conflating "latest" slot plus an Event: a slow watcher only ever 
 state, it never blocks the registry, the source or other watchers, and memory stays bounded.
 
 Fan-out to many watchers is spread over loop iterations: a change wakes at most :data:`FANOUT_BATCH`
-watchers per iteration (the rest in later ones), so RPCs on other targets are served in between instead of
-waiting behind every watcher of a big target. Each :class:`TargetState` carries a ``cache`` for what is
-derived from it once and shared by all its watchers (the Watch servicer keeps the encoded message there).
+watchers per iteration (the rest in later ones) and pauses after a batch that kept the loop busy, so RPCs on
+other targets are served in between instead of waiting behind every watcher of a big target. Each
+:class:`TargetState` carries a ``cache`` for what is derived from it once and shared by all its watchers
+(the Watch servicer keeps the encoded message there).
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from lookaside_server._sources.base import EndpointSource, TargetNotFound
 log = logging.getLogger(__name__)
 
 #: Watchers woken per event-loop iteration when a target changes (the rest in the following iterations).
-FANOUT_BATCH = 32
+FANOUT_BATCH = 16
+#: A batch whose sends took the loop longer than this (seconds) is followed by a pause of twice as long (at
+#: most FANOUT_MAX_PAUSE): sets of thousands of endpoints go out in about a third of the loop's time.
+FANOUT_BUSY = 0.001
+FANOUT_MAX_PAUSE = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,10 +187,17 @@ class Registry:
     async def _fan_out_batches(
         entry: _Entry, state: TargetState, watchers: list[Subscription], resend: bool
     ) -> None:
+        loop = asyncio.get_running_loop()
         try:
             for start in range(0, len(watchers), FANOUT_BATCH):
                 if start:
-                    await asyncio.sleep(0)  # let the woken batch (and everything else) run first
+                    began = loop.time()
+                    await asyncio.sleep(0)  # the woken batch (and everything else ready) runs first
+                    busy = loop.time() - began
+                    if busy > FANOUT_BUSY:
+                        # Big messages: sending them kept the loop (and the GIL) busy. Pause twice as long so
+                        # grpc's poller thread and other RPCs get their turn, not only the next batch.
+                        await asyncio.sleep(min(2 * busy, FANOUT_MAX_PAUSE))
                 for watcher in watchers[start : start + FANOUT_BATCH]:
                     if not watcher.closed:
                         (watcher.resend if resend else watcher.offer)(state)
