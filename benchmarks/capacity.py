@@ -51,6 +51,10 @@ class Server:
             **os.environ,
             "LB_MAX_WATCHES": "1000000",
             "LB_MAX_WATCHES_PER_PEER": "1000000",
+            # thousands of streams on 4 connections: above the server's per-connection stream limit
+            # (rapid-reset bound, 1000) and grpc's queue of calls for the Python server (1000)
+            "LB_MAX_STREAMS_PER_CONNECTION": "100000",
+            "LB_MAX_PENDING_REQUESTS": "10000",
             "LB_LOG_LEVEL": "WARNING",
         }
         help_text = subprocess.run(
