@@ -45,7 +45,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -497,7 +497,7 @@ class _AdsStream:
 
     # --- the loop -----------------------------------------------------------------------------------------
 
-    async def run(self) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+    async def run(self) -> AsyncGenerator[discovery_pb2.DiscoveryResponse, None]:
         """Handle requests and endpoint changes; yield each response to send."""
         options = self.servicer.options
         while True:
