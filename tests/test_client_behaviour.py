@@ -42,6 +42,8 @@ from lookaside_dev.interop.server import SERVICE, UNIMPLEMENTED_SERVICE, Interop
 from lookaside_dev.interop.v1 import messages_pb2, test_pb2_grpc
 from lookaside_dev.silent import FreezableProxy, ServedLookaside, SilentListener, serve_lookaside
 
+#: A library thread that dies of an exception (a watch thread, a timer) fails the test it happens in.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 NS = "default"
 OK = grpc.StatusCode.OK
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE

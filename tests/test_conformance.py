@@ -44,6 +44,8 @@ from lookaside_dev.interop.server import (
 from lookaside_dev.interop.v1 import empty_pb2, messages_pb2, test_pb2_grpc
 from lookaside_dev.silent import serve_lookaside
 
+#: A library thread that dies of an exception (a watch thread, a timer) fails the test it happens in.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 T = TypeVar("T")
 NAMESPACE = "default"
 SHARED_SERVICE = "interop"
