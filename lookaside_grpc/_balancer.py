@@ -285,6 +285,8 @@ class Balancer(BalancerBase[grpc.Channel]):
                 **self._resolver_kwargs(),
             )
         self._finish_init(pool)
+        if isinstance(self.resolver, WatchResolver):
+            self.resolver.connect()  # the watch thread starts once everything it calls back into exists
         if self.reports_load:
             self._reporter = threading.Thread(
                 target=self._report_loop, name=f"lookaside-load-{self.target}", daemon=True
@@ -359,6 +361,13 @@ class AioBalancer(BalancerBase[grpc.aio.Channel]):
                 **self._resolver_kwargs(),
             )
         self._finish_init(pool)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # started on first use inside a loop
+            pass
+        else:
+            if isinstance(self.resolver, AioWatchResolver):
+                self.resolver.connect()
         self._start_reporter()
 
     def _start_reporter(self) -> None:

@@ -394,10 +394,13 @@ class WatchResolver(_WatchCore):
         self._stop = threading.Event()
         self._call: object = None
         self._thread = threading.Thread(target=self._run, name=f"lookaside-watch-{query}", daemon=True)
-        self._thread.start()
 
     def connect(self) -> None:
-        """The watch thread always runs: nothing to start."""
+        """Start the watch thread (once; the balancer does it when it is fully built)."""
+        with self._cond:
+            if self._thread.ident is not None or self._closed:
+                return
+            self._thread.start()
 
     def pick(
         self, policy: RoutingPolicy, wait: float | None, wait_for_ready: bool, on_timeout: grpc.StatusCode
@@ -459,7 +462,7 @@ class WatchResolver(_WatchCore):
 
     def join(self) -> None:
         """Wait for the watch thread (not from itself)."""
-        if self._thread is not threading.current_thread():
+        if self._thread.ident is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
 
@@ -496,11 +499,6 @@ class AioWatchResolver(_WatchCore):
         self._task: asyncio.Task[None] | None = None
         self._changed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self.connect()
 
     def connect(self) -> None:
         """Start the watch task in the running loop (once)."""
