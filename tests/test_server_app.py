@@ -53,6 +53,24 @@ async def test_reflection_lists_services(tmp_path: Path) -> None:
         } <= names
 
 
+async def test_reflection_describes_the_lookaside_service(tmp_path: Path) -> None:
+    """``grpcurl describe lookaside.Lookaside``: the file holding the service is served by reflection."""
+    async with serve(tmp_path, {T: endpoints(1)}) as s:
+        stub = reflection_pb2_grpc.ServerReflectionStub(s.channel)
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="lookaside.Lookaside")
+        call = stub.ServerReflectionInfo(iter([request]))
+        resp = await call.read()
+        call.cancel()
+        assert not resp.HasField("error_response"), resp.error_response.error_message
+        files = [
+            descriptor_pb2.FileDescriptorProto.FromString(b)
+            for b in resp.file_descriptor_response.file_descriptor_proto
+        ]
+        (lookaside,) = [f for f in files if any(svc.name == "Lookaside" for svc in f.service)]
+        assert lookaside.package == "lookaside"
+        assert {m.name for m in lookaside.service[0].method} >= {"Resolve", "Watch", "Status", "ReportLoad"}
+
+
 def test_run_in_thread(tmp_path: Path) -> None:
     path = tmp_path / "e.yaml"
     write_static(path, {T: endpoints(2)})

@@ -76,6 +76,10 @@ class LookasideServer:
             add_to_server(servicer, server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
             xds_services = self._add_xds(server, servicer.load)
+            # the client keeps lookaside.proto in a private pool; reflection reads the default one
+            if not pb.add_to_default_pool():
+                log.warning("reflection cannot describe %s: another lookaside.proto is loaded",
+                            pb.SERVICE_NAME)
             reflection.enable_server_reflection(
                 (pb.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME, *xds_services), server)
