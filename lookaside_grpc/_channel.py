@@ -7,6 +7,7 @@ cached per-backend multicallable, in-flight accounting, then the real gRPC call 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar, Unpack, cast
 
@@ -24,6 +25,7 @@ from lookaside_grpc._calls._engine import (
     SyncMethods,
     deadline_of,
     pick_sync,
+    remaining,
 )
 from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._errors import FailedCall, PickError
@@ -41,6 +43,7 @@ T = TypeVar("T")
 #: How long a call without its own deadline waits for the lookaside on a cold start.
 DEFAULT_INIT_TIMEOUT = 10.0
 CLOSED = "Cannot invoke RPC on closed channel!"
+_now = time.monotonic
 
 
 def pick_wait(
@@ -114,13 +117,20 @@ class _UnaryUnary(
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Resp:
-        deadline = deadline_of(timeout)
-        try:
-            ep = self._pick(timeout, wait_for_ready)
-        except PickError as e:
-            raise FailedCall(e) from None
+        ch = self._channel
+        if ch._closed:
+            raise ValueError(CLOSED)
+        balancer = ch._balancer
+        deadline = None if timeout is None else _now() + timeout
+        ep = balancer.resolver.pick_nowait(balancer.policy)
+        if ep is None:
+            try:
+                ep = self._pick(timeout, wait_for_ready)
+            except PickError as e:
+                raise FailedCall(e) from None
+            timeout = remaining(deadline)
         args = CallArgs(metadata, credentials, wait_for_ready, compression)
-        return _sync.unary_unary(self._m, ep, request, deadline, args)
+        return _sync.unary_unary(self._m, ep, request, timeout, deadline, args)
 
     def with_call(
         self,

@@ -225,7 +225,9 @@ class AioCall(Generic[Req, Resp]):
         return self._response().__await__()
 
     async def _response(self) -> Resp:
-        call = await self._started()
+        call = self._call
+        if call is None:
+            call = await self._started()
         try:
             response: Resp = await call  # type: ignore[misc]
         except grpc.aio.AioRpcError as e:

@@ -7,15 +7,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import grpc
 import grpc.aio
 
 from lookaside_grpc._balancer import AioBalancer, Balancer, BalancerBase
 from lookaside_grpc._endpoints import Endpoint
-from lookaside_grpc._pool import Slot
+from lookaside_grpc._pool import ChannelPool, Slot
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +30,9 @@ Deserializer = Callable[[bytes], Resp]
 _now = time.monotonic
 
 
-@dataclass(frozen=True, slots=True)
-class CallArgs:
-    """The per-call options passed through to the backend call (and to its retry)."""
+class CallArgs(NamedTuple):
+    """The per-call options passed through to the backend call (and to its retry); a tuple, as it is made
+    on every call."""
 
     metadata: Metadata | None = None
     credentials: grpc.CallCredentials | None = None
@@ -63,7 +62,7 @@ class Bound(Generic[C, M]):
 class Method(Generic[C, M]):
     """One gRPC method of one call shape on one balancer: the engine's per-call steps."""
 
-    __slots__ = ("balancer", "name", "_make", "_cache", "_gen", "observe")
+    __slots__ = ("balancer", "name", "_make", "_cache", "_gen", "_pool", "observe")
 
     def __init__(self, balancer: BalancerBase[C], name: str, make: Callable[[C], M]) -> None:
         self.balancer: BalancerBase[C] = balancer
@@ -71,6 +70,7 @@ class Method(Generic[C, M]):
         self._make: Callable[[C], M] = make
         #: address -> bound multicallable; pruned of retired slots when the pool's generation moves
         self._cache: dict[str, Bound[C, M]] = {}
+        self._pool: ChannelPool[C] = balancer.pool
         self._gen = balancer.pool.generation
         #: the policy's latency feedback, or None when it needs none (then calls are not timed)
         self.observe = balancer.observe
@@ -81,7 +81,7 @@ class Method(Generic[C, M]):
         return bound
 
     def _prune(self) -> None:
-        self._gen = self.balancer.pool.generation
+        self._gen = self._pool.generation
         for address, bound in list(self._cache.items()):
             if bound.slot.retired:
                 self._cache.pop(address, None)
@@ -92,7 +92,7 @@ class Method(Generic[C, M]):
 
     def enter(self, address: str) -> Bound[C, M]:
         """The bound multicallable for ``address``, with the call about to start counted on its slot."""
-        if self.balancer.pool.generation != self._gen:
+        if self._pool.generation != self._gen:
             self._prune()
         bound = self._cache.get(address)
         if bound is None or bound.slot.retired:

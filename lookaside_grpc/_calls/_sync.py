@@ -7,6 +7,7 @@ objects that retry. Backend calls may be plain iterators (instrumented channels)
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
@@ -57,6 +58,22 @@ class _Once:
 
 def _blocking(
     m: SyncMethod[M],
+    bound: Bound[grpc.Channel, M],
+    deadline: float | None,
+    invoke: Callable[[M, float | None], T],
+) -> T:
+    """The retry attempt of a blocking call on ``bound`` (already counted)."""
+    t0 = m.clock()
+    try:
+        result = invoke(bound.call, remaining(deadline))
+    finally:
+        m.finished(bound.slot, t0)
+    m.succeeded(bound.slot.address)
+    return result
+
+
+def _retrying(
+    m: SyncMethod[M],
     ep: Endpoint,
     deadline: float | None,
     invoke: Callable[[M, float | None], T],
@@ -87,14 +104,37 @@ def _blocking(
 
 
 def unary_unary(
-    m: SyncMethod[UU[Req, Resp]], ep: Endpoint, request: Req, deadline: float | None, a: CallArgs
+    m: SyncMethod[UU[Req, Resp]],
+    ep: Endpoint,
+    request: Req,
+    timeout: float | None,
+    deadline: float | None,
+    a: CallArgs,
 ) -> Resp:
-    """Blocking unary-unary ``__call__``."""
-
-    def invoke(mc: UU[Req, Resp], timeout: float | None) -> Resp:
-        return mc(request, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)
-
-    return _blocking(m, ep, deadline, invoke, retry=True)
+    """Blocking unary-unary ``__call__``: the hot path, inline (``timeout``: what is left of the call's)."""
+    bound = m.enter(ep.address)
+    observe = m.observe
+    t0 = time.monotonic() if observe is not None else 0.0
+    try:
+        result = bound.call(request, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)
+    except grpc.RpcError as e:
+        m.finished(bound.slot, t0)
+        if not retryable(e):
+            raise
+        nxt = m.retry_bound(bound.slot.address, deadline)
+        if nxt is None:
+            raise
+        return _blocking(
+            m,
+            nxt,
+            deadline,
+            lambda mc, left: mc(request, left, a.metadata, a.credentials, a.wait_for_ready, a.compression),
+        )
+    bound.slot.release()
+    if observe is not None:
+        observe(bound.slot.address, time.monotonic() - t0)
+    m.succeeded(bound.slot.address)
+    return result
 
 
 def unary_unary_with_call(
@@ -105,7 +145,7 @@ def unary_unary_with_call(
     def invoke(mc: UU[Req, Resp], timeout: float | None) -> tuple[Resp, grpc.Call]:
         return mc.with_call(request, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)
 
-    return _blocking(m, ep, deadline, invoke, retry=True)
+    return _retrying(m, ep, deadline, invoke, retry=True)
 
 
 def stream_unary(
@@ -116,7 +156,7 @@ def stream_unary(
     def invoke(mc: SU[Req, Resp], timeout: float | None) -> Resp:
         return mc(requests, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)
 
-    return _blocking(m, ep, deadline, invoke, retry=False)
+    return _retrying(m, ep, deadline, invoke, retry=False)
 
 
 def stream_unary_with_call(
@@ -127,7 +167,7 @@ def stream_unary_with_call(
     def invoke(mc: SU[Req, Resp], timeout: float | None) -> tuple[Resp, grpc.Call]:
         return mc.with_call(requests, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)
 
-    return _blocking(m, ep, deadline, invoke, retry=False)
+    return _retrying(m, ep, deadline, invoke, retry=False)
 
 
 def _track(m: SyncMethod[M], bound: Bound[grpc.Channel, M], call: object, t0: float) -> _Once:
