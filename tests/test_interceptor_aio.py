@@ -78,3 +78,27 @@ async def test_metadata_errors_deadlines_and_fallbacks() -> None:
             assert time.monotonic() - start < 1.0
             assert icpt.stats().fallbacks == {"no_endpoints": 1}
         await icpt.close()
+
+
+async def test_aio_intercepted_channel_shares_its_options_with_the_backends() -> None:
+    from lookaside_dev.interop.server import SERVICE, InteropBackend
+    from lookaside_dev.interop.v1 import messages_pb2, test_pb2_grpc
+    from lookaside_dev.silent import serve_lookaside
+
+    big = messages_pb2.SimpleRequest(response_size=5 << 20)
+    opts = [("grpc.max_receive_message_length", 16 << 20)]
+    with InteropBackend() as backend, InteropBackend() as original, serve_lookaside([backend.address]) as la:
+        ch, icpt = lookaside_grpc.aio.intercepted_channel(
+            original.address, {SERVICE: "interop.default"}, lookaside=la.address, options=opts
+        )
+        async with icpt:
+            async with ch:
+                reply = await test_pb2_grpc.TestServiceStub(ch).UnaryCall(big, timeout=10)
+                assert len(reply.payload.body) == 5 << 20 and reply.server_id == backend.address
+                streamed = test_pb2_grpc.TestServiceStub(ch).StreamingOutputCall(
+                    messages_pb2.StreamingOutputCallRequest(
+                        response_parameters=[messages_pb2.ResponseParameters(size=5 << 20)]
+                    ),
+                    timeout=10,
+                )
+                assert [len(r.payload.body) async for r in streamed] == [5 << 20]

@@ -160,3 +160,52 @@ def test_interceptor_and_channel_share_one_balancer(
         assert lookaside.servicer.stats()["watch"] == 1
         assert sum(backends.connections()) == 2
         assert sum(ch.stats().picks.values()) == 2
+
+
+def test_intercepted_channel_dials_original_and_backends_with_one_set_of_options() -> None:
+    """grpc does not expose a channel's options, so the interceptor takes them as ``options=``;
+    ``intercepted_channel`` builds the original channel and the interceptor from the same ones: a 5 MB reply
+    that needs max_receive_message_length works balanced and on the fallback path."""
+    from lookaside_dev.interop.server import SERVICE, InteropBackend
+    from lookaside_dev.interop.v1 import messages_pb2, test_pb2_grpc
+    from lookaside_dev.silent import serve_lookaside
+
+    big = messages_pb2.SimpleRequest(response_size=5 << 20)
+    opts = [("grpc.max_receive_message_length", 16 << 20)]
+    with InteropBackend() as backend, InteropBackend() as original, serve_lookaside([backend.address]) as la:
+        with lookaside_grpc.intercepted_channel(
+            original.address, {SERVICE: "interop.default"}, lookaside=la.address, options=opts
+        ) as ch:
+            reply = test_pb2_grpc.TestServiceStub(ch).UnaryCall(big, timeout=10)
+            assert len(reply.payload.body) == 5 << 20 and reply.server_id == backend.address
+            icpt = ch.interceptor
+        with lookaside_grpc.intercepted_channel(
+            original.address, {"other.Service": "interop.default"}, lookaside=la.address, options=opts
+        ) as ch:  # not routed: the original channel, with the same options
+            reply = test_pb2_grpc.TestServiceStub(ch).UnaryCall(big, timeout=10)
+            assert len(reply.payload.body) == 5 << 20 and reply.server_id == original.address
+        with lookaside_grpc.intercepted_channel(
+            original.address, {SERVICE: "interop.default"}, lookaside=la.address
+        ) as ch:  # without the option, balanced calls fail as a plain channel's would
+            with pytest.raises(grpc.RpcError) as err:
+                test_pb2_grpc.TestServiceStub(ch).UnaryCall(big, timeout=10)
+            assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(ValueError):  # close() closed the interceptor too
+        icpt._core.route(f"/{SERVICE}/UnaryCall")
+
+
+def test_interceptor_takes_every_channel_option() -> None:
+    """The interceptor accepts each option channel() does (tls_server_name raised TypeError before)."""
+    creds = grpc.ssl_channel_credentials()
+    with lookaside_grpc.LookasideInterceptor(
+        unused_address(), ROUTES, credentials=creds, tls_server_name="greet.internal", lookaside_keepalive=None
+    ) as icpt:
+        settings = icpt._core.settings["greet.GreetService"]
+        assert dict(settings.backend_options())["grpc.ssl_target_name_override"] == "greet.internal"
+    with pytest.raises(TypeError):
+        lookaside_grpc.LookasideInterceptor(unused_address(), ROUTES, init_timeout=1)  # type: ignore[call-arg]
+
+
+def test_strict_routes_raise_for_unknown_services() -> None:
+    with pytest.raises(ValueError, match="no.Such"):
+        lookaside_grpc.LookasideInterceptor(unused_address(), {"no.Such": "x.default"}, strict=True)
