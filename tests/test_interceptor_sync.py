@@ -198,7 +198,11 @@ def test_interceptor_takes_every_channel_option() -> None:
     """The interceptor accepts each option channel() does (tls_server_name raised TypeError before)."""
     creds = grpc.ssl_channel_credentials()
     with lookaside_grpc.LookasideInterceptor(
-        unused_address(), ROUTES, credentials=creds, tls_server_name="greet.internal", lookaside_keepalive=None
+        unused_address(),
+        ROUTES,
+        credentials=creds,
+        tls_server_name="greet.internal",
+        lookaside_keepalive=None,
     ) as icpt:
         settings = icpt._core.settings["greet.GreetService"]
         assert dict(settings.backend_options())["grpc.ssl_target_name_override"] == "greet.internal"
