@@ -65,12 +65,14 @@ class Observed:
 def limit_args() -> tuple[list[str], dict[str, str]]:
     """Raise the per-peer and overall Watch limits (every client here is one peer, 127.0.0.1) by flag if the
     server has the flags, and by environment variable anyway."""
-    # The waves put WAVE Resolves in flight at once from one process: more than grpc's own queue of calls for
-    # the Python server (--max-pending-requests, 1000) holds, so this test raises it too.
+    # The waves put WAVE Resolves in flight at once from one process on 4 connections: more than grpc's own
+    # queue of calls for the Python server (--max-pending-requests, 1000) and the server's HTTP/2 streams per
+    # connection (--max-streams-per-connection, 256) allow, so this test raises those too.
     env = {
         "LB_MAX_WATCHES": "100000",
         "LB_MAX_WATCHES_PER_PEER": "100000",
         "LB_MAX_PENDING_REQUESTS": "10000",
+        "LB_MAX_STREAMS_PER_CONNECTION": "100000",
     }
     help_text = subprocess.run(
         [sys.executable, "-m", "lookaside_server", "--help"], capture_output=True, text=True, timeout=30

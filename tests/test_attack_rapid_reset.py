@@ -1,7 +1,7 @@
 """HTTP/2 rapid reset (CVE-2023-44487) on the gRPC port of a lookaside server process: one connection opens
 20,000 streams and resets each right away (HEADERS, then RST_STREAM CANCEL), in three bursts.
 
-grpc counts a stream against ``grpc.max_concurrent_streams`` (``--max-streams-per-connection``, 1000) until
+grpc counts a stream against ``grpc.max_concurrent_streams`` (``--max-streams-per-connection``, 256) until
 the server has released it, reset ones included, and refuses new streams beyond it (REFUSED_STREAM); calls
 grpc core queues for the Python server are bounded by ``--max-pending-requests`` (grpc's own 1000). So a
 burst adds little memory, and repeated bursts add nothing more. Without the stream limit each burst added

@@ -18,22 +18,28 @@ from lookaside_grpc import protocol as pb
 from lookaside_server import ListenConfig, LookasideServer, ServerConfig, StaticFileConfig
 from lookaside_server._security.limits import Limits, StreamSlots, peer_ip
 
-DATA = {"default/greet": endpoints(2), "default/echo": endpoints(1, 50061),
-        "default/third": endpoints(1, 50071)}
+DATA = {
+    "default/greet": endpoints(2),
+    "default/echo": endpoints(1, 50061),
+    "default/third": endpoints(1, 50071),
+}
 WATCH = pb.WatchRequest(service="greet", namespace="default")
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 
 
 @asynccontextmanager
-async def served(tmp_path: Path, max_targets: int | None = None, **config: Any
-                 ) -> AsyncIterator[tuple[LookasideServer, grpc.aio.Channel]]:
+async def served(
+    tmp_path: Path, max_targets: int | None = None, **config: Any
+) -> AsyncIterator[tuple[LookasideServer, grpc.aio.Channel]]:
     path = tmp_path / "endpoints.json"
     write_static(path, DATA)
-    server = LookasideServer(ServerConfig(
-        listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
-        source=StaticFileConfig(str(path), max_targets=max_targets),
-        **config,
-    ))
+    server = LookasideServer(
+        ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+            source=StaticFileConfig(str(path), max_targets=max_targets),
+            **config,
+        )
+    )
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -180,7 +186,7 @@ def test_server_options() -> None:
     assert opts["grpc.max_receive_message_length"] == 65536
     assert opts["grpc.server.max_pending_requests"] == 1000  # grpc's own default
     # rapid reset: streams (reset ones too, until released) per connection, REFUSED_STREAM beyond
-    assert opts["grpc.max_concurrent_streams"] == 1000 and opts["grpc.http.overload_protection"] == 1
+    assert opts["grpc.max_concurrent_streams"] == 256 and opts["grpc.http.overload_protection"] == 1
     assert opts["grpc.keepalive_time_ms"] == 60_000 and opts["grpc.keepalive_timeout_ms"] == 20_000
     assert opts["grpc.http2.min_ping_interval_without_data_ms"] == 10_000
     assert opts["grpc.keepalive_permit_without_calls"] == 1 and opts["grpc.http2.max_pings_without_data"] == 0

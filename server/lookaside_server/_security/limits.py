@@ -8,15 +8,15 @@
 * ``max_pending_requests`` (default 1000, grpc's own): calls grpc core queues until the Python server picks
   them up (``grpc.server.max_pending_requests``); beyond it grpc cancels new calls (CANCELLED), randomly up
   to its hard limit (``grpc.server.max_pending_requests_hard_limit``, 3000) and all of them above it.
-* ``max_streams_per_connection`` (default 1000): HTTP/2 streams one client connection may have open
+* ``max_streams_per_connection`` (default 256): HTTP/2 streams one client connection may have open
   (``grpc.max_concurrent_streams``, announced in SETTINGS; clients queue further calls themselves). grpc
   counts a stream until the server has released it, including streams the client already reset, and refuses
   new ones with REFUSED_STREAM beyond the limit (``grpc.http.overload_protection``): that bounds what an
-  HTTP/2 rapid reset (HEADERS then RST_STREAM, over and over) can make the server hold (20,000 resets on one
-  connection: +14 MB at 1000, +6 MB at 256). Lower is tighter, but a client running about that many calls
-  at once on one connection then gets some of them refused (UNAVAILABLE) while the server is still
-  releasing finished streams; keep it well above ``max_watches_per_peer`` plus the Resolve concurrency of
-  one client process.
+  HTTP/2 rapid reset (HEADERS then RST_STREAM, over and over) can make the server hold. 20,000 resets on one
+  connection add about 6 MB at 256 (12 such bursts: about 21 MB), at 1000 about 15 MB (12 bursts: about 50
+  MB). The price: a client keeping about this many calls in flight on one connection gets some of them
+  refused (UNAVAILABLE) while the server is still releasing finished streams, so keep it above
+  ``max_watches_per_peer`` plus the Resolve concurrency of one client process.
 * ``max_concurrent_rpcs``: grpc's own cap on RPCs in progress (``grpc.aio.server(maximum_concurrent_rpcs)``,
   streams included); beyond it grpc answers RESOURCE_EXHAUSTED itself. Off by default.
 * ``max_load_reports_per_peer`` / ``max_load_reports_per_target`` / ``max_load_report_endpoints``: what
@@ -74,7 +74,7 @@ class Limits:
     #: Calls grpc core queues for the Python server before it cancels new ones (grpc's default: 1000).
     max_pending_requests: int = 1000
     #: HTTP/2 streams per client connection (``grpc.max_concurrent_streams``; rapid-reset bound).
-    max_streams_per_connection: int = 1000
+    max_streams_per_connection: int = 256
     keepalive_time: float = 60.0
     keepalive_timeout: float = 20.0
     min_ping_interval: float = 10.0
