@@ -39,6 +39,7 @@ from lookaside_server import ListenConfig, LookasideServer, ServerConfig, Static
 from lookaside_server._security.limits import Limits
 
 WATCHERS = int(os.environ.get("LB_ATTACK_FANOUT_WATCHERS", "1000"))
+FLOOD_SECONDS = float(os.environ.get("LB_ATTACK_FLOOD_SECONDS", "3"))
 CYCLES = int(os.environ.get("LB_ATTACK_WATCH_CYCLES", "10000"))
 BIG = 5000
 P99_LIMIT_MS = 50.0
@@ -377,6 +378,7 @@ def test_report_load_flood_from_one_client_is_capped_and_resolve_stays_fast(tmp_
     with ServerProcess(path, tmp_path / "server.log") as server:
         prober = Prober(server.address, [("small", pb.ROUNDROBIN), ("big", pb.PEAK_EWMA)])
         rss0 = server.memory_kb()["VmRSS"]
+        time.sleep(1.0)  # a baseline of the prober's own latency (not synchronisation)
 
         async def flood() -> tuple[Counter[str], list[str], float, float]:
             codes: Counter[str] = Counter()
@@ -405,8 +407,12 @@ def test_report_load_flood_from_one_client_is_capped_and_resolve_stays_fast(tmp_
                             codes[e.code().name] += 1
                             details.append(e.details() or "")
 
+                # rounds of 400 client ids for FLOOD_SECONDS (the first 64 ids keep replacing their reports)
                 start = time.time()
-                await asyncio.gather(*(one(i) for i in range(reports)))
+                for _ in range(20):
+                    await asyncio.gather(*(one(i) for i in range(reports)))
+                    if time.time() - start > FLOOD_SECONDS:
+                        break
                 end = time.time()
                 # a client's own next report still replaces its previous one at the cap
                 await stub.ReportLoad(
@@ -431,14 +437,17 @@ def test_report_load_flood_from_one_client_is_capped_and_resolve_stays_fast(tmp_
         rss1 = server.memory_kb()["VmRSS"]
         samples, errors = prober.finish()
         p99, n = p99_ms(samples, start, end + 0.5)
+        base, _ = p99_ms(samples, 0, start)
+        rounds = sum(codes.values()) // reports
         RESULTS["flood"] = (
-            f"{reports} reports x {len(big)} endpoints from one client in {end - start:.2f} s: "
-            f"{dict(codes)}; "
-            f"server RSS {rss0 // 1024} -> {rss1 // 1024} MB; Resolve p99 {p99:.1f} ms over {n} calls"
+            f"{rounds} x {reports} reports x {len(big)} endpoints from one client in {end - start:.2f} s: "
+            f"{dict(codes)}; server RSS {rss0 // 1024} -> {rss1 // 1024} MB; Resolve (round robin on another "
+            f"target, PEAK_EWMA on the reported one) p99 {p99:.1f} ms over {n} calls "
+            f"(baseline p99 {base:.1f} ms)"
         )
         print(RESULTS["flood"])
         assert not errors, errors
-        assert codes["OK"] == 64 and codes["RESOURCE_EXHAUSTED"] == reports - 64, codes
+        assert codes["OK"] == 64 * rounds and codes["RESOURCE_EXHAUSTED"] == (reports - 64) * rounds, codes
         assert all("max-load-reports-per-peer" in d for d in details), details[:3]
         assert rss1 - rss0 < 30 * 1024, RESULTS["flood"]
         assert p99 < P99_LIMIT_MS, RESULTS["flood"]

@@ -137,6 +137,7 @@ class _TargetLoad:
         "weights",
         "weights_version",
         "last_push",
+        "last_check",
         "timer",
         "listeners",
         "rr",
@@ -157,6 +158,7 @@ class _TargetLoad:
         self.weights: dict[Key, int] = {}  # published
         self.weights_version = 0
         self.last_push = float("-inf")
+        self.last_check = float("-inf")  # the weights are recomputed at most once per MIN_PUSH_INTERVAL
         self.timer: asyncio.TimerHandle | None = None
         self.listeners: set[Callable[[], None]] = set()
         self.rr = 0  # WEIGHTED rotation position, shared by every Resolve on the target
@@ -325,16 +327,20 @@ class LoadBoard:
             self._check_room(target, tl, peer, now)
         known = self._known(tl, endpoints)
         entries: dict[int, tuple[int, float, float]] = {}
+        index, slot = tl.index, tl.slot
         for e in loads:
             key = (e.ip, e.port)
             if known is not None and key not in known:
                 continue
-            lat = e.latency_ms if 0 < e.latency_ms < 1e9 else 0.0
-            weight = e.calls + 1.0 if lat > 0 else 0.0
-            entries[tl.slot(key)] = (e.outstanding, lat * weight, weight)
-        values = array("d")
-        for v in entries.values():
-            values.extend(v)
+            lat = e.latency_ms
+            if 0 < lat < 1e9:
+                weight = e.calls + 1.0
+                latw = lat * weight
+            else:
+                weight = latw = 0.0
+            i = index.get(key)
+            entries[slot(key) if i is None else i] = (e.outstanding, latw, weight)
+        values = array("d", [x for v in entries.values() for x in v])
         interval = min(max(interval or REPORT_INTERVAL, 0.05), MAX_INTERVAL)
         new = _Report(now + EXPIRY_INTERVALS * interval, peer, array("l", entries), values)
         tl.add(new)  # before removing the old one, so slots both name stay put
@@ -463,7 +469,7 @@ class LoadBoard:
     def _schedule(self, target: Target, tl: _TargetLoad, now: float) -> None:
         if tl.timer is not None:
             return
-        wait = tl.last_push + MIN_PUSH_INTERVAL - now
+        wait = max(tl.last_push, tl.last_check) + MIN_PUSH_INTERVAL - now
         if wait <= 0:
             self._update(target, tl)
             return
@@ -479,6 +485,7 @@ class LoadBoard:
         self._update(target, tl)
 
     def _update(self, target: Target, tl: _TargetLoad) -> None:
+        tl.last_check = self._clock()
         new = compute_weights(self.loads(target))
         if not meaningful(tl.weights, new):
             return

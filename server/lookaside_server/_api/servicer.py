@@ -8,6 +8,7 @@ serializer (grpc sends the bytes as they are).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Iterable
@@ -78,6 +79,8 @@ class LookasideServicer(pb.LookasideServicer):
         self._access = access if access is not None else AccessPolicy(allow_namespaces)
         #: Load reported by clients (ReportLoad), the weights derived from it and the load-aware pickers.
         self.load = LoadBoard(rng=self._rng, limits=load_limits)
+        #: ReportLoad takes turns: one report aggregated per loop iteration.
+        self._report_turn = asyncio.Lock()
         #: Targets with watchers -> how many; one weights listener per target resends to all of them.
         self._listening: dict[Target, int] = {}
 
@@ -231,17 +234,22 @@ class LookasideServicer(pb.LookasideServicer):
                 context, "client_id", f"target {target}: client_id is longer than 256 characters"
             )
         state = await self._state(target, context)
-        try:
-            self.load.report(
-                target,
-                request.client_id,
-                request.interval_ms / 1000.0,
-                request.endpoints,
-                peer=peer_ip(context.peer()),
-                endpoints=state.endpoints,
-            )
-        except ReportRefused as e:
-            await exhausted(context, e.limit, str(e))
+        refused: ReportRefused | None = None
+        async with self._report_turn:  # one report per loop iteration: a flood never stalls the loop
+            await asyncio.sleep(0)
+            try:
+                self.load.report(
+                    target,
+                    request.client_id,
+                    request.interval_ms / 1000.0,
+                    request.endpoints,
+                    peer=peer_ip(context.peer()),
+                    endpoints=state.endpoints,
+                )
+            except ReportRefused as e:
+                refused = e
+        if refused is not None:
+            await exhausted(context, refused.limit, str(refused))
         return pb.LoadReportAck(interval_ms=int(self.load.report_interval * 1000))
 
     # --- Status -----------------------------------------------------------------------------------------
