@@ -27,6 +27,7 @@ from lookaside_grpc._calls._engine import (
 )
 from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._errors import PickError
+from lookaside_grpc._resolvers import WatchResolver
 from lookaside_grpc._routing import DEFAULT_ROUTE_WAIT, Route, RouterCore, lease_sync, serialize
 from lookaside_grpc._settings import ClientOptions
 from lookaside_grpc._stats import Stats
@@ -124,74 +125,95 @@ class LookasideInterceptor(
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _start(self, details: grpc.ClientCallDetails) -> tuple[Route[Balancer], Endpoint] | None:
+    def _intercept(
+        self,
+        shape: str,
+        continuation: Callable[[grpc.ClientCallDetails, object], object],
+        details: grpc.ClientCallDetails,
+        request: object,
+    ) -> object:
+        """Balance the call, or hand it to the original channel (``continuation``): at once while the
+        lookaside is failing; on a cold start (watch mode, first answer on its way) the call is returned at
+        once and starts, balanced or not, when the pick arrives or ``route_wait`` runs out."""
         core = self._core
         route = core.route(details.method)
         if route is None:
-            return None
+            return continuation(details, request)
+        deadline = deadline_of(details.timeout)
         balancer = route.balancer
+        resolver = balancer.resolver
         try:
-            ep = pick_sync(balancer, core.wait_for(details.timeout), False, grpc.StatusCode.UNAVAILABLE)
+            ep = resolver.pick_nowait(balancer.policy) or resolver.ready(balancer.policy, False)
         except PickError as e:
             balancer.counters.fallback(e.reason)
-            return None
-        return route, ep
+            return continuation(details, request)
+        if ep is not None:
+            return _begin(shape, route, ep, request, deadline, details)
+        wait = core.wait_for(details.timeout)
+
+        def later() -> object:
+            try:
+                ep = pick_sync(balancer, wait, False, grpc.StatusCode.UNAVAILABLE)
+            except PickError as e:
+                balancer.counters.fallback(e.reason)
+                return continuation(details, request)
+            return _begin(shape, route, ep, request, deadline, details)
+
+        if isinstance(resolver, WatchResolver):
+            return _sync.DeferredCall(later)
+        return later()  # per_call: the Resolve, inline
 
     def intercept_unary_unary(  # type: ignore[override]
         self,
-        continuation: Callable[..., object],
+        continuation: Callable[[grpc.ClientCallDetails, object], object],
         client_call_details: grpc.ClientCallDetails,
         request: object,
     ) -> object:
-        deadline = deadline_of(client_call_details.timeout)
-        started = self._start(client_call_details)
-        if started is None:
-            return continuation(client_call_details, request)
-        route, ep = started
-        m = _method(route, "unary_unary")
-        return _sync.UnaryUnaryFuture(m, ep, request, deadline, _args(client_call_details))  # type: ignore[arg-type]
+        return self._intercept("unary_unary", continuation, client_call_details, request)
 
     def intercept_unary_stream(  # type: ignore[override]
         self,
-        continuation: Callable[..., object],
+        continuation: Callable[[grpc.ClientCallDetails, object], object],
         client_call_details: grpc.ClientCallDetails,
         request: object,
     ) -> object:
-        deadline = deadline_of(client_call_details.timeout)
-        started = self._start(client_call_details)
-        if started is None:
-            return continuation(client_call_details, request)
-        route, ep = started
-        m = _method(route, "unary_stream")
-        return _sync.unary_stream(m, ep, request, deadline, _args(client_call_details))  # type: ignore[arg-type]
+        return self._intercept("unary_stream", continuation, client_call_details, request)
 
     def intercept_stream_unary(  # type: ignore[override]
         self,
-        continuation: Callable[..., object],
+        continuation: Callable[[grpc.ClientCallDetails, object], object],
         client_call_details: grpc.ClientCallDetails,
         request_iterator: Iterator[object],
     ) -> object:
-        deadline = deadline_of(client_call_details.timeout)
-        started = self._start(client_call_details)
-        if started is None:
-            return continuation(client_call_details, request_iterator)
-        route, ep = started
-        m = _method(route, "stream_unary")
-        return _sync.stream_unary_future(m, ep, request_iterator, deadline, _args(client_call_details))  # type: ignore[arg-type]
+        return self._intercept("stream_unary", continuation, client_call_details, request_iterator)
 
     def intercept_stream_stream(  # type: ignore[override]
         self,
-        continuation: Callable[..., object],
+        continuation: Callable[[grpc.ClientCallDetails, object], object],
         client_call_details: grpc.ClientCallDetails,
         request_iterator: Iterator[object],
     ) -> object:
-        deadline = deadline_of(client_call_details.timeout)
-        started = self._start(client_call_details)
-        if started is None:
-            return continuation(client_call_details, request_iterator)
-        route, ep = started
-        m = _method(route, "stream_stream")
-        return _sync.stream_stream(m, ep, request_iterator, deadline, _args(client_call_details))  # type: ignore[arg-type]
+        return self._intercept("stream_stream", continuation, client_call_details, request_iterator)
+
+
+def _begin(
+    shape: str,
+    route: Route[Balancer],
+    ep: Endpoint,
+    request: object,
+    deadline: float | None,
+    details: grpc.ClientCallDetails,
+) -> object:
+    """Start the balanced call of ``shape`` on ``ep`` through the engine."""
+    m = _method(route, shape)
+    a = _args(details)
+    if shape == "unary_unary":
+        return _sync.UnaryUnaryFuture(m, ep, request, deadline, a)  # type: ignore[arg-type]
+    if shape == "unary_stream":
+        return _sync.unary_stream(m, ep, request, deadline, a)  # type: ignore[arg-type]
+    if shape == "stream_unary":
+        return _sync.stream_unary_future(m, ep, request, deadline, a)  # type: ignore[arg-type]
+    return _sync.stream_stream(m, ep, request, deadline, a)  # type: ignore[arg-type]
 
 
 class InterceptedChannel(grpc.Channel):
