@@ -376,6 +376,29 @@ async def test_01_aio_deadline_while_waiting_for_the_lookaside_is_deadline_excee
     assert got.elapsed < WAIT_DEADLINE + 1.0, f"took {got.elapsed:.3f}s for a {WAIT_DEADLINE}s deadline"
 
 
+@pytest.mark.parametrize("flavour", ["sync_interceptor", "aio_interceptors"])
+async def test_01_interceptors_with_a_silent_lookaside_answer_as_their_original_channel(
+    greet: World, flavour: str
+) -> None:
+    """Cold start against a lookaside that never answers: an interceptor call with a deadline gives what the
+    original channel gives on its own (it falls back within the deadline), not an error of its own."""
+    with SilentListener() as silent:
+        if flavour == "sync_interceptor":
+            with grpc.insecure_channel(greet.fallback.address) as plain:
+                control = greet.call(plain, timeout=WAIT_DEADLINE * 3)
+            with sync_flavour(flavour, silent.address, greet.fallback.address, routes_for=greet.routes) as ch:
+                got = greet.call(ch, timeout=WAIT_DEADLINE * 3)
+        else:
+            async with grpc.aio.insecure_channel(greet.fallback.address) as plain:
+                control = await greet.acall(plain, timeout=WAIT_DEADLINE * 3)
+            async with aio_flavour(
+                flavour, silent.address, greet.fallback.address, routes_for=greet.routes
+            ) as ch:
+                got = await greet.acall(ch, timeout=WAIT_DEADLINE * 3)
+    assert (control.code, control.served_by) == (OK, greet.fallback.address)
+    assert (got.code, got.details, got.served_by) == (control.code, control.details, control.served_by)
+
+
 # ======================================== 2. aio cancel while picking
 
 
@@ -712,9 +735,10 @@ def test_05_ready_only_with_a_ready_endpoint(flavour: str) -> None:
                 ch.unsubscribe(states.append)
 
 
-async def test_05_aio_ready_only_with_a_ready_endpoint() -> None:
+@pytest.mark.parametrize("flavour", AIO_FACTORIES)
+async def test_05_aio_ready_only_with_a_ready_endpoint(flavour: str) -> None:
     with InteropBackend() as backend, serve_lookaside([]) as la:
-        async with aio_flavour("aio_watch", la.address) as ch:
+        async with aio_flavour(flavour, la.address) as ch:
             ch.get_state(try_to_connect=True)
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(ch.channel_ready(), 0.5)
