@@ -160,6 +160,154 @@ async def test_metrics_after_some_calls(tmp_path: Path) -> None:
         assert not [k for k in samples if k[0] == "lookaside_target_endpoints"]  # series removed
 
 
+def std(name: str, grpc_type: str, service: str, method: str, code: str | None = None) -> tuple[str, Any]:
+    """A sample key of a standard gRPC server series (go-grpc-prometheus's names and labels)."""
+    labels = {"grpc_type": grpc_type, "grpc_service": service, "grpc_method": method}
+    if code is not None:
+        labels["grpc_code"] = code
+    return name, tuple(sorted(labels.items()))
+
+
+UPLOAD = "test.Upload"
+
+
+class WithClientStream(LookasideServer):
+    """The lookaside server plus a client-streaming method (the lookaside API has none), served through the
+    same interceptor: it counts the raw request messages, answering FAILED_PRECONDITION for none."""
+
+    def _add_xds(self, server: grpc.aio.Server, load: Any = None) -> tuple[str, ...]:
+        async def count(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+            n = 0
+            async for _ in requests:
+                n += 1
+            if n == 0:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "nothing sent")
+            return str(n).encode()
+
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    UPLOAD, {"Count": grpc.stream_unary_rpc_method_handler(count)}
+                ),
+            )
+        )
+        return super()._add_xds(server, load)
+
+
+async def test_standard_grpc_server_metrics(tmp_path: Path) -> None:
+    """grpc_server_started_total / handled_total / handling_seconds / msg_received_total / msg_sent_total with
+    grpc_type, grpc_service, grpc_method (and grpc_code in grpc-go's spelling) after real calls of every type;
+    long-lived streams count as started when they start and as handled only when they end."""
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from lookaside_server._xds.resources import LISTENER
+
+    path = tmp_path / "endpoints.json"
+    write_static(path, {T: endpoints(2, ready=True)})
+    server = WithClientStream(
+        ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+            source=StaticFileConfig(str(path)),
+            http=HttpConfig(port=0, host="127.0.0.1"),
+        )
+    )
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    lk = "lookaside.Lookaside"
+    try:
+        stub = pb.LookasideStub(channel)
+        # unary: two OK, one NOT_FOUND
+        for _ in range(2):
+            await stub.Resolve(GREET, timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Resolve(pb.Request(service="nope", namespace="default"), timeout=5)
+        # client stream: three messages (OK), then none (FAILED_PRECONDITION)
+        upload = channel.stream_unary(f"/{UPLOAD}/Count")
+        assert await upload(iter([b"a", b"b", b"c"]), timeout=5) == b"3"
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await upload(iter([]), timeout=5)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # bidi stream that ends: two reflection requests, two answers, OK
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")] * 2), timeout=5
+        )
+        assert len([r async for r in refl]) == 2
+        # long-lived streams: a Watch (server stream) and an xDS stream (bidi), both still open
+        watch = stub.Watch(pb.WatchRequest(service="greet", namespace="default"), timeout=30)
+        await asyncio.wait_for(watch.read(), 10)
+        ads = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(timeout=30)
+        await ads.write(discovery_pb2.DiscoveryRequest(type_url=LISTENER, resource_names=["greet.default"]))
+        assert (await asyncio.wait_for(ads.read(), 10)).type_url == LISTENER
+
+        text, samples = await scrape(server)
+        for name in (
+            "started_total",
+            "handled_total",
+            "handling_seconds",
+            "msg_received_total",
+            "msg_sent_total",
+        ):
+            assert f"# TYPE grpc_server_{name} " in text
+        assert samples[std("grpc_server_started_total", "unary", lk, "Resolve")] == 3
+        assert samples[std("grpc_server_handled_total", "unary", lk, "Resolve", "OK")] == 2
+        assert samples[std("grpc_server_handled_total", "unary", lk, "Resolve", "NotFound")] == 1
+        assert samples[std("grpc_server_msg_received_total", "unary", lk, "Resolve")] == 3
+        assert samples[std("grpc_server_msg_sent_total", "unary", lk, "Resolve")] == 2
+        assert samples[std("grpc_server_handling_seconds_count", "unary", lk, "Resolve")] == 3
+        bucket = std("grpc_server_handling_seconds_bucket", "unary", lk, "Resolve")
+        assert samples[(bucket[0], tuple(sorted((*bucket[1], ("le", "+Inf")))))] == 3
+
+        assert samples[std("grpc_server_started_total", "client_stream", UPLOAD, "Count")] == 2
+        assert samples[std("grpc_server_handled_total", "client_stream", UPLOAD, "Count", "OK")] == 1
+        assert (
+            samples[std("grpc_server_handled_total", "client_stream", UPLOAD, "Count", "FailedPrecondition")]
+            == 1
+        )
+        assert samples[std("grpc_server_msg_received_total", "client_stream", UPLOAD, "Count")] == 3
+        assert samples[std("grpc_server_msg_sent_total", "client_stream", UPLOAD, "Count")] == 1
+
+        rs, rm = "grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo"
+        assert samples[std("grpc_server_handled_total", "bidi_stream", rs, rm, "OK")] == 1
+        assert samples[std("grpc_server_msg_received_total", "bidi_stream", rs, rm)] == 2
+        assert samples[std("grpc_server_msg_sent_total", "bidi_stream", rs, rm)] == 2
+
+        xs, xm = "envoy.service.discovery.v3.AggregatedDiscoveryService", "StreamAggregatedResources"
+        for grpc_type, service, method in (("server_stream", lk, "Watch"), ("bidi_stream", xs, xm)):
+            assert samples[std("grpc_server_started_total", grpc_type, service, method)] == 1
+            assert samples[std("grpc_server_msg_received_total", grpc_type, service, method)] == 1
+            assert samples[std("grpc_server_msg_sent_total", grpc_type, service, method)] >= 1
+            assert not [
+                k for k in samples if k[0] == "grpc_server_handled_total" and ("grpc_method", method) in k[1]
+            ]
+        # the lookaside series stay as they were
+        assert samples[rpc("Resolve", "NOT_FOUND")] == 1
+
+        watch.cancel()
+        ads.cancel()
+
+        async def streams_ended() -> bool:
+            return server.slots.total == 0
+
+        await wait_until(streams_ended, what="the streams to end")
+
+        async def handled() -> bool:
+            _, samples = await scrape(server)
+            keys = [
+                std("grpc_server_handled_total", t, s, m, "Canceled")
+                for t, s, m in (("server_stream", lk, "Watch"), ("bidi_stream", xs, xm))
+            ]
+            return all(samples.get(k) == 1 for k in keys)
+
+        await wait_until(handled, what="the streams to count as handled (Canceled)")
+        _, samples = await scrape(server)
+        assert samples[std("grpc_server_handling_seconds_count", "server_stream", lk, "Watch")] == 1
+        assert samples[rpc("Watch", "CANCELLED")] == 1
+    finally:
+        await channel.close()
+        await server.stop(0.5)
+
+
 async def test_metrics_exposition_negotiated_and_compressed(tmp_path: Path) -> None:
     """prometheus-client's own exposition: OpenMetrics by Accept, gzip by Accept-Encoding, name[] filters."""
     async with served(tmp_path) as (server, channel):

@@ -9,7 +9,10 @@ metric labels stay bounded), so the checks live in one place instead of in every
 3. for the long-lived streams (``Watch``, xDS ``StreamAggregatedResources``) a slot of the
    :class:`~lookaside_server._security.limits.StreamSlots` (RESOURCE_EXHAUSTED when the overall or per-peer
    limit is reached), released when the stream ends;
-4. counts the RPC by final status code, and times unary ones.
+4. counts the RPC in the server's metrics (:class:`~lookaside_server._web.metrics.MethodMetrics`): started
+   when its behaviour starts, handled with its final status code and duration when it ends (a stream when
+   it ends), and the messages it received and sent (counted around the request iterator, ``context.read``,
+   ``context.write`` and the response generator).
 
 It also parses unary requests tolerantly: a body that is not a valid message gets INVALID_ARGUMENT from here
 (grpc.aio alone would answer UNKNOWN "Unexpected DecodeError").
@@ -30,7 +33,7 @@ from lookaside_server._core.errors import abort
 from lookaside_server._security.access import AccessPolicy
 from lookaside_server._security.limits import StreamSlots, exhausted, peer_ip, set_recorder
 from lookaside_server._web.logging import bind_peer
-from lookaside_server._web.metrics import ServerMetrics
+from lookaside_server._web.metrics import GRPC_TYPES, MethodMetrics, ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,48 @@ def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
             return _Malformed(f"{type(e).__name__}: {e}")
 
     return parse
+
+
+class _CountingIterator:
+    """A request iterator that counts each message received."""
+
+    __slots__ = ("_it", "_m")
+
+    def __init__(self, it: AsyncIterator[Any], m: MethodMetrics) -> None:
+        self._it = aiter(it)
+        self._m = m
+
+    def __aiter__(self) -> _CountingIterator:
+        return self
+
+    async def __anext__(self) -> Any:
+        message = await anext(self._it)
+        self._m.received.inc()
+        return message
+
+
+class _CountingContext:
+    """The servicer context of a streaming RPC, counting what ``read`` and ``write`` pass; everything else is
+    the real context's."""
+
+    __slots__ = ("_context", "_m")
+
+    def __init__(self, context: grpc.aio.ServicerContext, m: MethodMetrics) -> None:
+        self._context = context
+        self._m = m
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def read(self) -> Any:
+        message = await self._context.read()
+        if message is not grpc.aio.EOF:
+            self._m.received.inc()
+        return message
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self._m.sent.inc()
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -96,14 +141,16 @@ def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) ->
 class ServerGuard(grpc.aio.ServerInterceptor):
     """See the module docstring."""
 
-    def __init__(self, access: AccessPolicy, slots: StreamSlots,
-                 metrics: ServerMetrics | None = None) -> None:
+    def __init__(
+        self, access: AccessPolicy, slots: StreamSlots, metrics: ServerMetrics | None = None
+    ) -> None:
         self.access = access
         self.slots = slots
         self.metrics = metrics
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
@@ -116,11 +163,11 @@ class ServerGuard(grpc.aio.ServerInterceptor):
             inner = getattr(handler, attr, None)
             if inner is None:
                 continue
-            unary_response = attr in ("unary_unary", "stream_unary")
+            m = self.metrics.method(GRPC_TYPES[attr], service, name) if self.metrics is not None else None
             if inspect.iscoroutinefunction(inner):
-                wrapped: Any = self._wrap_coroutine(inner, service, name, kind, unary_response)
+                wrapped: Any = self._wrap_coroutine(inner, service, name, kind, attr, m)
             elif inspect.isasyncgenfunction(inner):
-                wrapped = self._wrap_generator(inner, service, name, kind)
+                wrapped = self._wrap_generator(inner, service, name, kind, attr, m)
             else:
                 return handler  # a sync handler: served as is
             changes: dict[str, Any] = {attr: wrapped}
@@ -131,8 +178,9 @@ class ServerGuard(grpc.aio.ServerInterceptor):
 
     # --- the checks --------------------------------------------------------------------------------------
 
-    async def _enter(self, request: Any, context: grpc.aio.ServicerContext, service: str, name: str,
-                     kind: str | None) -> str | None:
+    async def _enter(
+        self, request: Any, context: grpc.aio.ServicerContext, service: str, name: str, kind: str | None
+    ) -> str | None:
         """Bind the log context, apply the identity rule, reject a malformed body and take a stream slot;
         return the slot's peer."""
         peer = context.peer()
@@ -142,8 +190,11 @@ class ServerGuard(grpc.aio.ServerInterceptor):
         if denial is not None:
             await abort(context, grpc.StatusCode.PERMISSION_DENIED, denial.message)
         if type(request) is _Malformed:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                        f"{service}/{name}: the request is not a valid message ({request.error})")
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{service}/{name}: the request is not a valid message ({request.error})",
+            )
         if kind is None:
             return None
         ip = peer_ip(peer)
@@ -152,53 +203,96 @@ class ServerGuard(grpc.aio.ServerInterceptor):
             await exhausted(context, *refused)
         return ip
 
-    def _done(self, service: str, name: str, context: grpc.aio.ServicerContext, exc: BaseException | None,
-              started: float | None) -> None:
-        if self.metrics is None:
-            return
+    @staticmethod
+    def _done(
+        m: MethodMetrics | None, context: grpc.aio.ServicerContext, exc: BaseException | None, started: float
+    ) -> str:
+        """Count the RPC's end; return its final code (Python's name)."""
         code = _final_code(context, exc)
-        seconds = time.perf_counter() - started if started is not None else None
-        try:
-            self.metrics.handled(service, name, code, seconds)
-        except Exception:  # noqa: BLE001
-            log.exception("counting an RPC failed")
+        if m is not None:
+            try:
+                m.handled(code, time.perf_counter() - started)
+            except Exception:  # noqa: BLE001
+                log.exception("counting an RPC failed")
+        return code
 
     # --- wrappers ----------------------------------------------------------------------------------------
 
-    def _wrap_coroutine(self, inner: Callable[..., Awaitable[Any]], service: str, name: str,
-                        kind: str | None, unary_response: bool) -> Callable[..., Awaitable[Any]]:
+    def _wrap_coroutine(
+        self,
+        inner: Callable[..., Awaitable[Any]],
+        service: str,
+        name: str,
+        kind: str | None,
+        attr: str,
+        m: MethodMetrics | None,
+    ) -> Callable[..., Awaitable[Any]]:
+        request_streaming = attr.startswith("stream_")
+        unary_response = attr.endswith("_unary")
+
         async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             exc: BaseException | None = None
             ip: str | None = None
+            inner_context: Any = context
+            if m is not None:
+                m.started.inc()
+                if request_streaming:
+                    request = _CountingIterator(request, m)
+                else:
+                    m.received.inc()
+                if request_streaming or not unary_response:
+                    inner_context = _CountingContext(context, m)
             try:
                 ip = await self._enter(request, context, service, name, kind)
-                return await inner(request, context)
+                return await inner(request, inner_context)
             except BaseException as e:
                 exc = e
                 raise
             finally:
                 if ip is not None and kind is not None:
                     self.slots.release(ip, kind)
-                self._done(service, name, context, exc, started if unary_response else None)
+                code = self._done(m, context, exc, started)
+                if m is not None and unary_response and exc is None and code == "OK":
+                    m.sent.inc()
 
         return behaviour
 
-    def _wrap_generator(self, inner: Callable[..., AsyncIterator[Any]], service: str, name: str,
-                        kind: str | None) -> Callable[..., AsyncIterator[Any]]:
+    def _wrap_generator(
+        self,
+        inner: Callable[..., AsyncIterator[Any]],
+        service: str,
+        name: str,
+        kind: str | None,
+        attr: str,
+        m: MethodMetrics | None,
+    ) -> Callable[..., AsyncIterator[Any]]:
+        request_streaming = attr.startswith("stream_")
+
         async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
             exc: BaseException | None = None
             ip: str | None = None
+            inner_context: Any = context
+            if m is not None:
+                m.started.inc()
+                if request_streaming:
+                    request = _CountingIterator(request, m)
+                    inner_context = _CountingContext(context, m)
+                else:
+                    m.received.inc()
             try:
                 ip = await self._enter(request, context, service, name, kind)
-                async for response in inner(request, context):
+                async for response in inner(request, inner_context):
                     yield response
+                    if m is not None:
+                        m.sent.inc()
             except BaseException as e:
                 exc = e
                 raise
             finally:
                 if ip is not None and kind is not None:
                     self.slots.release(ip, kind)
-                self._done(service, name, context, exc, None)
+                self._done(m, context, exc, started)
 
         return behaviour

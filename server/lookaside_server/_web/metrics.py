@@ -2,9 +2,21 @@
 
 Counted as things happen (by the server interceptor, the access policy and the limits):
 
-* ``lookaside_rpcs_total{grpc_service,grpc_method,grpc_code}``: finished RPCs by status code;
-* ``lookaside_rpc_duration_seconds{grpc_service,grpc_method}``: latency of unary RPCs (Resolve, Status,
-  ReportLoad, health checks);
+* the standard gRPC server series of go-grpc-prometheus (what the usual Grafana dashboards and alerting
+  rules query), labelled ``grpc_type`` (``unary``, ``server_stream``, ``client_stream``, ``bidi_stream``),
+  ``grpc_service`` and ``grpc_method``:
+
+  - ``grpc_server_started_total``: RPCs started (a stream when it starts);
+  - ``grpc_server_handled_total{...,grpc_code}``: RPCs finished (a stream when it ends), by status code
+    spelled as grpc-go does (``OK``, ``NotFound``, ``Canceled``, ``ResourceExhausted``, ...);
+  - ``grpc_server_handling_seconds``: a histogram of the time from start to finish, of every type (a
+    stream's lifetime lands in the upper buckets: dashboards show latency for ``grpc_type="unary"``);
+  - ``grpc_server_msg_received_total``, ``grpc_server_msg_sent_total``: messages of each RPC;
+
+* ``lookaside_rpcs_total{grpc_service,grpc_method,grpc_code}``: finished RPCs by status code as Python's
+  grpc spells it (``NOT_FOUND``), kept for existing dashboards: prefer ``grpc_server_handled_total``;
+* ``lookaside_rpc_duration_seconds{grpc_service,grpc_method}``: latency of unary-response RPCs (Resolve,
+  Status, ReportLoad, health checks), kept likewise: prefer ``grpc_server_handling_seconds``;
 * ``lookaside_access_denied_total{reason}``: denials by ``namespace``, ``service`` or ``identity``;
 * ``lookaside_limit_hits_total{limit}``: ``max_watches``, ``max_watches_per_peer``, ``max_targets``,
   and of the HTTP listener ``http_max_connections`` (a connection closed at the cap) and
@@ -37,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
+import grpc
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -79,6 +92,78 @@ LATENCY_BUCKETS = (
     5.0,
 )
 STREAM_KINDS = ("watch", "xds")
+
+#: ``grpc_server_handling_seconds``: the sub-millisecond buckets of Resolve, then up to an hour for the
+#: lifetime of Watch and xDS streams.
+HANDLING_BUCKETS = (*LATENCY_BUCKETS, 10.0, 60.0, 600.0, 3600.0)
+
+#: ``grpc_type`` by the attribute of ``grpc.RpcMethodHandler`` that holds the behaviour.
+GRPC_TYPES = {
+    "unary_unary": "unary",
+    "unary_stream": "server_stream",
+    "stream_unary": "client_stream",
+    "stream_stream": "bidi_stream",
+}
+
+
+def _go_code(name: str) -> str:
+    """grpc-go's spelling of a status code (``codes.Code.String()``), which go-grpc-prometheus puts in
+    ``grpc_code``: ``NOT_FOUND`` -> ``NotFound``, ``CANCELLED`` -> ``Canceled``, ``OK`` stays."""
+    if name in ("OK", "CANCELLED"):
+        return "OK" if name == "OK" else "Canceled"
+    return "".join(word.capitalize() for word in name.split("_"))
+
+
+#: Python's status code name (``grpc.StatusCode.NOT_FOUND.name``) -> grpc-go's (``NotFound``).
+GO_CODES = {c.name: _go_code(c.name) for c in grpc.StatusCode}
+
+
+class MethodMetrics:
+    """The series of one method (children resolved once, so counting an RPC is a few increments)."""
+
+    __slots__ = (
+        "_handled",
+        "_handled_children",
+        "_legacy",
+        "_legacy_children",
+        "duration",
+        "labels",
+        "received",
+        "seconds",
+        "sent",
+        "started",
+    )
+
+    def __init__(self, metrics: ServerMetrics, grpc_type: str, service: str, method: str) -> None:
+        self.labels = (grpc_type, service, method)
+        self.started = metrics.started.labels(*self.labels)
+        self.received = metrics.msg_received.labels(*self.labels)
+        self.sent = metrics.msg_sent.labels(*self.labels)
+        self.seconds = metrics.handling.labels(*self.labels)
+        #: Latency of unary-response RPCs in ``lookaside_rpc_duration_seconds`` (None: a streaming response).
+        self.duration = (
+            metrics.duration.labels(service, method) if grpc_type in ("unary", "client_stream") else None
+        )
+        self._handled = metrics.handled_total
+        self._legacy = metrics.rpcs
+        self._handled_children: dict[str, Any] = {}
+        self._legacy_children: dict[str, Any] = {}
+
+    def handled(self, code: str, seconds: float) -> None:
+        """Count the RPC's end with ``code`` (Python's name, ``NOT_FOUND``) after ``seconds``."""
+        child = self._handled_children.get(code)
+        if child is None:
+            child = self._handled.labels(*self.labels, GO_CODES.get(code, code))
+            self._handled_children[code] = child
+        child.inc()
+        legacy = self._legacy_children.get(code)
+        if legacy is None:
+            legacy = self._legacy.labels(self.labels[1], self.labels[2], code)
+            self._legacy_children[code] = legacy
+        legacy.inc()
+        self.seconds.observe(seconds)
+        if self.duration is not None:
+            self.duration.observe(seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,15 +294,46 @@ class ServerMetrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
+        standard = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter(
+            "grpc_server_started", "Total number of RPCs started on the server.", standard, registry=r
+        )
+        self.handled_total = Counter(
+            "grpc_server_handled",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+            [*standard, "grpc_code"],
+            registry=r,
+        )
+        self.handling = Histogram(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the "
+            "server.",
+            standard,
+            buckets=HANDLING_BUCKETS,
+            registry=r,
+        )
+        self.msg_received = Counter(
+            "grpc_server_msg_received",
+            "Total number of RPC stream messages received on the server.",
+            standard,
+            registry=r,
+        )
+        self.msg_sent = Counter(
+            "grpc_server_msg_sent",
+            "Total number of gRPC stream messages sent by the server.",
+            standard,
+            registry=r,
+        )
+        self._methods: dict[tuple[str, str, str], MethodMetrics] = {}
         self.rpcs = Counter(
             "lookaside_rpcs",
-            "Finished RPCs by service, method and status code.",
+            "Finished RPCs by service, method and status code (prefer grpc_server_handled_total).",
             ["grpc_service", "grpc_method", "grpc_code"],
             registry=r,
         )
         self.duration = Histogram(
             "lookaside_rpc_duration_seconds",
-            "Latency of unary RPCs (Resolve, ...).",
+            "Latency of unary-response RPCs (Resolve, ...; prefer grpc_server_handling_seconds).",
             ["grpc_service", "grpc_method"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -265,11 +381,13 @@ class ServerMetrics:
         """Count a limit hit."""
         self.limit_hits.labels(limit).inc()
 
-    def handled(self, service: str, method: str, code: str, seconds: float | None) -> None:
-        """Count a finished RPC (and its latency, for unary ones)."""
-        self.rpcs.labels(service, method, code).inc()
-        if seconds is not None:
-            self.duration.labels(service, method).observe(seconds)
+    def method(self, grpc_type: str, service: str, method: str) -> MethodMetrics:
+        """The series of one method (only known methods reach here, so the label sets stay bounded)."""
+        key = (grpc_type, service, method)
+        found = self._methods.get(key)
+        if found is None:
+            found = self._methods[key] = MethodMetrics(self, grpc_type, service, method)
+        return found
 
     def attach(self, registry: Registry, tls: Any = None) -> None:
         """Add the scrape-time collector over ``registry`` and the TLS store."""
