@@ -427,6 +427,9 @@ class _Fault:
 class _HTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default listen backlog is 5: a burst of connections (thousands of watches opening at
+    # once) would see SYNs dropped and connect timeouts, which a real API server does not cause.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], kube: KubeAPIServer) -> None:
         self.kube = kube
@@ -523,9 +526,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _ClientGone from e
 
     def client_gone(self) -> bool:
-        """True once the client closed the connection (it sends nothing while it reads a watch)."""
+        """True once the client closed the connection (it sends nothing while it reads a watch).
+
+        ``poll``, not ``select.select``, where there is one: select cannot take descriptors above 1023
+        (ValueError), which would end every watch at once on a server holding a thousand connections."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
+            if hasattr(select, "poll"):
+                poller = select.poll()
+                poller.register(self.connection, select.POLLIN)
+                readable = bool(poller.poll(0))
+            else:
+                readable = bool(select.select([self.connection], [], [], 0)[0])
             if not readable:
                 return False
             return self.connection.recv(1, socket.MSG_PEEK) == b""

@@ -24,8 +24,14 @@ from lookaside_server import AccessConfig, ListenConfig, LookasideServer, Securi
 from lookaside_server._sources.kubernetes import KubernetesSource, KubeTimings
 
 NS = "default"
-FAST = KubeTimings(resync_interval=60.0, watch_timeout=5.0, request_timeout=2.0, connect_timeout=1.0,
-                   backoff_base=0.05, backoff_cap=0.3)
+FAST = KubeTimings(
+    resync_interval=60.0,
+    watch_timeout=5.0,
+    request_timeout=2.0,
+    connect_timeout=1.0,
+    backoff_base=0.05,
+    backoff_cap=0.3,
+)
 
 
 @dataclass
@@ -46,17 +52,24 @@ class K8sServed:
 
 
 @asynccontextmanager
-async def k8s_serve(kube: KubeAPIServer, *, kind: str = "endpointslices", timings: KubeTimings = FAST,
-                    allow_namespaces: frozenset[str] | None = None, **source_kw: Any
-                    ) -> AsyncIterator[K8sServed]:
+async def k8s_serve(
+    kube: KubeAPIServer,
+    *,
+    kind: str = "endpointslices",
+    timings: KubeTimings = FAST,
+    allow_namespaces: frozenset[str] | None = None,
+    **source_kw: Any,
+) -> AsyncIterator[K8sServed]:
     """Start a LookasideServer whose source is the real official client pointed at ``kube``."""
     api = client.ApiClient(client.Configuration(host=kube.url))
     source = KubernetesSource(api, kind=kind, timings=timings, **source_kw)
-    server = LookasideServer(ServerConfig(
-        listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
-        source=source,
-        security=SecurityConfig(access=AccessConfig(namespaces=allow_namespaces)),
-    ))
+    server = LookasideServer(
+        ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+            source=source,
+            security=SecurityConfig(access=AccessConfig(namespaces=allow_namespaces)),
+        )
+    )
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -67,15 +80,18 @@ async def k8s_serve(kube: KubeAPIServer, *, kind: str = "endpointslices", timing
         api.close()
 
 
-async def next_set(stream: Any, check: Callable[[pb.EndpointSet], bool] = lambda m: True,
-                   timeout: float = DEADLINE) -> pb.EndpointSet:
+async def next_set(
+    stream: Any, check: Callable[[pb.EndpointSet], bool] = lambda m: True, timeout: float = DEADLINE
+) -> pb.EndpointSet:
     """Read a Watch stream until a message satisfies ``check`` (fail after ``timeout`` seconds)."""
+
     async def loop() -> pb.EndpointSet:
         while True:
             msg = await stream.read()
             assert msg is not grpc.aio.EOF, "watch stream ended"
             if check(msg):
                 return msg
+
     return await asyncio.wait_for(loop(), timeout)
 
 
@@ -142,8 +158,15 @@ async def test_scale_up_down_and_not_ready(kube: KubeAPIServer) -> None:
 
 async def test_unset_conditions_follow_the_api_defaults(kube: KubeAPIServer) -> None:
     # ready unset = ready; serving unset = ready's value; terminating unset = false
-    kube.apply(greet_slice("greet-a", [endpoint("10.0.0.1", ready=None, serving=None, terminating=None),
-                                       endpoint("10.0.0.2", ready=False, serving=None, terminating=None)]))
+    kube.apply(
+        greet_slice(
+            "greet-a",
+            [
+                endpoint("10.0.0.1", ready=None, serving=None, terminating=None),
+                endpoint("10.0.0.2", ready=False, serving=None, terminating=None),
+            ],
+        )
+    )
     async with k8s_serve(kube) as s:
         assert ips(await s.resolve(count=2)) == ["10.0.0.1", "10.0.0.1"]
         (target,) = s.server.registry.states()
@@ -157,13 +180,22 @@ async def test_terminating_excluded_then_serving_terminating_fallback(kube: Kube
         stream = s.watch()
         assert ips(await next_set(stream)) == ["10.0.0.1", "10.0.0.2"]
         # a rolling update: 10.0.0.1 terminates (still serving); a ready one remains, so it is excluded
-        kube.apply(greet_slice("greet-a", [endpoint("10.0.0.1", ready=False, serving=True, terminating=True),
-                                           "10.0.0.2"]))
+        kube.apply(
+            greet_slice(
+                "greet-a", [endpoint("10.0.0.1", ready=False, serving=True, terminating=True), "10.0.0.2"]
+            )
+        )
         assert ips(await next_set(stream)) == ["10.0.0.2"]
         # the last ready one goes: the serving-and-terminating ones are used rather than nothing
-        kube.apply(greet_slice("greet-a", [
-            endpoint("10.0.0.1", ready=False, serving=True, terminating=True),
-            endpoint("10.0.0.2", ready=False, serving=False, terminating=True)]))
+        kube.apply(
+            greet_slice(
+                "greet-a",
+                [
+                    endpoint("10.0.0.1", ready=False, serving=True, terminating=True),
+                    endpoint("10.0.0.2", ready=False, serving=False, terminating=True),
+                ],
+            )
+        )
         assert ips(await next_set(stream)) == ["10.0.0.1"]
         assert (await s.resolve()).address == "10.0.0.1"
         stream.cancel()
@@ -183,8 +215,11 @@ async def test_slices_are_merged_and_duplicates_kept_once(kube: KubeAPIServer) -
         assert ips(await next_set(stream)) == ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"]
         kube.apply(greet_slice("greet-a", ["10.0.0.1"]))
         kube.delete("EndpointSlice", "default", "greet-b")
-        assert ips(await next_set(stream, lambda m: len(m.endpoints) == 3)) == ["10.0.0.1", "10.0.0.2",
-                                                                                 "10.0.0.5"]
+        assert ips(await next_set(stream, lambda m: len(m.endpoints) == 3)) == [
+            "10.0.0.1",
+            "10.0.0.2",
+            "10.0.0.5",
+        ]
         # another Service's slices never leak in
         kube.apply(endpoint_slice("other-a", "other", endpoints=["10.9.9.9"]))
         kube.apply(greet_slice("greet-a", ["10.0.0.1", "10.0.0.6"]))
@@ -227,13 +262,22 @@ async def test_ipv6_slices_and_fqdn_slices_ignored(kube: KubeAPIServer) -> None:
 
 
 async def test_zone_and_for_zones_are_carried(kube: KubeAPIServer) -> None:
-    kube.apply(greet_slice("greet-a", [endpoint("10.0.0.1", zone="zone-a", for_zones=["zone-a"]),
-                                       endpoint("10.0.0.2", zone="zone-b", for_zones=["zone-b", "zone-c"])]))
+    kube.apply(
+        greet_slice(
+            "greet-a",
+            [
+                endpoint("10.0.0.1", zone="zone-a", for_zones=["zone-a"]),
+                endpoint("10.0.0.2", zone="zone-b", for_zones=["zone-b", "zone-c"]),
+            ],
+        )
+    )
     async with k8s_serve(kube) as s:
         stream = s.watch()
         first = await next_set(stream)
         assert {(e.ip, e.zone, tuple(e.for_zones)) for e in first.endpoints} == {
-            ("10.0.0.1", "zone-a", ("zone-a",)), ("10.0.0.2", "zone-b", ("zone-b", "zone-c"))}
+            ("10.0.0.1", "zone-a", ("zone-a",)),
+            ("10.0.0.2", "zone-b", ("zone-b", "zone-c")),
+        }
         kube.apply(greet_slice("greet-a", [endpoint("10.0.0.1", zone="zone-a", for_zones=["zone-b"])]))
         msg = await next_set(stream)
         assert [(e.zone, list(e.for_zones)) for e in msg.endpoints] == [("zone-a", ["zone-b"])]
@@ -269,7 +313,7 @@ async def test_missing_service_empty_service_and_deleted_service(kube: KubeAPISe
         # and it comes back
         kube.apply(service("greet"))
         kube.apply(greet_slice("greet-a", ["10.0.0.7"]))
-        assert ips(await next_set(stream)) == ["10.0.0.7"]
+        assert ips(await next_set(stream, lambda m: len(m.endpoints) > 0)) == ["10.0.0.7"]
         assert (await s.resolve()).address == "10.0.0.7"
         stream.cancel()
 
@@ -301,19 +345,20 @@ async def test_410_gone_relists(expired_watch: str) -> None:
         async with k8s_serve(kube) as s:
             stream = s.watch()
             assert ips(await next_set(stream)) == ["10.0.0.1"]
-            assert await in_thread(kube.wait_for_open_watches, 1)
+            assert await in_thread(kube.wait_for_open_watches, 1, resource="endpointslices")
             lists = kube.request_count("list", "endpointslices")
             # an ERROR 410 event in the stream
-            assert kube.inject_watch_error(410) == 1
+            assert kube.inject_watch_error(410, resource="endpointslices") == 1
             kube.apply(greet_slice("greet-a", ["10.0.0.1", "10.0.0.2"]))
             assert ips(await next_set(stream)) == ["10.0.0.1", "10.0.0.2"]
             assert await in_thread(kube.wait_for_requests, lists + 1, "list", "endpointslices")
             # compaction, then the stream ends: resuming from the old resourceVersion answers 410
-            assert await in_thread(kube.wait_for_open_watches, 1)
+            assert await in_thread(kube.wait_for_open_watches, 1, resource="endpointslices")
             kube.apply(greet_slice("greet-a", ["10.0.0.3"]))
             assert ips(await next_set(stream)) == ["10.0.0.3"]
             lists = kube.request_count("list", "endpointslices")
-            kube.apply(endpoint_slice("other", "other"))  # moves the resourceVersion past ours
+            # moves the resourceVersion past ours (another namespace: our watches see nothing of it)
+            kube.apply(endpoint_slice("other", "other", namespace="elsewhere"))
             kube.compact()
             kube.close_watches()
             assert await in_thread(kube.wait_for_requests, lists + 1, "list", "endpointslices")
@@ -329,11 +374,11 @@ async def test_bookmarks_advance_the_resource_version(kube: KubeAPIServer) -> No
     kube.apply(greet_slice("greet-a", ["10.0.0.1"]))
     async with k8s_serve(kube) as s:
         await s.resolve()
-        assert await in_thread(kube.wait_for_open_watches, 1)
-        for i in range(3):  # unrelated writes: the greet watch sees only bookmarks
-            kube.apply(endpoint_slice(f"other-{i}", "other"))
+        assert await in_thread(kube.wait_for_open_watches, 2)  # Services and EndpointSlices of default
+        for i in range(3):  # writes elsewhere: the default watches see only bookmarks
+            kube.apply(endpoint_slice(f"other-{i}", "other", namespace="elsewhere"))
         rv = kube.resource_version
-        assert kube.bookmark() == 1
+        assert kube.bookmark() == 2
         target = s.source.watched[0]
         deadline = asyncio.get_running_loop().time() + DEADLINE
         while int(s.source.describe(target)["resource_version"]) < rv:
@@ -352,10 +397,11 @@ async def test_api_errors_back_off_and_keep_serving(kube: KubeAPIServer) -> None
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "500" in (err.value.details() or "")
         stream = s.watch()
         assert ips(await next_set(stream)) == ["10.0.0.1"]
-        assert await in_thread(kube.wait_for_open_watches, 1)
+        assert await in_thread(kube.wait_for_open_watches, 2)
         watches = kube.request_count("watch", "endpointslices")
-        kube.fail_next(3, 500, verb="watch")
-        kube.inject_watch_error(500)  # an ERROR event that is not 410: back off, resume the watch
+        kube.fail_next(3, 500, path="endpointslices", verb="watch")
+        # an ERROR event that is not 410: back off, resume the watch
+        kube.inject_watch_error(500, resource="endpointslices")
         assert await in_thread(kube.wait_for_requests, watches + 4, "watch", "endpointslices")
         assert (await s.resolve()).address == "10.0.0.1"  # still answering from the last known set
         kube.apply(greet_slice("greet-a", ["10.0.0.2"]))
@@ -370,7 +416,7 @@ async def test_api_down_then_back(kube: KubeAPIServer) -> None:
     async with k8s_serve(kube) as s:
         stream = s.watch()
         assert ips(await next_set(stream)) == ["10.0.0.1", "10.0.0.2"]
-        assert await in_thread(kube.wait_for_open_watches, 1)
+        assert await in_thread(kube.wait_for_open_watches, 2)
         await in_thread(kube.stop, abrupt=True)
         kube.apply(greet_slice("greet-a", ["10.0.0.2", "10.0.0.3"]))  # changes while the API is away
         errors_seen = kube.request_count()
@@ -390,8 +436,14 @@ async def test_api_down_then_back(kube: KubeAPIServer) -> None:
 
 async def test_periodic_resync_relists_without_new_versions(kube: KubeAPIServer) -> None:
     kube.apply(greet_slice("greet-a", ["10.0.0.1"]))
-    timings = KubeTimings(resync_interval=0.3, watch_timeout=5.0, request_timeout=2.0, connect_timeout=1.0,
-                          backoff_base=0.05, backoff_cap=0.3)
+    timings = KubeTimings(
+        resync_interval=0.3,
+        watch_timeout=5.0,
+        request_timeout=2.0,
+        connect_timeout=1.0,
+        backoff_base=0.05,
+        backoff_cap=0.3,
+    )
     async with k8s_serve(kube, timings=timings) as s:
         first = await s.resolve()
         lists = kube.request_count("list", "endpointslices")
@@ -406,22 +458,114 @@ async def test_periodic_resync_relists_without_new_versions(kube: KubeAPIServer)
 async def test_idle_target_is_unwatched_then_rewatched(kube: KubeAPIServer) -> None:
     kube.apply(greet_slice("greet-a", ["10.0.0.1"]))
     kube.apply(service("other"))
+    kube.apply(service("lonely", namespace="prod"))
     async with k8s_serve(kube, idle_timeout=0.3) as s:
         assert kube.open_watch_count() == 0  # lazy: nothing watched before a client asks
         stream = s.watch(service="other")  # a live Watch keeps its target subscribed
         await next_set(stream)
         await s.resolve()
-        assert await in_thread(kube.wait_for_open_watches, 2)
-        assert await in_thread(kube.wait_for_open_watches, 1, 5.0)  # greet expired; other has a watcher
-        assert s.source.watched == [s.source.watched[0]] and str(s.source.watched[0]) == "other.default"
+        # one namespace in use: one watch of its Services and one of its EndpointSlices, shared
+        assert await in_thread(kube.wait_for_open_watches, 2, namespace="default")
+        lists = kube.request_count("list")
+        with pytest.raises(grpc.aio.AioRpcError):
+            await s.resolve(service="lonely", namespace="prod")  # exists, no endpoints
+        assert await in_thread(kube.wait_for_open_watches, 2, namespace="prod")
+        assert kube.request_count("list") == lists + 2
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while [str(t) for t in s.source.watched] != ["other.default"]:  # greet and lonely expire
+            assert asyncio.get_running_loop().time() < deadline, s.source.watched
+            await asyncio.sleep(0.02)
         assert [row.target for row in s.server.status()] == ["other.default"]
-        assert not await in_thread(kube.wait_for_open_watches, 0, 0.8)  # still watched past the TTL
-        lists = kube.request_count("list", "endpointslices")
-        assert (await s.resolve()).address == "10.0.0.1"  # the next use subscribes afresh
-        assert kube.request_count("list", "endpointslices") == lists + 1
-        assert await in_thread(kube.wait_for_open_watches, 2)
+        # prod has no target left: its watches end; default's stay for other's live Watch
+        assert await in_thread(kube.wait_for_open_watches, 0, 5.0, namespace="prod")
+        assert s.source.watched_namespaces == ["default"]
+        assert not await in_thread(kube.wait_for_open_watches, 0, 0.8, namespace="default")
+        lists = kube.request_count("list")
+        assert (await s.resolve()).address == "10.0.0.1"  # subscribed afresh, from the namespace watch
+        assert kube.request_count("list") == lists and kube.request_count("get") == 0
         stream.cancel()
-        assert await in_thread(kube.wait_for_open_watches, 0, 5.0)  # both idle now
+        assert await in_thread(kube.wait_for_open_watches, 0, 5.0)  # both idle now, then the namespace
+        assert s.source.watched == [] and s.source.watched_namespaces == []
+
+
+async def test_one_watch_per_namespace_shared_by_its_services(kube: KubeAPIServer) -> None:
+    names = {"default": [f"svc-{i}" for i in range(12)], "prod": [f"api-{i}" for i in range(5)]}
+    for ns, services in names.items():
+        for i, name in enumerate(services):
+            kube.apply(service(name, namespace=ns))
+            kube.apply(endpoint_slice(f"{name}-x1", name, namespace=ns, endpoints=[f"10.1.{i}.1"]))
+    async with k8s_serve(kube) as s:
+        answers = await asyncio.gather(
+            *(s.resolve(service=name, namespace=ns) for ns, services in names.items() for name in services)
+        )
+        assert sorted(a.address for a in answers) == sorted(
+            f"10.1.{i}.1" for services in names.values() for i in range(len(services))
+        )
+        assert await in_thread(kube.wait_for_open_watches, 4)
+        assert (
+            kube.open_watch_count(namespace="default") == 2 and kube.open_watch_count(namespace="prod") == 2
+        )
+        assert len(watch_threads()) == 4
+        # one LIST of Services and one of EndpointSlices per namespace; no per-Service request at all
+        assert (kube.request_count("list", "services"), kube.request_count("list", "endpointslices")) == (
+            2,
+            2,
+        )
+        assert kube.request_count("get") == 0
+        # a Service that does not exist is answered from the namespace's Services, without asking the API
+        requests = kube.request_count()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await s.resolve(service="nope")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert kube.request_count() == requests
+        # each change reaches the one Service it concerns
+        stream = s.watch(service="svc-3")
+        assert ips(await next_set(stream)) == ["10.1.3.1"]
+        kube.apply(endpoint_slice("svc-3-x1", "svc-3", endpoints=["10.1.3.1", "10.1.3.2"]))
+        assert ips(await next_set(stream)) == ["10.1.3.1", "10.1.3.2"]
+        # a slice relabelled to another Service moves its endpoints there
+        kube.apply(endpoint_slice("svc-3-x1", "svc-4", endpoints=["10.1.3.9"]))
+        assert ips(await next_set(stream)) == []
+        assert ips(await s.resolve(service="svc-4", count=2, router=pb.ROUNDROBIN)) == [
+            "10.1.3.9",
+            "10.1.4.1",
+        ]
+        # the Service is deleted: NOT_FOUND at once (the Services watch), its slices still there
+        kube.delete("Service", "default", "svc-4")
+        deadline = asyncio.get_running_loop().time() + DEADLINE
+        while True:
+            try:
+                await s.resolve(service="svc-4")
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND
+                break
+            assert asyncio.get_running_loop().time() < deadline, "deleted Service still served"
+            await asyncio.sleep(0.02)
+        info = s.source.describe(s.source.watched[0])
+        assert info["scope"] in ("default", "prod") and info["watching"] == 1
+        stream.cancel()
+
+
+async def test_cluster_wide_is_one_watch_for_every_namespace(kube: KubeAPIServer) -> None:
+    for ns in ("default", "prod", "team-a"):
+        kube.apply(service("api", namespace=ns))
+        kube.apply(endpoint_slice("api-1", "api", namespace=ns, endpoints=[f"10.2.{len(ns)}.1"]))
+    async with k8s_serve(kube, cluster_wide=True) as s:
+        for ns in ("default", "prod", "team-a"):
+            assert (await s.resolve(service="api", namespace=ns)).address == f"10.2.{len(ns)}.1"
+        assert await in_thread(kube.wait_for_open_watches, 2)
+        assert {r.namespace for r in kube.requests if r.verb in ("list", "watch")} == {None}
+        assert len(watch_threads()) == 2 and s.source.watched_namespaces == ["*"]
+        assert s.source.describe(s.source.watched[0])["scope"] == "*"
+        stream = s.watch(service="api", namespace="team-a")
+        assert ips(await next_set(stream)) == ["10.2.6.1"]
+        kube.apply(endpoint_slice("api-1", "api", namespace="prod", endpoints=["10.2.4.2"]))  # elsewhere
+        kube.apply(endpoint_slice("api-1", "api", namespace="team-a", endpoints=["10.2.6.2"]))
+        assert ips(await next_set(stream)) == ["10.2.6.2"]  # only its own namespace's slice
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await s.resolve(service="api", namespace="nowhere")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        stream.cancel()
 
 
 async def test_target_cap_is_resource_exhausted(kube: KubeAPIServer) -> None:
@@ -443,8 +587,14 @@ async def test_target_cap_is_resource_exhausted(kube: KubeAPIServer) -> None:
 
 
 async def test_endpoints_fallback_source(kube: KubeAPIServer) -> None:
-    kube.apply(endpoints("greet", addresses=["10.0.0.1", "10.0.0.2"], not_ready=["10.0.0.9"],
-                         ports=[("grpc", 50051), ("http", 8080)]))
+    kube.apply(
+        endpoints(
+            "greet",
+            addresses=["10.0.0.1", "10.0.0.2"],
+            not_ready=["10.0.0.9"],
+            ports=[("grpc", 50051), ("http", 8080)],
+        )
+    )
     kube.apply(endpoints("other", addresses=["10.9.9.9"]))
     async with k8s_serve(kube, kind="endpoints") as s:
         stream = s.watch()
@@ -464,15 +614,16 @@ async def test_endpoints_fallback_source(kube: KubeAPIServer) -> None:
 
 
 async def test_shutdown_joins_every_watch_thread(kube: KubeAPIServer) -> None:
-    for name in ("a", "b", "c"):
-        kube.apply(service(name))
-        kube.apply(endpoint_slice(f"{name}-1", name, endpoints=["10.0.0.1"]))
+    targets = [("a", "default"), ("b", "default"), ("c", "prod")]
+    for name, ns in targets:
+        kube.apply(service(name, namespace=ns))
+        kube.apply(endpoint_slice(f"{name}-1", name, namespace=ns, endpoints=["10.0.0.1"]))
     async with k8s_serve(kube) as s:
-        streams = [s.watch(service=name) for name in ("a", "b", "c")]
+        streams = [s.watch(service=name, namespace=ns) for name, ns in targets]
         for stream in streams:
             await next_set(stream)
-        assert await in_thread(kube.wait_for_open_watches, 3)
-        assert len(watch_threads()) == 3
+        assert await in_thread(kube.wait_for_open_watches, 4)  # 2 namespaces x (Services, EndpointSlices)
+        assert len(watch_threads()) == 4
         assert all(not t.daemon for t in watch_threads())
     assert watch_threads() == []
     assert await in_thread(kube.wait_for_open_watches, 0)
@@ -482,7 +633,7 @@ async def test_shutdown_while_the_api_is_down(kube: KubeAPIServer) -> None:
     kube.apply(greet_slice("greet-a", ["10.0.0.1"]))
     async with k8s_serve(kube) as s:
         await s.resolve()
-        assert await in_thread(kube.wait_for_open_watches, 1)
+        assert await in_thread(kube.wait_for_open_watches, 2)
         await in_thread(kube.stop, abrupt=True)
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -491,8 +642,14 @@ async def test_shutdown_while_the_api_is_down(kube: KubeAPIServer) -> None:
 
 
 async def test_an_idle_watch_lives_its_full_timeout_and_a_hung_api_does_not_block_shutdown() -> None:
-    timings = KubeTimings(resync_interval=60.0, watch_timeout=2.0, request_timeout=0.5, connect_timeout=1.0,
-                          backoff_base=0.05, backoff_cap=0.3)
+    timings = KubeTimings(
+        resync_interval=60.0,
+        watch_timeout=2.0,
+        request_timeout=0.5,
+        connect_timeout=1.0,
+        backoff_base=0.05,
+        backoff_cap=0.3,
+    )
     with KubeAPIServer(bookmark_interval=3600) as kube:  # no bookmarks: nothing arrives on the stream
         kube.apply(service("greet"))
         kube.apply(greet_slice("greet-a", ["10.0.0.1"]))

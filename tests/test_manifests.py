@@ -31,6 +31,9 @@ TLS_SECRET = "lookaside-tls"
 IMAGE = "lookaside-grpc:latest"
 READ_VERBS = {"get", "list", "watch"}
 KUSTOMIZATION = "kustomization.yaml"
+README = ROOT / "README.md"
+#: README "Sizing": a Watch/xDS stream costs 12-24 kB; the server at rest well under 100 MB.
+STREAM_KB, REST_MB = 24, 100
 
 Obj = dict[str, Any]
 
@@ -47,8 +50,9 @@ def kustomizations() -> list[pathlib.Path]:
     return sorted(K8S.rglob(KUSTOMIZATION))
 
 
-def build(directory: pathlib.Path,
-          extra_components: Iterable[pathlib.Path] = ()) -> tuple[list[Obj], str | None]:
+def build(
+    directory: pathlib.Path, extra_components: Iterable[pathlib.Path] = ()
+) -> tuple[list[Obj], str | None]:
     """The objects a kustomization renders and its namespace: its resources, then its components (their
     resources, then their patches), then its own patches, as kustomize orders them. ``extra_components`` are
     added after the kustomization's own components."""
@@ -100,8 +104,12 @@ def merge(base: Any, patch: Any) -> Any:
             else:
                 out[key] = copy.deepcopy(value)
         return out
-    if (isinstance(base, list) and isinstance(patch, list) and patch
-            and all(isinstance(x, dict) and "name" in x for x in base + patch)):
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and patch
+        and all(isinstance(x, dict) and "name" in x for x in base + patch)
+    ):
         out = copy.deepcopy(base)
         for item in patch:
             same = [i for i, x in enumerate(out) if x["name"] == item["name"]]
@@ -299,8 +307,11 @@ def test_service_accounts_and_bindings(rendered: tuple[str, list[Obj], str | Non
     host, _, component = name.partition("+")
     extra = ["Role"] if component == "endpoints-fallback" else []  # its own Role, for Endpoints only
     if host == "cluster-wide":
-        assert [r for r in of_kind(objs, "Role") + of_kind(objs, "RoleBinding")
-                if r["metadata"]["name"] == "lookaside"] == []
+        assert [
+            r
+            for r in of_kind(objs, "Role") + of_kind(objs, "RoleBinding")
+            if r["metadata"]["name"] == "lookaside"
+        ] == []
         assert sorted(r["kind"] for r in roles) == sorted(["ClusterRole", *extra])
     else:
         assert sorted(r["kind"] for r in roles) == ["Role", *extra]
@@ -339,20 +350,31 @@ def test_lookaside_deployment(rendered: tuple[str, list[Obj], str | None]) -> No
     d = named(objs, "Deployment", "lookaside")
     assert d["spec"]["replicas"] == 2
     c = lookaside_container(objs)
-    assert c["ports"] == [{"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
-                          {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}]
+    assert c["ports"] == [
+        {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+        {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+    ]
     env = env_of(c)
     assert env["LB_PORT"]["value"] == str(GRPC_PORT)
     assert env["LB_HTTP_PORT"]["value"] == str(HTTP_PORT)
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
-    # Prometheus scrapes /metrics on the HTTP listener.
-    annotations = d["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == str(HTTP_PORT)
-    assert annotations["prometheus.io/path"] == "/metrics"
+    # Prometheus scrapes /metrics on the HTTP listener: by the pod annotations, or with the Prometheus
+    # Operator by the ServiceMonitor (which ignores them; the component removes them against double scrapes).
+    annotations = d["spec"]["template"]["metadata"].get("annotations") or {}
+    if name.endswith("service-monitor"):
+        assert not [a for a in annotations if a.startswith("prometheus.io/")]
+        named(objs, "ServiceMonitor", "lookaside")
+    else:
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(HTTP_PORT)
+        assert annotations["prometheus.io/path"] == "/metrics"
     tls = "LB_TLS_CERT" in env
     assert tls == name.endswith("tls"), name
-    for probe in ("readinessProbe", "livenessProbe"):
+    # A startup probe covers a slow start (imports, first bind) before liveness may restart the pod.
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 30
+    assert "initialDelaySeconds" not in c["livenessProbe"], "the startup probe replaces the delay"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         handlers = set(c[probe]) & {"grpc", "httpGet", "tcpSocket", "exec"}
         if tls:  # the kubelet's grpc probe cannot do TLS: /healthz on the plain-HTTP listener
             assert handlers == {"httpGet"}, (name, probe)
@@ -362,12 +384,43 @@ def test_lookaside_deployment(rendered: tuple[str, list[Obj], str | None]) -> No
             assert handlers == {"grpc"}, (name, probe)
             assert c[probe]["grpc"]["port"] == GRPC_PORT, probe
     assert c["resources"]["requests"] and c["resources"]["limits"]
-    assert c["resources"]["limits"]["memory"]
+    check_memory_sizing(c)
     svc = named(objs, "Service", "lookaside")
     ports = [(p["name"], p["port"]) for p in svc["spec"]["ports"]]
     assert ports == [("grpc", GRPC_PORT), ("http", HTTP_PORT)]
     grpc_port = svc["spec"]["ports"][0]
     assert grpc_port.get("appProtocol") == (None if tls else "kubernetes.io/h2c")
+
+
+def mebibytes(quantity: str) -> float:
+    """A Kubernetes memory quantity in MiB (the suffixes these manifests may use)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|k|M|G)?", str(quantity))
+    assert m, quantity
+    factor = {
+        "Ki": 1 / 1024,
+        "Mi": 1,
+        "Gi": 1024,
+        "k": 1e3 / 2**20,
+        "M": 1e6 / 2**20,
+        "G": 1e9 / 2**20,
+        None: 1 / 2**20,
+    }[m.group(2)]
+    return float(m.group(1)) * factor
+
+
+def check_memory_sizing(c: Obj) -> None:
+    """The memory limit holds the streams --max-watches admits (README's per-stream cost, at its high end, on
+    top of the server at rest), and the README's sizing names both figures."""
+    env = env_of(c)
+    max_watches = int(env["LB_MAX_WATCHES"]["value"])
+    limit = mebibytes(c["resources"]["limits"]["memory"])
+    request = mebibytes(c["resources"]["requests"]["memory"])
+    needed = REST_MB + max_watches * STREAM_KB / 1024
+    assert limit >= needed, f"{limit} MiB cannot hold {max_watches} streams (~{needed:.0f} MiB)"
+    assert limit <= 2.5 * needed, "a limit far above what --max-watches admits wastes the node"
+    assert request <= limit
+    sizing = README.read_text().split("## Sizing", 1)[1].split("\n## ", 1)[0]
+    assert c["resources"]["limits"]["memory"] in sizing and f"{max_watches:,}" in sizing
 
 
 def test_env_vars_are_real_flags(rendered: tuple[str, list[Obj], str | None]) -> None:
@@ -410,7 +463,7 @@ def test_components_patch_existing_objects(host: str, component: str) -> None:
     kinds = {(o["kind"], o["metadata"]["name"]) for o in after}
     assert {(o["kind"], o["metadata"]["name"]) for o in before} <= kinds
     comp = load_docs(K8S / "components" / component / KUSTOMIZATION)[0]
-    assert comp.get("patches"), f"{component} changes nothing"
+    assert comp.get("patches") or comp.get("resources"), f"{component} changes nothing"
 
 
 def test_endpoints_fallback_component_switches_the_source() -> None:
@@ -425,6 +478,65 @@ def test_endpoints_fallback_component_switches_the_source() -> None:
     binding = named(objs, "RoleBinding", "lookaside-endpoints")
     assert binding["roleRef"]["name"] == "lookaside-endpoints"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "lookaside", "namespace": namespace}]
+
+
+@pytest.mark.parametrize("host", COMPONENT_HOSTS)
+def test_service_monitor_component(host: str) -> None:
+    objs, _ = build(K8S / host, [K8S / "components" / "service-monitor"])
+    monitor = named(objs, "ServiceMonitor", "lookaside")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert [
+        s["metadata"]["name"]
+        for s in of_kind(objs, "Service")
+        if selects(selector, s["metadata"].get("labels") or {})
+    ] == ["lookaside"]
+    assert "namespaceSelector" not in monitor["spec"], "the Service is in the monitor's own namespace"
+    svc = named(objs, "Service", "lookaside")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    (port,) = [p for p in svc["spec"]["ports"] if p["name"] == endpoint["port"]]
+    assert port["port"] == HTTP_PORT and endpoint["path"] == "/metrics" and endpoint["scheme"] == "http"
+    kustomization = (K8S / "components" / "service-monitor" / KUSTOMIZATION).read_text()
+    assert "serviceMonitorSelector" in kustomization, "say how a Prometheus picks the monitor up"
+
+
+@pytest.mark.parametrize("host", COMPONENT_HOSTS)
+def test_network_policy_component(host: str) -> None:
+    objs, _ = build(K8S / host, [K8S / "components" / "network-policy"])
+    (policy,) = of_kind(objs, "NetworkPolicy")
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    spec = policy["spec"]
+    selected = [
+        d["metadata"]["name"]
+        for d in of_kind(objs, "Deployment")
+        if selects(spec["podSelector"]["matchLabels"], pod_labels(d))
+    ]
+    assert selected == ["lookaside"]
+    assert spec["policyTypes"] == ["Ingress"], "ingress only: the server must reach the Kubernetes API"
+    c = lookaside_container(objs)
+    rules: dict[int, list[Obj]] = {}
+    for rule in spec["ingress"]:
+        assert rule.get("from"), "a rule without peers admits everybody"
+        for p in rule["ports"]:
+            assert p.get("protocol", "TCP") == "TCP"
+            rules.setdefault(container_port(c, p["port"])["containerPort"], []).extend(rule["from"])
+    assert set(rules) == {GRPC_PORT, HTTP_PORT}, "every port of the server is covered, no other"
+    # gRPC: the server's own namespace (every pod in it) and namespaces labelled as clients.
+    grpc_peers = rules[GRPC_PORT]
+    assert {"podSelector": {}} in grpc_peers
+    assert all(set(peer) <= {"podSelector", "namespaceSelector"} for peer in grpc_peers)
+    labelled = [
+        peer["namespaceSelector"]["matchLabels"] for peer in grpc_peers if "namespaceSelector" in peer
+    ]
+    assert labelled and all(sel for sel in labelled), "never an empty namespaceSelector (all namespaces)"
+    # HTTP: the monitoring namespace only.
+    assert rules[HTTP_PORT] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    # The greet example's clients (same namespace) may still reach the gRPC port.
+    if host == "greet-example":
+        client = named(objs, "Deployment", "greet-client")
+        assert client["metadata"].get("namespace") is None  # same namespace as the server
 
 
 def test_tls_component_is_consistent() -> None:
@@ -450,15 +562,17 @@ def test_tls_component_is_consistent() -> None:
     patch_text = (K8S / "components" / "tls" / "deployment-patch.yaml").read_text()
     commented = re.search(r"#\s*- name: LB_TLS_CLIENT_CA\s*\n\s*#\s*value: (\S+)", patch_text)
     assert commented and commented.group(1) == f"{directory}/ca.crt"
-    uncommented = yaml.safe_load(re.sub(r"# (- name: LB_TLS_CLIENT_CA|  value: \S+/ca.crt)", r"\1",
-                                        patch_text))
+    uncommented = yaml.safe_load(
+        re.sub(r"# (- name: LB_TLS_CLIENT_CA|  value: \S+/ca.crt)", r"\1", patch_text)
+    )
     (patched,) = uncommented["spec"]["template"]["spec"]["containers"]
     assert {"name": "LB_TLS_CLIENT_CA", "value": f"{directory}/ca.crt"} in patched["env"]
     # The server accepts this configuration (files are only read at start, so none need to exist here).
     from lookaside_server.__main__ import build_parser
 
-    args = build_parser().parse_args(["--tls-cert", env["LB_TLS_CERT"]["value"],
-                                      "--tls-key", env["LB_TLS_KEY"]["value"]])
+    args = build_parser().parse_args(
+        ["--tls-cert", env["LB_TLS_CERT"]["value"], "--tls-key", env["LB_TLS_KEY"]["value"]]
+    )
     assert args.tls_cert.endswith("tls.crt") and args.http_port is None
 
 
@@ -598,8 +712,9 @@ KUBECTL = shutil.which("kubectl")
 
 def kustomize(directory: pathlib.Path) -> list[Obj]:
     assert KUBECTL is not None
-    out = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=120,
-                         check=False)
+    out = subprocess.run(
+        [KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.returncode == 0, f"kubectl kustomize {directory}: {out.stderr}"
     return [d for d in yaml.safe_load_all(out.stdout) if d is not None]
 
@@ -610,8 +725,12 @@ def _summary(objs: list[Obj]) -> tuple[object, ...]:
     return (
         sorted((o["kind"], o["metadata"]["name"]) for o in objs),
         sorted((e["name"], e.get("value")) for e in c["env"]),
-        {p: sorted(set(c[p]) - {"failureThreshold", "periodSeconds", "timeoutSeconds", "initialDelaySeconds"})
-         for p in ("readinessProbe", "livenessProbe")},
+        {
+            p: sorted(
+                set(c[p]) - {"failureThreshold", "periodSeconds", "timeoutSeconds", "initialDelaySeconds"}
+            )
+            for p in ("startupProbe", "readinessProbe", "livenessProbe")
+        },
         sorted((m["name"], m["mountPath"]) for m in c.get("volumeMounts", [])),
         sorted((p["name"], p.get("appProtocol")) for p in svc["spec"]["ports"]),
     )
@@ -626,12 +745,19 @@ def test_kubectl_kustomize_agrees(tmp_path: pathlib.Path) -> None:
     for host, comp in component_builds():
         overlay = tree / f"{host}-{comp}"
         overlay.mkdir()
-        (overlay / KUSTOMIZATION).write_text(yaml.safe_dump({
-            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-            # as the components' READMEs say: an overlay names its namespace, or a component's own
-            # objects (the endpoints Role) would land in whatever namespace kubectl defaults to
-            "namespace": "default",
-            "resources": [f"../{host}"], "components": [f"../components/{comp}"]}))
+        (overlay / KUSTOMIZATION).write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                    "kind": "Kustomization",
+                    # as the components' READMEs say: an overlay names its namespace, or a component's own
+                    # objects (the endpoints Role) would land in whatever namespace kubectl defaults to
+                    "namespace": "default",
+                    "resources": [f"../{host}"],
+                    "components": [f"../components/{comp}"],
+                }
+            )
+        )
         builds[f"{host}+{comp}"] = (overlay, [])
     for name, (directory, extra) in builds.items():
         ours, _ = build(directory, extra)

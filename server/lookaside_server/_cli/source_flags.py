@@ -33,7 +33,7 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
                       "a safety net with it)")
     k = p.add_argument_group("Kubernetes sources")
     env_argument(k, "--resync-interval", env="LB_RESYNC_INTERVAL", type=number(above=0), default=300.0,
-                 help="seconds between full re-lists of each watched Service")
+                 help="seconds between full re-lists of each watched namespace (its Services and endpoints)")
     env_argument(k, "--watch-timeout", env="LB_WATCH_TIMEOUT", type=number(1), default=240.0,
                  help="timeoutSeconds of each Kubernetes WATCH request before it is resumed")
     env_argument(k, "--idle-timeout", env="LB_IDLE_TIMEOUT", type=number(0), default=600.0,
@@ -71,9 +71,10 @@ def choose_source(args: argparse.Namespace) -> SourceChoice:
     from lookaside_server._sources.kubernetes import KubernetesSource, KubeTimings
 
     timings = KubeTimings(resync_interval=args.resync_interval, watch_timeout=args.watch_timeout)
+    # Every namespace allowed ('*'): one cluster-wide watch instead of one per namespace in use.
     source = KubernetesSource(kind=kind, kubeconfig=args.kubeconfig, timings=timings,
                               idle_timeout=args.idle_timeout if args.idle_timeout > 0 else None,
-                              max_targets=args.max_targets)
+                              max_targets=args.max_targets, cluster_wide=bool(values) and allow is None)
     if not values:
         ns = own_namespace(args.kubeconfig) or "default"
         allow = frozenset({ns})

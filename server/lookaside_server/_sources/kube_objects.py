@@ -8,6 +8,10 @@
 * core/v1 Endpoints (the fallback for old clusters): ``subsets[].addresses`` x ``subsets[].ports``, all ready;
   ``notReadyAddresses`` are ignored.
 
+The namespace watches keep no raw objects: each is converted on arrival to a compact form
+(:func:`service_info` for a Service, :func:`slice_member` / :func:`endpoints_member` for the endpoint objects:
+the owning Service and its endpoints) and Services are merged from those (:func:`merge_members`).
+
 The result is sorted deterministically (Service port order, then address, then port) so that an
 unchanged state compares equal whatever order the API returned the slices in, and the first endpoint
 carries the Service's first port (the default port of a Resolve without ``port``).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from lookaside_server._core.model import BackendEndpoint, Endpoints
@@ -71,12 +76,25 @@ def slice_endpoints(obj: Obj) -> list[BackendEndpoint]:
         serving = _flag(cond.get("serving"), ready)
         terminating = _flag(cond.get("terminating"), False)
         hints = ep.get("hints") or {}
-        for_zones = tuple(z["name"] for z in hints.get("forZones") or () if isinstance(z, Mapping)
-                          and isinstance(z.get("name"), str))
+        for_zones = tuple(
+            z["name"]
+            for z in hints.get("forZones") or ()
+            if isinstance(z, Mapping) and isinstance(z.get("name"), str)
+        )
         zone = ep.get("zone") or ""
         for name, number in ports:
-            out.append(BackendEndpoint(ip=ip, port=number, port_name=name, zone=zone, for_zones=for_zones,
-                                       ready=ready, serving=serving, terminating=terminating))
+            out.append(
+                BackendEndpoint(
+                    ip=ip,
+                    port=number,
+                    port_name=name,
+                    zone=zone,
+                    for_zones=for_zones,
+                    ready=ready,
+                    serving=serving,
+                    terminating=terminating,
+                )
+            )
     return out
 
 
@@ -131,8 +149,9 @@ def merge_slices(slices: Mapping[str, Obj], port_order: Sequence[str] = ()) -> E
 
 def merge_endpoints_objects(objects: Mapping[str, Obj], port_order: Sequence[str] = ()) -> Endpoints:
     """The state of a Service from its core/v1 Endpoints object (a mapping of at most one name)."""
-    return merge((e for name in sorted(objects) for e in endpoints_object_endpoints(objects[name])),
-                 port_order)
+    return merge(
+        (e for name in sorted(objects) for e in endpoints_object_endpoints(objects[name])), port_order
+    )
 
 
 def service_port_names(service: Obj | None) -> list[str]:
@@ -140,3 +159,76 @@ def service_port_names(service: Obj | None) -> list[str]:
     if not service:
         return []
     return [p.get("name") or "" for p in (service.get("spec") or {}).get("ports") or ()]
+
+
+# -- compact forms kept per namespace watch (the raw objects are dropped as soon as they are converted) ---
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    """One ``spec.ports[]`` entry of a Service: its name, number, target port (number, name or None) and
+    protocol."""
+
+    name: str
+    port: int
+    target_port: int | str | None
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """What the source keeps of a Service: that it exists, and its ports in spec order."""
+
+    ports: tuple[ServicePort, ...] = ()
+
+    @property
+    def port_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.ports)
+
+
+def service_info(service: Obj) -> ServiceInfo:
+    """The compact form of a Service object."""
+    ports = []
+    for p in (service.get("spec") or {}).get("ports") or ():
+        number = p.get("port")
+        if not isinstance(number, int) or isinstance(number, bool):
+            continue
+        target = p.get("targetPort")
+        if not isinstance(target, int | str) or isinstance(target, bool):
+            target = None
+        ports.append(ServicePort(p.get("name") or "", number, target, p.get("protocol") or "TCP"))
+    return ServiceInfo(tuple(ports))
+
+
+def object_key(obj: Obj) -> tuple[str, str] | None:
+    """``(namespace, name)`` of an object, None if it has no name."""
+    meta = obj.get("metadata") or {}
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    return (meta.get("namespace") or "", name)
+
+
+def slice_member(obj: Obj) -> tuple[str, tuple[BackendEndpoint, ...]] | None:
+    """The Service an EndpointSlice belongs to (its ``kubernetes.io/service-name`` label) and its endpoints;
+    None for a slice without that label (not managed for a Service)."""
+    service = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+    if not isinstance(service, str) or not service:
+        return None
+    return service, tuple(slice_endpoints(obj))
+
+
+def endpoints_member(obj: Obj) -> tuple[str, tuple[BackendEndpoint, ...]] | None:
+    """The Service a core/v1 Endpoints object belongs to (the one of the same name) and its endpoints."""
+    name = (obj.get("metadata") or {}).get("name")
+    if not isinstance(name, str) or not name:
+        return None
+    return name, tuple(endpoints_object_endpoints(obj))
+
+
+def merge_members(
+    members: Mapping[str, Sequence[BackendEndpoint]], port_order: Sequence[str] = ()
+) -> Endpoints:
+    """The state of a Service from the converted endpoints of its objects (by object name, merged in name
+    order: the same result as :func:`merge_slices` over the raw objects)."""
+    return merge((e for name in sorted(members) for e in members[name]), port_order)

@@ -1,23 +1,29 @@
 """Kubernetes endpoint sources: EndpointSlices (discovery.k8s.io/v1) and the core/v1 Endpoints fallback.
 
-Per target (namespace, Service), lazily on its first Resolve/Watch:
+One LIST+WATCH per namespace, shared by every Service in it (or one for the whole cluster with
+``cluster_wide=True``, when the server answers for every namespace):
 
-1. read the Service (404: NOT_FOUND) and LIST its objects (EndpointSlices labelled
-   ``kubernetes.io/service-name=<service>``, or the Endpoints object of that name) in a worker thread,
-   publish the merged state;
-2. a dedicated thread WATCHes from the list's resourceVersion (``allowWatchBookmarks``, ``timeoutSeconds``
-   so it wakes up regularly), applies every event to the objects kept by name and publishes the merged
-   state through ``loop.call_soon_threadsafe``.
+1. the first Resolve/Watch of a Service in a namespace starts that namespace's *scope*: it LISTs the
+   namespace's Services and its EndpointSlices (or Endpoints objects) in a worker thread, then two threads
+   WATCH them (Services, and the endpoint objects) from the lists' resourceVersions;
+2. every object is converted at once to a compact form (:mod:`kube_objects`: a Service's ports; a slice's
+   owning Service and endpoints) and the raw JSON is dropped; each change recomputes only the Services it
+   touches, and a subscribed Service whose merged state changed is published through
+   ``loop.call_soon_threadsafe``;
+3. a Service that does not exist (not in the namespace's Service list) is NOT_FOUND, answered from the
+   cache; a Service with no ready endpoint is an existing, empty target (UNAVAILABLE for Resolve);
+4. the scope is stopped once no target of it has been subscribed for ``idle_timeout`` seconds (60 s when
+   targets never expire): targets expire one by one (the registry's idle sweep), namespaces after them.
 
-Robustness: the resourceVersion is tracked from every event and BOOKMARK; a 410 Gone (HTTP status or
-ERROR event) clears and re-lists; any other failure (API down, 5xx, cut stream) backs off exponentially
-with jitter and resumes the watch from the last resourceVersion, while the last known endpoints keep being
-served; every ``resync_interval`` a full re-list republishes (the registry ignores unchanged states).
-Nothing raised by the client leaves the watch thread.
+Robustness, per WATCH stream: the resourceVersion is tracked from every event and BOOKMARK; a 410 Gone (HTTP
+status or ERROR event) re-lists; any other failure (API down, 5xx, cut stream) backs off exponentially with
+jitter and resumes the watch from the last resourceVersion, while the last known endpoints keep being
+served; every ``resync_interval`` a full re-list republishes what changed. Nothing raised by the client
+leaves a watch thread.
 
 The watch uses the official client's API functions exactly as ``kubernetes.watch.Watch.stream`` does
 (``watch=True``, ``_preload_content=False``, one JSON event per line) but keeps the HTTP response in hand,
-so that stopping a target shuts its socket down at once: threads are non-daemon and always joined on
+so that stopping a scope shuts its sockets down at once: threads are non-daemon and always joined on
 :meth:`KubernetesSource.stop` (a thread still inside a request at interpreter exit can abort Python).
 """
 
@@ -30,11 +36,11 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lookaside_server._core.model import Endpoints, Target
+from lookaside_server._core.model import BackendEndpoint, Endpoints, Target
 from lookaside_server._sources.base import (
     EndpointSource,
     Publish,
@@ -43,28 +49,34 @@ from lookaside_server._sources.base import (
     TooManyTargets,
 )
 from lookaside_server._sources.kube_objects import (
-    SERVICE_NAME_LABEL,
-    merge_endpoints_objects,
-    merge_slices,
-    service_port_names,
+    ServiceInfo,
+    endpoints_member,
+    merge_members,
+    object_key,
+    service_info,
+    slice_member,
 )
 
 log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
+Key = tuple[str, str]  # (namespace, service)
+Member = tuple[str, tuple[BackendEndpoint, ...]]
 SOURCE_ENDPOINTSLICES = "endpointslices"
 SOURCE_ENDPOINTS = "endpoints"
+#: Items per LIST page (``limit``/``continue``): large namespaces are read in pages, as informers do.
+LIST_PAGE = 500
 
 
 @dataclass(frozen=True)
 class KubeTimings:
     """Timing knobs of the Kubernetes sources (tests shrink them)."""
 
-    #: Full re-list (and republish) of every watched target this often, seconds.
+    #: Full re-list (and republish of what changed) of every watched namespace this often, seconds.
     resync_interval: float = 300.0
     #: ``timeoutSeconds`` of each WATCH request: the stream ends and is resumed this often.
     watch_timeout: float = 240.0
-    #: Read timeout of GET/LIST calls (and extra read slack for watches), seconds.
+    #: Read timeout of LIST calls (and extra read slack for watches), seconds.
     request_timeout: float = 10.0
     #: TCP connect timeout of every call, seconds.
     connect_timeout: float = 5.0
@@ -78,7 +90,7 @@ class _Gone(Exception):
 
 
 class _Stopped(Exception):
-    """The target watch is being stopped."""
+    """The watch is being stopped."""
 
 
 def _api_exception() -> type[Exception]:
@@ -108,35 +120,50 @@ def _describe_error(e: BaseException) -> str:
     return text if len(text) < 300 else text[:297] + "..."
 
 
+# -- what is listed and watched ------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class _Kind:
-    """What to list and watch for a target, and how to turn the objects into endpoints."""
+class _Resource:
+    """A resource the source lists and watches, per namespace or cluster-wide."""
 
     name: str
-    list_method: Callable[[Any], Callable[..., Any]]  # ApiClient -> bound list function
-    selector: Callable[[Target], dict[str, str]]
-    merge: Callable[[Mapping[str, Obj], Sequence[str]], Endpoints]
+    #: ApiClient -> (namespace or None for every namespace) -> the list function (LIST, or WATCH with
+    #: ``watch=True``) taking keyword arguments only.
+    lister: Callable[[Any, str | None], Callable[..., Any]]
+    #: For endpoint objects: the owning Service and converted endpoints of an object (None: not a member).
+    member: Callable[[Obj], Member | None] | None = None
 
 
-def _slices_list(api: Any) -> Callable[..., Any]:
-    from kubernetes import client
+def _lister(
+    api_class: str, namespaced: str, everywhere: str
+) -> Callable[[Any, str | None], Callable[..., Any]]:
+    def make(api: Any, namespace: str | None) -> Callable[..., Any]:
+        from kubernetes import client
 
-    return client.DiscoveryV1Api(api).list_namespaced_endpoint_slice
+        apis = getattr(client, api_class)(api)
+        if namespace is None:
+            return getattr(apis, everywhere)
+        fn = getattr(apis, namespaced)
+        return lambda **kw: fn(namespace, **kw)
+
+    return make
 
 
-def _endpoints_list(api: Any) -> Callable[..., Any]:
-    from kubernetes import client
-
-    return client.CoreV1Api(api).list_namespaced_endpoints
-
-
-KINDS: dict[str, _Kind] = {
-    SOURCE_ENDPOINTSLICES: _Kind(SOURCE_ENDPOINTSLICES, _slices_list,
-                                 lambda t: {"label_selector": f"{SERVICE_NAME_LABEL}={t.service}"},
-                                 merge_slices),
-    SOURCE_ENDPOINTS: _Kind(SOURCE_ENDPOINTS, _endpoints_list,
-                            lambda t: {"field_selector": f"metadata.name={t.service}"},
-                            merge_endpoints_objects),
+SERVICES = _Resource(
+    "services", _lister("CoreV1Api", "list_namespaced_service", "list_service_for_all_namespaces")
+)
+KINDS: dict[str, _Resource] = {
+    SOURCE_ENDPOINTSLICES: _Resource(
+        SOURCE_ENDPOINTSLICES,
+        _lister("DiscoveryV1Api", "list_namespaced_endpoint_slice", "list_endpoint_slice_for_all_namespaces"),
+        slice_member,
+    ),
+    SOURCE_ENDPOINTS: _Resource(
+        SOURCE_ENDPOINTS,
+        _lister("CoreV1Api", "list_namespaced_endpoints", "list_endpoints_for_all_namespaces"),
+        endpoints_member,
+    ),
 }
 
 
@@ -153,18 +180,19 @@ class _Backoff:
         self.attempt = 0
 
 
-class _TargetWatch:
-    """One target's objects, resourceVersion and watch thread (all blocking client calls happen here)."""
+# -- one LIST+WATCH stream (a thread) ------------------------------------------------------------------------
 
-    def __init__(self, source: KubernetesSource, target: Target) -> None:
-        self.source = source
-        self.target = target
-        self.kind = source.kind_spec
-        self._list_fn = self.kind.list_method(source.api_client)
-        self.objects: dict[str, Obj] = {}
+
+class _Stream:
+    """One resource of one scope: its resourceVersion and watch thread (every blocking client call is here).
+    Objects go to the scope (:meth:`_Scope.replace` after a LIST, :meth:`_Scope.apply` per event)."""
+
+    def __init__(self, scope: _Scope, resource: _Resource) -> None:
+        self.scope = scope
+        self.resource = resource
+        self.timings = scope.source.timings
+        self._list_fn = resource.lister(scope.source.api_client, scope.namespace)
         self.resource_version = ""
-        self.service_exists = True
-        self.port_order: list[str] = []
         self.next_resync = 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -177,59 +205,42 @@ class _TargetWatch:
         self.last_error = ""
         self.watching = False
 
-    # -- blocking calls (worker or watch thread) -----------------------------------------------------
-
     def _timeout(self) -> tuple[float, float]:
-        t = self.source.timings
-        return (t.connect_timeout, t.request_timeout)
+        return (self.timings.connect_timeout, self.timings.request_timeout)
 
-    def read_service(self) -> Obj | None:
-        """The Service object, None if it does not exist (404)."""
-        from kubernetes import client
+    def list_now(self) -> None:
+        """LIST every object (in pages), hand them to the scope, keep the list's resourceVersion."""
+        items: list[Obj] = []
+        token = ""
+        while True:
+            kwargs: dict[str, Any] = {
+                "_preload_content": False,
+                "_request_timeout": self._timeout(),
+                "limit": LIST_PAGE,
+            }
+            if token:
+                kwargs["_continue"] = token
+            resp = self._list_fn(**kwargs)
+            try:
+                body = json.loads(resp.data)
+            finally:
+                resp.release_conn()
+            items.extend(body.get("items") or ())
+            meta = body.get("metadata") or {}
+            token = meta.get("continue") or ""
+            if not token:
+                break
+        self.scope.replace(self.resource, items)
+        self.resource_version = str(meta.get("resourceVersion") or "")
+        self.next_resync = time.monotonic() + self.timings.resync_interval
 
-        resp: Any
-        try:
-            resp = client.CoreV1Api(self.source.api_client).read_namespaced_service(
-                self.target.service, self.target.namespace, _preload_content=False,
-                _request_timeout=self._timeout())
-        except _api_exception() as e:
-            if _status(e) == 404:
-                return None
-            raise
-        try:
-            return json.loads(resp.data)
-        finally:
-            resp.release_conn()
-
-    def _refresh_service(self) -> None:
-        service = self.read_service()
-        self.service_exists = service is not None
-        if service is not None:
-            self.port_order = service_port_names(service)
-
-    def list_now(self) -> Endpoints | None:
-        """Read the Service and LIST its objects; replace the kept state; return the merged endpoints."""
-        self._refresh_service()
-        resp = self._list_fn(self.target.namespace, _preload_content=False, _request_timeout=self._timeout(),
-                             **self.kind.selector(self.target))
-        try:
-            body = json.loads(resp.data)
-        finally:
-            resp.release_conn()
-        self.objects = {item["metadata"]["name"]: item for item in body.get("items") or ()}
-        self.resource_version = str((body.get("metadata") or {}).get("resourceVersion") or "")
-        self.next_resync = time.monotonic() + self.source.timings.resync_interval
-        return self.current()
-
-    def current(self) -> Endpoints | None:
-        if not self.service_exists:
-            return None
-        return self.kind.merge(self.objects, self.port_order)
-
-    # -- the watch thread ----------------------------------------------------------------------------
+    # -- the watch thread ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self._run, name=f"kube-watch {self.target}", daemon=False)
+        where = self.scope.namespace or "*"
+        self.thread = threading.Thread(
+            target=self._run, name=f"kube-watch {self.resource.name} {where}", daemon=False
+        )
         self.thread.start()
 
     def request_stop(self) -> None:
@@ -257,15 +268,18 @@ class _TargetWatch:
             self.thread.join(min(left, 0.05))
         return True
 
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
     def _run(self) -> None:
-        timings = self.source.timings
-        backoff = _Backoff(timings.backoff_base, timings.backoff_cap)
+        backoff = _Backoff(self.timings.backoff_base, self.timings.backoff_cap)
         need_list = False
         gone_in_a_row = 0
+        what = f"{self.resource.name} of {self.scope.label}"
         while not self._stop.is_set():
             try:
                 if need_list or time.monotonic() >= self.next_resync:
-                    self.source.post(self, self.list_now())
+                    self.list_now()
                     need_list = False
                 self._watch_once()
                 backoff.reset()
@@ -276,7 +290,7 @@ class _TargetWatch:
                 if self._stop.is_set():
                     break
                 self.restarts += 1
-                log.info("watch of %s %s expired (%s): re-listing", self.kind.name, self.target, e)
+                log.info("watch of %s expired (%s): re-listing", what, e)
                 need_list = True
                 gone_in_a_row += 1
                 if gone_in_a_row > 1:  # a 410 right after a fresh list is unusual: do not hammer the API
@@ -287,27 +301,35 @@ class _TargetWatch:
                 self.errors += 1
                 self.last_error = _describe_error(e)
                 delay = backoff.next()
-                log.warning("kubernetes %s of %s failed (%s); keeping the last known endpoints, "
-                            "retrying in %.2f s", self.kind.name, self.target, self.last_error, delay)
+                log.warning(
+                    "kubernetes %s failed (%s); keeping the last known endpoints, retrying in %.2f s",
+                    what,
+                    self.last_error,
+                    delay,
+                )
                 if _status(e) == 410:
                     need_list = True
                 self._stop.wait(delay)
-        log.debug("watch thread of %s ended", self.target)
+        log.debug("watch thread of %s ended", what)
 
     def _watch_once(self) -> None:
         """One WATCH request from the kept resourceVersion until the server ends it or it is stopped."""
-        timings = self.source.timings
+        timings = self.timings
         left = self.next_resync - time.monotonic()
         timeout = max(1, int(min(timings.watch_timeout, left) + 0.999))
         # The response headers must come within request_timeout (a stop cannot cut a request before them);
         # then the socket gets the stream's own read timeout (the server ends it after ``timeout``).
-        kwargs: dict[str, Any] = dict(self.kind.selector(self.target), watch=True, _preload_content=False,
-                                      allow_watch_bookmarks=True, timeout_seconds=timeout,
-                                      _request_timeout=(timings.connect_timeout, timings.request_timeout))
+        kwargs: dict[str, Any] = dict(
+            watch=True,
+            _preload_content=False,
+            allow_watch_bookmarks=True,
+            timeout_seconds=timeout,
+            _request_timeout=(timings.connect_timeout, timings.request_timeout),
+        )
         if self.resource_version:
             kwargs["resource_version"] = self.resource_version
         try:
-            resp = self._list_fn(self.target.namespace, **kwargs)
+            resp = self._list_fn(**kwargs)
         except _api_exception() as e:
             if _status(e) == 410:
                 raise _Gone(_describe_error(e)) from e
@@ -355,52 +377,168 @@ class _TargetWatch:
         if rv := meta.get("resourceVersion"):
             self.resource_version = str(rv)
         self.last_event = time.time()
-        if kind == "BOOKMARK":
-            return
-        name = meta.get("name")
-        if not name or kind not in ("ADDED", "MODIFIED", "DELETED"):
-            return
-        was_empty = not self.objects
-        if kind == "DELETED":
-            self.objects.pop(name, None)
-        else:
-            self.objects[name] = obj
-        # The Service's existence decides between "no endpoints" and NOT_FOUND: check it when the
-        # objects all went away (the Service may have been deleted) or came back while it was gone.
-        if (not self.objects and not was_empty) or (self.objects and not self.service_exists):
-            try:
-                self._refresh_service()
-            except Exception as e:  # noqa: BLE001 - keep the previous answer; the resync re-checks
-                self.errors += 1
-                self.last_error = f"reading the Service: {_describe_error(e)}"
-        self.source.post(self, self.current())
+        if kind in ("ADDED", "MODIFIED", "DELETED"):  # BOOKMARK: only the resourceVersion
+            self.scope.apply(self.resource, kind, obj)
 
-    def describe(self) -> dict[str, str | int | float]:
+
+# -- one namespace (or the whole cluster): its objects, compact, and the targets subscribed in it ------------
+
+
+class _Scope:
+    """The Services and endpoint objects of one namespace (``namespace=None``: every namespace), kept in
+    compact form, and the subscribed targets whose state they decide. Thread-safe: the two watch threads
+    write, the loop reads; every publish is handed to the loop while the lock is held, so the loop sees
+    each target's states in the order they were computed."""
+
+    def __init__(self, source: KubernetesSource, namespace: str | None) -> None:
+        self.source = source
+        self.namespace = namespace
+        self.label = f"namespace {namespace}" if namespace is not None else "every namespace"
+        self.kind = source.kind_spec
+        self.lock = threading.Lock()
+        self.services: dict[Key, ServiceInfo] = {}
+        #: (namespace, object name) -> the Service it belongs to and its endpoints
+        self.members: dict[Key, Member] = {}
+        #: (namespace, service) -> object name -> endpoints
+        self.by_service: dict[Key, dict[str, tuple[BackendEndpoint, ...]]] = {}
+        self.targets: dict[Key, set[Target]] = {}
+        self.published: dict[Key, Endpoints | None] = {}
+        self.seq = 0
+        self.streams = (_Stream(self, SERVICES), _Stream(self, self.kind))
+        self.started: asyncio.Task[None] | None = None
+        self.idle_since: float | None = None
+
+    # -- the state of a Service (lock held) ------------------------------------------------------------------
+
+    def state(self, key: Key) -> Endpoints | None:
+        info = self.services.get(key)
+        if info is None:
+            return None
+        return merge_members(self.by_service.get(key) or {}, info.port_names)
+
+    def _post_changed(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            targets = self.targets.get(key)
+            if not targets:
+                continue
+            state = self.state(key)
+            if key in self.published and self.published[key] == state:
+                continue
+            self.published[key] = state
+            self.seq += 1
+            for target in targets:
+                self.source.post(self, target, state, self.seq)
+
+    # -- from the watch threads ------------------------------------------------------------------------------
+
+    def _add_member(self, key: Key, member: Member | None) -> Key | None:
+        if member is None:
+            return None
+        skey = (key[0], member[0])
+        self.members[key] = member
+        self.by_service.setdefault(skey, {})[key[1]] = member[1]
+        return skey
+
+    def _remove_member(self, key: Key) -> Key | None:
+        old = self.members.pop(key, None)
+        if old is None:
+            return None
+        skey = (key[0], old[0])
+        objs = self.by_service.get(skey)
+        if objs is not None:
+            objs.pop(key[1], None)
+            if not objs:
+                del self.by_service[skey]
+        return skey
+
+    def replace(self, resource: _Resource, items: list[Obj]) -> None:
+        """A fresh LIST of ``resource``: replace what is kept of it; publish the targets that changed."""
+        with self.lock:
+            if resource.member is None:
+                self.services = {k: service_info(o) for o in items if (k := object_key(o)) is not None}
+            else:
+                self.members, self.by_service = {}, {}
+                for obj in items:
+                    if (key := object_key(obj)) is not None:
+                        self._add_member(key, resource.member(obj))
+            self._post_changed(list(self.targets))
+
+    def apply(self, resource: _Resource, kind: str, obj: Obj) -> None:
+        """One ADDED/MODIFIED/DELETED event: update the compact state; publish the targets it changed."""
+        key = object_key(obj)
+        if key is None:
+            return
+        with self.lock:
+            if resource.member is None:
+                if kind == "DELETED":
+                    self.services.pop(key, None)
+                else:
+                    self.services[key] = service_info(obj)
+                touched: list[Key | None] = [key]
+            else:
+                # a slice can move to another Service (its label changed): both are touched
+                touched = [self._remove_member(key)]
+                if kind != "DELETED":
+                    touched.append(self._add_member(key, resource.member(obj)))
+            self._post_changed({k for k in touched if k is not None})
+
+    # -- lifecycle (blocking parts run in threads) -----------------------------------------------------------
+
+    def initial_list(self) -> None:
+        for stream in self.streams:
+            stream.list_now()
+
+    def start_watching(self) -> None:
+        for stream in self.streams:
+            stream.start()
+
+    def request_stop(self) -> None:
+        for stream in self.streams:
+            stream.request_stop()
+
+    def describe(self, key: Key) -> dict[str, str | int | float]:
+        services, endpoints = self.streams
+        with self.lock:
+            objects = len(self.by_service.get(key) or ())
         return {
             "source": self.kind.name,
-            "resource_version": self.resource_version,
-            "last_event": round(self.last_event, 3),
-            "restarts": self.restarts,
-            "errors": self.errors,
-            "last_error": self.last_error,
-            "watching": int(self.watching),
-            "slices": len(self.objects),
+            "scope": self.namespace if self.namespace is not None else "*",
+            "resource_version": endpoints.resource_version,
+            "services_resource_version": services.resource_version,
+            "last_event": round(max(endpoints.last_event, services.last_event), 3),
+            "restarts": endpoints.restarts + services.restarts,
+            "errors": endpoints.errors + services.errors,
+            "last_error": endpoints.last_error or services.last_error,
+            "watching": int(endpoints.watching and services.watching),
+            "slices": objects,
         }
 
 
 class KubernetesSource(EndpointSource):
     """Endpoints of Kubernetes Services from EndpointSlices (``kind="endpointslices"``, the default) or the
-    deprecated core/v1 Endpoints (``kind="endpoints"``, for old clusters), watched lazily per target.
+    deprecated core/v1 Endpoints (``kind="endpoints"``, for old clusters).
 
-    ``api_client``: a ``kubernetes.client.ApiClient`` (tests point one at a test API server); by default one
-    is built from the in-cluster configuration or the kubeconfig (``kubeconfig`` path). Targets unused for
-    ``idle_timeout`` seconds are unwatched (None: never); at most ``max_targets`` are watched at once.
+    One LIST+WATCH of Services and one of the endpoint objects per namespace in use, shared by all its
+    Services, started by the first Resolve/Watch there (``cluster_wide=True``: one pair for every
+    namespace, which needs cluster-wide list/watch RBAC). ``api_client``: a ``kubernetes.client.ApiClient``
+    (tests point one at a test API server); by default one is built from the in-cluster configuration or
+    the kubeconfig (``kubeconfig`` path). Targets unused for ``idle_timeout`` seconds are unwatched (None:
+    never) and a namespace without targets for as long (60 s if None) stops its watches; at most
+    ``max_targets`` targets are tracked at once.
     """
 
-    def __init__(self, api_client: Any = None, *, kind: str = SOURCE_ENDPOINTSLICES,
-                 kubeconfig: str | None = None, timings: KubeTimings | None = None,
-                 idle_timeout: float | None = 600.0, max_targets: int = 1000,
-                 join_timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        api_client: Any = None,
+        *,
+        kind: str = SOURCE_ENDPOINTSLICES,
+        kubeconfig: str | None = None,
+        timings: KubeTimings | None = None,
+        idle_timeout: float | None = 600.0,
+        max_targets: int = 1000,
+        join_timeout: float = 15.0,
+        cluster_wide: bool = False,
+    ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown Kubernetes source kind {kind!r} (use {' or '.join(KINDS)})")
         if max_targets < 1:
@@ -415,16 +553,20 @@ class KubernetesSource(EndpointSource):
         self.api_client = api_client
         self.timings = timings or KubeTimings()
         self.idle_timeout = idle_timeout
+        self.scope_linger = idle_timeout if idle_timeout is not None else 60.0
         self.max_targets = max_targets
         self.join_timeout = join_timeout
+        self.cluster_wide = cluster_wide
         self._publish: Publish | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._watches: dict[Target, _TargetWatch] = {}
+        self._scopes: dict[str | None, _Scope] = {}
+        self._targets: dict[Target, _Scope] = {}
+        self._delivered: dict[Target, int] = {}
         self._pending: set[Target] = set()
-        self._retired: list[_TargetWatch] = []
+        self._retired: list[_Scope] = []
         self._stopped = False
 
-    # -- EndpointSource ------------------------------------------------------------------------------
+    # -- EndpointSource --------------------------------------------------------------------------------------
 
     async def start(self, publish: Publish) -> None:
         """Remember the loop and the publish callback; nothing is watched until a target is used."""
@@ -433,55 +575,68 @@ class KubernetesSource(EndpointSource):
         self._stopped = False
 
     async def subscribe(self, target: Target) -> None:
-        """Read the Service and list its objects (in a worker thread), publish, then start watching."""
+        """Start the target's namespace watches if needed (LIST in a worker thread), publish its state."""
         if self._stopped or self._publish is None:
             raise SourceUnavailable("the Kubernetes source is stopped")
-        if target in self._watches:
-            self._publish(target, self._watches[target].current())
+        key = (target.namespace, target.service)
+        scope = self._targets.get(target)
+        if scope is not None:
+            with scope.lock:
+                state = scope.state(key)
+                scope.seq += 1
+                self._delivered[target] = scope.seq
+            self._publish(target, state)
             return
-        if len(self._watches) + len(self._pending) >= self.max_targets:
+        if len(self._targets) + len(self._pending) >= self.max_targets:
             raise TooManyTargets(target, self.max_targets)
         self._pending.add(target)
         try:
-            tw = _TargetWatch(self, target)
-            try:
-                endpoints = await asyncio.to_thread(tw.list_now)
-            except Exception as e:  # noqa: BLE001 - any client failure: the API cannot answer now
-                log.warning("cannot read %s %s from the Kubernetes API: %s", self.kind_spec.name, target,
-                            _describe_error(e))
-                raise SourceUnavailable(f"Kubernetes API: {_describe_error(e)}") from e
-            if endpoints is None:
+            scope = await self._scope_for(target.namespace)
+            with scope.lock:
+                state = scope.state(key)
+                if state is not None:
+                    scope.targets.setdefault(key, set()).add(target)
+                    scope.published.setdefault(key, state)
+                    scope.seq += 1
+                    self._delivered[target] = scope.seq
+                    self._targets[target] = scope
+                    scope.idle_since = None
+            if state is None:
+                self._check_idle(scope)
                 raise TargetNotFound(target)
-            if self._stopped:
-                raise SourceUnavailable("the Kubernetes source is stopped")
-            self._watches[target] = tw
-            self._publish(target, endpoints)
-            tw.start()
-            log.info("watching %s of %s from resourceVersion %s (%d object(s))", self.kind_spec.name, target,
-                     tw.resource_version, len(tw.objects))
+            self._publish(target, state)
         finally:
             self._pending.discard(target)
 
     async def unsubscribe(self, target: Target) -> None:
-        """Stop watching ``target`` (its thread is cut now and joined at :meth:`stop` at the latest)."""
-        tw = self._watches.pop(target, None)
-        if tw is None:
+        """Stop tracking ``target``; its namespace's watches stop once no target used them for a while."""
+        scope = self._targets.pop(target, None)
+        self._delivered.pop(target, None)
+        if scope is None:
             return
-        tw.request_stop()
-        self._retired = [t for t in self._retired if t.thread is not None and t.thread.is_alive()]
-        self._retired.append(tw)
+        key = (target.namespace, target.service)
+        with scope.lock:
+            targets = scope.targets.get(key)
+            if targets is not None:
+                targets.discard(target)
+                if not targets:
+                    del scope.targets[key]
+                    scope.published.pop(key, None)
+        self._check_idle(scope)
         log.info("stopped watching %s", target)
 
     async def stop(self) -> None:
         """Stop every watch and join every thread (never leaves a thread inside a request)."""
         self._stopped = True
-        watches = list(self._watches.values()) + self._retired
-        self._watches.clear()
+        scopes = list(self._scopes.values()) + self._retired
+        self._scopes.clear()
+        self._targets.clear()
         self._retired = []
-        for tw in watches:
-            tw.request_stop()
-        if watches:
-            await asyncio.to_thread(self._join_all, watches)
+        for scope in scopes:
+            scope.request_stop()
+        streams = [s for scope in scopes for s in scope.streams]
+        if streams:
+            await asyncio.to_thread(self._join_all, streams)
         self._publish = None
         if self._own_client:
             try:
@@ -489,41 +644,131 @@ class KubernetesSource(EndpointSource):
             except Exception:  # noqa: BLE001
                 pass
 
-    def _join_all(self, watches: list[_TargetWatch]) -> None:
+    def _join_all(self, streams: list[_Stream]) -> None:
         deadline = time.monotonic() + self.join_timeout
-        for tw in watches:
-            if not tw.join(max(0.0, deadline - time.monotonic())):
-                log.error("watch thread of %s did not stop within %.0f s", tw.target, self.join_timeout)
+        for stream in streams:
+            if not stream.join(max(0.0, deadline - time.monotonic())):
+                log.error(
+                    "watch thread of %s of %s did not stop within %.0f s",
+                    stream.resource.name,
+                    stream.scope.label,
+                    self.join_timeout,
+                )
 
     def describe(self, target: Target) -> dict[str, str | int | float]:
-        """Watch health of ``target``: resource_version, last_event, restarts, errors, last_error,
-        watching (0/1) and slices (objects kept)."""
-        tw = self._watches.get(target)
-        return tw.describe() if tw is not None else {}
+        """Watch health of ``target``'s namespace: resource_version (endpoint objects),
+        services_resource_version, last_event, restarts, errors, last_error, watching (0/1), scope (the
+        namespace watched, ``*`` for all) and slices (the target's objects kept)."""
+        scope = self._targets.get(target)
+        return scope.describe((target.namespace, target.service)) if scope is not None else {}
 
-    # -- from the watch threads ----------------------------------------------------------------------
+    # -- scopes (on the loop) --------------------------------------------------------------------------------
 
-    def post(self, tw: _TargetWatch, endpoints: Endpoints | None) -> None:
-        """Hand a target's new state to the loop (any thread)."""
+    async def _scope_for(self, namespace: str) -> _Scope:
+        """The started scope holding ``namespace``, starting it (LIST, then the watch threads) if needed."""
+        name = None if self.cluster_wide else namespace
+        scope = self._scopes.get(name)
+        if scope is None:
+            scope = _Scope(self, name)
+            self._scopes[name] = scope
+            scope.started = asyncio.get_running_loop().create_task(self._start_scope(scope))
+            # its waiters may all be cancelled (their RPCs ended): the failure is logged, never "unretrieved"
+            scope.started.add_done_callback(lambda t: t.cancelled() or t.exception())
+        assert scope.started is not None
+        await asyncio.shield(scope.started)
+        return scope
+
+    async def _start_scope(self, scope: _Scope) -> None:
+        try:
+            await asyncio.to_thread(scope.initial_list)
+        except Exception as e:  # noqa: BLE001 - any client failure: the API cannot answer now
+            if self._scopes.get(scope.namespace) is scope:
+                del self._scopes[scope.namespace]
+            log.warning(
+                "cannot list %s of %s from the Kubernetes API: %s",
+                self.kind_spec.name,
+                scope.label,
+                _describe_error(e),
+            )
+            raise SourceUnavailable(f"Kubernetes API: {_describe_error(e)}") from e
+        if self._stopped or self._scopes.get(scope.namespace) is not scope:
+            raise SourceUnavailable("the Kubernetes source is stopped")
+        scope.start_watching()
+        services, endpoints = scope.streams
+        log.info(
+            "watching Services and %s of %s from resourceVersions %s/%s (%d Service(s), %d object(s))",
+            self.kind_spec.name,
+            scope.label,
+            services.resource_version,
+            endpoints.resource_version,
+            len(scope.services),
+            len(scope.members),
+        )
+        # no target yet: if every subscriber gave up meanwhile (cancelled RPCs), the scope still ends
+        self._check_idle(scope)
+
+    def _check_idle(self, scope: _Scope) -> None:
+        """Schedule the end of a scope that has no target left (it ends if none comes back in time)."""
+        if scope.targets or self._loop is None or self._stopped:
+            return
+        if scope.idle_since is None:
+            scope.idle_since = self._loop.time()
+            self._loop.call_later(self.scope_linger, self._retire_if_idle, scope)
+
+    def _retire_if_idle(self, scope: _Scope) -> None:
+        if self._stopped or scope.targets or scope.idle_since is None:
+            return
+        if (
+            self._scopes.get(scope.namespace) is not scope
+            or scope.started is None
+            or not scope.started.done()
+        ):
+            return
+        assert self._loop is not None
+        if self._loop.time() - scope.idle_since < self.scope_linger * 0.999:
+            return  # used and left again since: a later call decides
+        del self._scopes[scope.namespace]
+        scope.request_stop()
+        self._retired = [s for s in self._retired if any(st.alive() for st in s.streams)]
+        self._retired.append(scope)
+        log.info("stopped watching %s (no target used it for %.0f s)", scope.label, self.scope_linger)
+
+    # -- from the watch threads ------------------------------------------------------------------------------
+
+    def post(self, scope: _Scope, target: Target, endpoints: Endpoints | None, seq: int) -> None:
+        """Hand a target's new state to the loop (any thread; called with the scope's lock held)."""
         loop = self._loop
         if loop is None or self._stopped:
             return
         try:
-            loop.call_soon_threadsafe(self._deliver, tw, endpoints)
+            loop.call_soon_threadsafe(self._deliver, scope, target, endpoints, seq)
         except RuntimeError:  # the loop is closed: shutting down
             pass
 
-    def _deliver(self, tw: _TargetWatch, endpoints: Endpoints | None) -> None:
-        # on the loop: only the current watch of a subscribed target may publish
-        if self._publish is not None and self._watches.get(tw.target) is tw:
-            self._publish(tw.target, endpoints)
+    def _deliver(self, scope: _Scope, target: Target, endpoints: Endpoints | None, seq: int) -> None:
+        # on the loop: only the current scope of a subscribed target may publish, and never an older state
+        if self._publish is None or self._targets.get(target) is not scope:
+            return
+        if seq <= self._delivered.get(target, 0):
+            return
+        self._delivered[target] = seq
+        self._publish(target, endpoints)
 
     @property
     def watched(self) -> list[Target]:
         """The targets being watched now."""
-        return sorted(self._watches, key=str)
+        return sorted(self._targets, key=str)
+
+    @property
+    def watched_namespaces(self) -> list[str]:
+        """The namespaces watched now (``*`` for the cluster-wide watch)."""
+        return sorted(n if n is not None else "*" for n in self._scopes)
 
     def threads(self) -> list[threading.Thread]:
         """Live watch threads (for tests and diagnostics)."""
-        return [tw.thread for tw in list(self._watches.values()) + self._retired
-                if tw.thread is not None and tw.thread.is_alive()]
+        return [
+            s.thread
+            for scope in list(self._scopes.values()) + self._retired
+            for s in scope.streams
+            if s.thread is not None and s.thread.is_alive()
+        ]
