@@ -102,7 +102,7 @@ def _summarise(recs: list[Recorder], t0: float, t1: float, cpu: float, keep_ts: 
 def _warmup_sync(caller: Any, n: int, budget_s: float) -> int:
     """Up to ``n`` successful calls, retrying failures until ``budget_s`` has passed; returns ok count."""
     ok, deadline = 0, time.monotonic() + budget_s
-    req = greet_pb2.Greeting(first_name="warm", last_name="up")
+    req = greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="warm", last_name="up"))
     while ok < n and time.monotonic() < deadline:
         try:
             caller.greet(req, CALL_TIMEOUT)
@@ -150,7 +150,7 @@ def run_sync(cfg: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
 
     def worker(i: int) -> None:
         r = recs[i]
-        req = greet_pb2.Greeting(first_name="bench", last_name=str(i))
+        req = greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="bench", last_name=str(i)))
         mono, greet = time.monotonic, caller.greet
         while next(budget) < n_calls:
             ts = mono()
@@ -188,7 +188,7 @@ async def _run_aio(
     caller = await mode.make(ctx)
     dial_s = time.monotonic() - t_dial
     warm, deadline_w = 0, time.monotonic() + 10.0
-    req = greet_pb2.Greeting(first_name="warm", last_name="up")
+    req = greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="warm", last_name="up"))
     while warm < cfg.get("warmup", 20) and time.monotonic() < deadline_w:
         try:
             await caller.greet(req, CALL_TIMEOUT)
@@ -206,7 +206,7 @@ async def _run_aio(
 
     async def worker(i: int) -> None:
         r = recs[i]
-        req = greet_pb2.Greeting(first_name="bench", last_name=str(i))
+        req = greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="bench", last_name=str(i)))
         mono, greet = time.monotonic, caller.greet
         while next(budget) < n_calls:
             ts = mono()
@@ -248,7 +248,7 @@ def run_small(cfg: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
 
     def worker(i: int) -> None:
         r = recs[i]
-        req = greet_pb2.Greeting(first_name="small", last_name=str(i))
+        req = greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="small", last_name=str(i)))
         while next(nxt) < n_clients and time.monotonic() < deadline:
             td = time.monotonic()
             try:

@@ -83,7 +83,7 @@ class Caller:
         self.channel = channel
         self._greet = greet_pb2_grpc.GreetServiceStub(channel).Greet
 
-    def greet(self, request: greet_pb2.Greeting, timeout: float) -> greet_pb2.GreetResponse:
+    def greet(self, request: greet_pb2.GreetingRequest, timeout: float) -> greet_pb2.GreetingResponse:
         return self._greet(request, timeout=timeout)
 
     def close(self) -> None:
@@ -98,7 +98,7 @@ class AioCaller:
         self.channel = channel
         self._greet = greet_pb2_grpc.GreetServiceStub(channel).Greet
 
-    async def greet(self, request: greet_pb2.Greeting, timeout: float) -> greet_pb2.GreetResponse:
+    async def greet(self, request: greet_pb2.GreetingRequest, timeout: float) -> greet_pb2.GreetingResponse:
         return await self._greet(request, timeout=timeout)
 
     async def close(self) -> None:
@@ -189,7 +189,7 @@ class RedialCaller:
         self.stats = _RedialStats()
         self._gen = _Gen(Caller(dial_round_robin(ctx.resolve(), local_pool=True)))
 
-    def greet(self, request: greet_pb2.Greeting, timeout: float) -> greet_pb2.GreetResponse:
+    def greet(self, request: greet_pb2.GreetingRequest, timeout: float) -> greet_pb2.GreetingResponse:
         with self._lock:
             self._calls += 1
             gen = self._gen

@@ -23,6 +23,7 @@ from examples.greet import greet_pb2, greet_pb2_grpc
 from lookaside_dev.procs import Child, Children, greet_backend, lookaside_server
 
 SERVICE, NAMESPACE = "greet", "default"
+HELLO = greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="Ada", last_name="Lovelace"))
 
 
 def write_endpoints(path: str, addresses: list[str]) -> None:
@@ -41,7 +42,7 @@ def call(stub: greet_pb2_grpc.GreetServiceStub, n: int, spread: Counter[str]) ->
     failed = 0
     for _ in range(n):
         try:
-            reply = stub.Greet(greet_pb2.Greeting(first_name="Ada", last_name="Lovelace"), timeout=5)
+            reply = stub.Greet(HELLO, timeout=5)
         except grpc.RpcError as err:
             failed += 1
             logging.warning("call failed: %s %s", err.code().name, err.details())

@@ -54,8 +54,9 @@ class BadRequest(ValueError):
     """The request body is not a usable Greeting."""
 
 
-def parse_greeting(body: bytes) -> greet_pb2.Greeting:
-    """A Greeting from a JSON body ``{"first_name": str, "last_name": str}``; raise BadRequest saying why."""
+def parse_greeting(body: bytes) -> greet_pb2.GreetingRequest:
+    """A GreetingRequest from a JSON body ``{"first_name": str, "last_name": str}`` (the names of its
+    ``greeting``); raise BadRequest saying why."""
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -72,7 +73,7 @@ def parse_greeting(body: bytes) -> greet_pb2.Greeting:
         if not isinstance(data[field], str):
             raise BadRequest(f"field {field!r} must be a string, not {type(data[field]).__name__}")
         names[field] = data[field]
-    return greet_pb2.Greeting(**names)
+    return greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(**names))
 
 
 class Gateway:
@@ -85,11 +86,11 @@ class Gateway:
     def greet(self, body: bytes) -> tuple[int, dict[str, Any]]:
         """HTTP status and JSON answer for one request body."""
         try:
-            greeting = parse_greeting(body)
+            request = parse_greeting(body)
         except BadRequest as e:
             return 400, {"error": str(e)}
         try:
-            reply = self.stub.Greet(greeting, timeout=self.timeout)
+            reply = self.stub.Greet(request, timeout=self.timeout)
         except grpc.RpcError as err:
             code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
             details = err.details() if isinstance(err, grpc.Call) else str(err)

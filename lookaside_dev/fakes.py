@@ -167,11 +167,13 @@ def unused_address() -> str:
 class EchoServicer(GreetServicer):
     """Greet that echoes the ``x-test`` request metadata and sends ``x-served-by`` trailing metadata."""
 
-    def Greet(self, request: greet_pb2.Greeting, context: grpc.ServicerContext) -> greet_pb2.GreetResponse:
+    def Greet(
+        self, request: greet_pb2.GreetingRequest, context: grpc.ServicerContext
+    ) -> greet_pb2.GreetingResponse:
         md = dict(context.invocation_metadata())
         context.set_trailing_metadata((("x-served-by", self.name),))
         greeting = super().Greet(request, context).result
-        return greet_pb2.GreetResponse(result=f"{md.get('x-test', '')} {greeting}")
+        return greet_pb2.GreetingResponse(result=f"{md.get('x-test', '')} {greeting}")
 
 
 class Backends:
@@ -220,10 +222,15 @@ def wait_until(cond: Callable[[], bool], timeout: float = 5.0, interval: float =
         time.sleep(interval)
 
 
-def greetings(*names: str) -> Iterator[greet_pb2.Greeting]:
+def greeting_request(first_name: str, last_name: str = "") -> greet_pb2.GreetingRequest:
+    """The Greet request of the original design: the names wrapped in its ``greeting``."""
+    return greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name=first_name, last_name=last_name))
+
+
+def greetings(*names: str) -> Iterator[greet_pb2.GreetingRequest]:
     for name in names:
-        yield greet_pb2.Greeting(first_name=name, last_name="X")
+        yield greeting_request(name, "X")
 
 
-def req(name: str = "Ada") -> greet_pb2.Greeting:
-    return greet_pb2.Greeting(first_name=name, last_name="L")
+def req(name: str = "Ada") -> greet_pb2.GreetingRequest:
+    return greeting_request(name, "L")

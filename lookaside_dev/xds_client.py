@@ -23,7 +23,7 @@ import grpc
 
 from examples.greet import greet_pb2, greet_pb2_grpc
 
-HELLO = greet_pb2.Greeting(first_name="Ada", last_name="Lovelace")
+HELLO = greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="Ada", last_name="Lovelace"))
 
 
 def backend_of(result: str) -> str:

@@ -226,7 +226,9 @@ class Calls:
 
 def greet_fn(stub: greet_pb2_grpc.GreetServiceStub) -> Callable[[], str]:
     def call() -> str:
-        reply = stub.Greet(greet_pb2.Greeting(first_name="Ada"), timeout=ROUND_TIMEOUT)
+        reply = stub.Greet(
+            greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="Ada")), timeout=ROUND_TIMEOUT
+        )
         return reply.result.rsplit(" from ", 1)[-1]
 
     return call

@@ -41,9 +41,9 @@ async def poll(cond: object, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def agreetings(*names: str) -> AsyncIterator[greet_pb2.Greeting]:
+async def agreetings(*names: str) -> AsyncIterator[greet_pb2.GreetingRequest]:
     for name in names:
-        yield greet_pb2.Greeting(first_name=name, last_name="X")
+        yield greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name=name, last_name="X"))
 
 
 async def test_all_call_shapes_deferred_then_direct(backends: Backends, lookaside: RunningLookaside) -> None:
@@ -65,7 +65,7 @@ async def test_all_call_shapes_deferred_then_direct(backends: Backends, lookasid
         assert "b X" in (await stub.LongGreet(agreetings("a", "b"), timeout=5)).result
         assert "c X" in (await stub.LongGreet(greetings("c"), timeout=5)).result
         bidi = stub.GreetEveryone(timeout=5)
-        await bidi.write(greet_pb2.Greeting(first_name="e"))
+        await bidi.write(greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="e")))
         assert (await bidi.read()).result.startswith("Hello e ")
         await bidi.done_writing()
         assert await bidi.read() is grpc.aio.EOF
@@ -88,13 +88,13 @@ async def test_deferred_streaming_shapes() -> None:
                 elif shape == "stream_unary":
                     call = stub.LongGreet(timeout=5)
                     assert isinstance(call, grpc.aio.StreamUnaryCall)
-                    await call.write(greet_pb2.Greeting(first_name="w"))
+                    await call.write(greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="w")))
                     await call.done_writing()
                     assert (await call).result.startswith("Hello w ")
                 elif shape == "stream_stream":
                     call = stub.GreetEveryone(timeout=5)
                     assert isinstance(call, grpc.aio.StreamStreamCall)
-                    await call.write(greet_pb2.Greeting(first_name="x"))
+                    await call.write(greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="x")))
                     await call.done_writing()
                     assert [r.result.split(" from")[0] async for r in call] == ["Hello x "]
                 else:

@@ -146,8 +146,8 @@ async def aio_call(channel: Any, shape: str = "unary_unary", **kwargs: Any) -> R
     return Result(OK, None, time.monotonic() - t0, replies[0].server_id if replies else "")
 
 
-def _greeting(name: str = "Ada") -> greet_pb2.Greeting:
-    return greet_pb2.Greeting(first_name=name, last_name="L")
+def _greeting(name: str = "Ada") -> greet_pb2.GreetingRequest:
+    return greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name=name, last_name="L"))
 
 
 def greet_call(channel: Any, shape: str = "unary_unary", **kwargs: Any) -> Result:

@@ -139,7 +139,7 @@ def test_endpoint_change_moves_traffic_and_retires_channels() -> None:
         pool = ch._balancer.pool
         stub.Greet(req(), timeout=5)
         # An open stream on A keeps A's channel alive after A leaves the set.
-        requests: queue.Queue[greet_pb2.Greeting | None] = queue.Queue()
+        requests: queue.Queue[greet_pb2.GreetingRequest | None] = queue.Queue()
         stream = stub.GreetEveryone(iter(requests.get, None), timeout=10)
         requests.put(req("s1"))
         assert next(stream).result.endswith(a)

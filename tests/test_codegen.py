@@ -176,3 +176,146 @@ def test_original_lookaside_proto_stubs_import_alongside(tmp_path: pathlib.Path,
         env=env,
     )
     assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
+
+
+#: A copy of the original design's ``greet.proto`` (the Go lookaside demo): file name ``greet.proto``,
+#: package ``greet``, ``rpc Greet(GreetingRequest) returns (GreetingResponse)``.
+ORIGINAL_GREET_PROTO = ROOT / "tests" / "data" / "greet.proto"
+
+
+def _compile_original_greet(out: pathlib.Path) -> None:
+    """``greet_pb2``/``greet_pb2_grpc`` from the original greet.proto into ``out``, as its users made them."""
+    compiled = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ORIGINAL_GREET_PROTO.parent}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            str(ORIGINAL_GREET_PROTO),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert compiled.returncode == 0, compiled.stderr
+
+
+def test_greet_example_keeps_the_original_greet_messages(tmp_path: pathlib.Path) -> None:
+    """Every message of the original greet.proto, and its Greet method, are unchanged in the example's."""
+    from google.protobuf import descriptor_pb2
+    from grpc_tools import protoc
+
+    from examples.greet import greet_pb2
+
+    out = tmp_path / "original.pb"
+    assert (
+        protoc.main(["protoc", f"-I{ORIGINAL_GREET_PROTO.parent}", f"-o{out}", str(ORIGINAL_GREET_PROTO)])
+        == 0
+    )
+    original = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
+    ours = descriptor_pb2.FileDescriptorProto.FromString(greet_pb2.DESCRIPTOR.serialized_pb)
+    assert (original.package, ours.package) == ("greet", "greet")
+    for message in original.message_type:
+        for f in message.field:  # `protoc -o` spells out json_name; generated code leaves it implicit
+            f.ClearField("json_name")
+    ours_by_name = {m.name: m for m in ours.message_type}
+    assert {m.name for m in original.message_type} == {"Greeting", "GreetingRequest", "GreetingResponse"}
+    for message in original.message_type:
+        assert ours_by_name[message.name] == message
+    (service,) = original.service
+    (our_service,) = [s for s in ours.service if s.name == service.name]
+    our_methods = {m.name: m for m in our_service.method}
+    for method in service.method:
+        assert our_methods[method.name] == method
+
+
+ORIGINAL_GREET_CLIENT = """
+import sys
+
+import grpc
+import greet_pb2, greet_pb2_grpc
+
+assert greet_pb2.DESCRIPTOR.name == "greet.proto"  # the original stubs, not the example's
+request = greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="Ada", last_name="Lovelace"))
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    print(greet_pb2_grpc.GreetServiceStub(channel).Greet(request, timeout=10).result)
+"""
+
+ORIGINAL_GREET_SERVER = """
+import sys
+from concurrent import futures
+
+import grpc
+import greet_pb2, greet_pb2_grpc
+
+
+class Servicer(greet_pb2_grpc.GreetServiceServicer):
+    def Greet(self, request, context):
+        g = request.greeting
+        return greet_pb2.GreetingResponse(result=f"original server greets {g.first_name} {g.last_name}")
+
+
+server = grpc.server(futures.ThreadPoolExecutor(2))
+greet_pb2_grpc.add_GreetServiceServicer_to_server(Servicer(), server)
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+sys.stdin.read()  # until the test closes stdin
+server.stop(None)
+"""
+
+
+def test_original_greet_client_talks_to_the_example_server(tmp_path: pathlib.Path) -> None:
+    """A client generated from the original greet.proto (its own process: the original and the example's
+    stubs define the same symbols) calls the example's Greet server and gets its own names back."""
+    from examples.greet.server import serve
+
+    _compile_original_greet(tmp_path)
+    server, servicer, port = serve(0)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", ORIGINAL_GREET_CLIENT, f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        )
+    finally:
+        server.stop(None)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"Hello Ada Lovelace from 127.0.0.1:{port}\n"
+    assert servicer.calls == 1
+
+
+def test_example_greet_client_talks_to_an_original_server(tmp_path: pathlib.Path) -> None:
+    """The reverse: the example's stubs call a server generated from the original greet.proto."""
+    import grpc
+
+    from examples.greet import greet_pb2, greet_pb2_grpc
+
+    _compile_original_greet(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ORIGINAL_GREET_SERVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip().isdigit(), proc.communicate(timeout=30)[1]
+        port = int(line)
+        request = greet_pb2.GreetingRequest(
+            greeting=greet_pb2.Greeting(first_name="Ada", last_name="Lovelace")
+        )
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = greet_pb2_grpc.GreetServiceStub(channel).Greet(request, timeout=10)
+        assert reply.result == "original server greets Ada Lovelace"
+    finally:
+        _, stderr = proc.communicate(input="", timeout=30)
+    assert proc.returncode == 0, stderr

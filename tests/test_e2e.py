@@ -22,7 +22,7 @@ from lookaside_grpc import protocol
 from lookaside_server import ListenConfig, ServerConfig, StaticFileConfig, run_in_thread
 
 TARGET = "default/greet"
-HELLO = greet_pb2.Greeting(first_name="Ada", last_name="Lovelace")
+HELLO = greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="Ada", last_name="Lovelace"))
 
 
 @pytest.fixture

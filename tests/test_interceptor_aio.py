@@ -29,11 +29,11 @@ async def test_all_shapes_balanced_over_the_pool() -> None:
 
             async def names():  # type: ignore[no-untyped-def]
                 for n in ("a", "b"):
-                    yield greet_pb2.Greeting(first_name=n, last_name="X")
+                    yield greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name=n, last_name="X"))
 
             assert "b X" in (await stub.LongGreet(names(), timeout=5)).result
             bidi = stub.GreetEveryone(timeout=5)
-            await bidi.write(greet_pb2.Greeting(first_name="e"))
+            await bidi.write(greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="e")))
             assert (await bidi.read()).result.startswith("Hello e ")
             await bidi.done_writing()
             assert await bidi.code() is grpc.StatusCode.OK

@@ -364,7 +364,7 @@ def test_backend_tls_verifies_the_service_dns_name(tmp_path: Path) -> None:
         )
     )
     try:
-        request = greet_pb2.Greeting(first_name="Ada", last_name="L")
+        request = greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="Ada", last_name="L"))
         with lookaside_grpc.channel(
             "greet", lookaside=lookaside.address, credentials=grpc.ssl_channel_credentials(ca.cert)
         ) as ch:
@@ -405,7 +405,8 @@ async def test_aio_backend_tls_with_custom_server_name(tmp_path: Path) -> None:
             credentials=grpc.ssl_channel_credentials(ca.cert),
         ) as ch:
             resp = await greet_pb2_grpc.GreetServiceStub(ch).Greet(
-                greet_pb2.Greeting(first_name="Bo", last_name="K"), timeout=10
+                greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="Bo", last_name="K")),
+                timeout=10,
             )
             assert resp.result.startswith("Hello Bo")
     finally:

@@ -19,6 +19,8 @@ import grpc
 import lookaside_grpc
 from examples.greet import greet_pb2, greet_pb2_grpc
 
+HELLO = greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="Ada", last_name="Lovelace"))
+
 
 def main(argv: list[str] | None = None) -> int:
     """Send ``--count`` Greet calls (0 = until interrupted) and print each answer, then the spread."""
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             while args.count == 0 or sent < args.count:
                 sent += 1
                 try:
-                    reply = stub.Greet(greet_pb2.Greeting(first_name="Ada", last_name="Lovelace"), timeout=5)
+                    reply = stub.Greet(HELLO, timeout=5)
                 except grpc.RpcError as err:
                     print(f"call {sent}: {err.code().name}: {err.details()}", flush=True)
                 else:

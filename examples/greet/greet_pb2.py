@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14greet/v1/greet.proto\x12\x05greet\"1\n\x08Greeting\x12\x12\n\nfirst_name\x18\x01 \x01(\t\x12\x11\n\tlast_name\x18\x02 \x01(\t\"\x1f\n\rGreetResponse\x12\x0e\n\x06result\x18\x01 \x01(\t2\xeb\x01\n\x0cGreetService\x12.\n\x05Greet\x12\x0f.greet.Greeting\x1a\x14.greet.GreetResponse\x12\x39\n\x0eGreetManyTimes\x12\x0f.greet.Greeting\x1a\x14.greet.GreetResponse0\x01\x12\x34\n\tLongGreet\x12\x0f.greet.Greeting\x1a\x14.greet.GreetResponse(\x01\x12:\n\rGreetEveryone\x12\x0f.greet.Greeting\x1a\x14.greet.GreetResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14greet/v1/greet.proto\x12\x05greet\"1\n\x08Greeting\x12\x12\n\nfirst_name\x18\x01 \x01(\t\x12\x11\n\tlast_name\x18\x02 \x01(\t\"4\n\x0fGreetingRequest\x12!\n\x08greeting\x18\x01 \x01(\x0b\x32\x0f.greet.Greeting\"\"\n\x10GreetingResponse\x12\x0e\n\x06result\x18\x01 \x01(\t2\x93\x02\n\x0cGreetService\x12\x38\n\x05Greet\x12\x16.greet.GreetingRequest\x1a\x17.greet.GreetingResponse\x12\x43\n\x0eGreetManyTimes\x12\x16.greet.GreetingRequest\x1a\x17.greet.GreetingResponse0\x01\x12>\n\tLongGreet\x12\x16.greet.GreetingRequest\x1a\x17.greet.GreetingResponse(\x01\x12\x44\n\rGreetEveryone\x12\x16.greet.GreetingRequest\x1a\x17.greet.GreetingResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -23,8 +23,10 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
   _globals['_GREETING']._serialized_start=31
   _globals['_GREETING']._serialized_end=80
-  _globals['_GREETRESPONSE']._serialized_start=82
-  _globals['_GREETRESPONSE']._serialized_end=113
-  _globals['_GREETSERVICE']._serialized_start=116
-  _globals['_GREETSERVICE']._serialized_end=351
+  _globals['_GREETINGREQUEST']._serialized_start=82
+  _globals['_GREETINGREQUEST']._serialized_end=134
+  _globals['_GREETINGRESPONSE']._serialized_start=136
+  _globals['_GREETINGRESPONSE']._serialized_end=170
+  _globals['_GREETSERVICE']._serialized_start=173
+  _globals['_GREETSERVICE']._serialized_end=448
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,6 @@
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from typing import ClassVar as _ClassVar, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -12,7 +12,13 @@ class Greeting(_message.Message):
     last_name: str
     def __init__(self, first_name: _Optional[str] = ..., last_name: _Optional[str] = ...) -> None: ...
 
-class GreetResponse(_message.Message):
+class GreetingRequest(_message.Message):
+    __slots__ = ("greeting",)
+    GREETING_FIELD_NUMBER: _ClassVar[int]
+    greeting: Greeting
+    def __init__(self, greeting: _Optional[_Union[Greeting, _Mapping]] = ...) -> None: ...
+
+class GreetingResponse(_message.Message):
     __slots__ = ("result",)
     RESULT_FIELD_NUMBER: _ClassVar[int]
     result: str

@@ -16,23 +16,23 @@ class GreetServiceStub(object):
         """
         self.Greet = channel.unary_unary(
                 '/greet.GreetService/Greet',
-                request_serializer=greet_dot_v1_dot_greet__pb2.Greeting.SerializeToString,
-                response_deserializer=greet_dot_v1_dot_greet__pb2.GreetResponse.FromString,
+                request_serializer=greet_dot_v1_dot_greet__pb2.GreetingRequest.SerializeToString,
+                response_deserializer=greet_dot_v1_dot_greet__pb2.GreetingResponse.FromString,
                 )
         self.GreetManyTimes = channel.unary_stream(
                 '/greet.GreetService/GreetManyTimes',
-                request_serializer=greet_dot_v1_dot_greet__pb2.Greeting.SerializeToString,
-                response_deserializer=greet_dot_v1_dot_greet__pb2.GreetResponse.FromString,
+                request_serializer=greet_dot_v1_dot_greet__pb2.GreetingRequest.SerializeToString,
+                response_deserializer=greet_dot_v1_dot_greet__pb2.GreetingResponse.FromString,
                 )
         self.LongGreet = channel.stream_unary(
                 '/greet.GreetService/LongGreet',
-                request_serializer=greet_dot_v1_dot_greet__pb2.Greeting.SerializeToString,
-                response_deserializer=greet_dot_v1_dot_greet__pb2.GreetResponse.FromString,
+                request_serializer=greet_dot_v1_dot_greet__pb2.GreetingRequest.SerializeToString,
+                response_deserializer=greet_dot_v1_dot_greet__pb2.GreetingResponse.FromString,
                 )
         self.GreetEveryone = channel.stream_stream(
                 '/greet.GreetService/GreetEveryone',
-                request_serializer=greet_dot_v1_dot_greet__pb2.Greeting.SerializeToString,
-                response_deserializer=greet_dot_v1_dot_greet__pb2.GreetResponse.FromString,
+                request_serializer=greet_dot_v1_dot_greet__pb2.GreetingRequest.SerializeToString,
+                response_deserializer=greet_dot_v1_dot_greet__pb2.GreetingResponse.FromString,
                 )
 
 
@@ -46,7 +46,7 @@ class GreetServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def GreetManyTimes(self, request, context):
-        """Streaming shapes, so the examples and tests exercise all four call shapes.
+        """Streaming shapes (not in the original), so the examples and tests exercise all four call shapes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -69,23 +69,23 @@ def add_GreetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Greet': grpc.unary_unary_rpc_method_handler(
                     servicer.Greet,
-                    request_deserializer=greet_dot_v1_dot_greet__pb2.Greeting.FromString,
-                    response_serializer=greet_dot_v1_dot_greet__pb2.GreetResponse.SerializeToString,
+                    request_deserializer=greet_dot_v1_dot_greet__pb2.GreetingRequest.FromString,
+                    response_serializer=greet_dot_v1_dot_greet__pb2.GreetingResponse.SerializeToString,
             ),
             'GreetManyTimes': grpc.unary_stream_rpc_method_handler(
                     servicer.GreetManyTimes,
-                    request_deserializer=greet_dot_v1_dot_greet__pb2.Greeting.FromString,
-                    response_serializer=greet_dot_v1_dot_greet__pb2.GreetResponse.SerializeToString,
+                    request_deserializer=greet_dot_v1_dot_greet__pb2.GreetingRequest.FromString,
+                    response_serializer=greet_dot_v1_dot_greet__pb2.GreetingResponse.SerializeToString,
             ),
             'LongGreet': grpc.stream_unary_rpc_method_handler(
                     servicer.LongGreet,
-                    request_deserializer=greet_dot_v1_dot_greet__pb2.Greeting.FromString,
-                    response_serializer=greet_dot_v1_dot_greet__pb2.GreetResponse.SerializeToString,
+                    request_deserializer=greet_dot_v1_dot_greet__pb2.GreetingRequest.FromString,
+                    response_serializer=greet_dot_v1_dot_greet__pb2.GreetingResponse.SerializeToString,
             ),
             'GreetEveryone': grpc.stream_stream_rpc_method_handler(
                     servicer.GreetEveryone,
-                    request_deserializer=greet_dot_v1_dot_greet__pb2.Greeting.FromString,
-                    response_serializer=greet_dot_v1_dot_greet__pb2.GreetResponse.SerializeToString,
+                    request_deserializer=greet_dot_v1_dot_greet__pb2.GreetingRequest.FromString,
+                    response_serializer=greet_dot_v1_dot_greet__pb2.GreetingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -109,8 +109,8 @@ class GreetService(object):
             timeout=None,
             metadata=None):
         return grpc.experimental.unary_unary(request, target, '/greet.GreetService/Greet',
-            greet_dot_v1_dot_greet__pb2.Greeting.SerializeToString,
-            greet_dot_v1_dot_greet__pb2.GreetResponse.FromString,
+            greet_dot_v1_dot_greet__pb2.GreetingRequest.SerializeToString,
+            greet_dot_v1_dot_greet__pb2.GreetingResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
@@ -126,8 +126,8 @@ class GreetService(object):
             timeout=None,
             metadata=None):
         return grpc.experimental.unary_stream(request, target, '/greet.GreetService/GreetManyTimes',
-            greet_dot_v1_dot_greet__pb2.Greeting.SerializeToString,
-            greet_dot_v1_dot_greet__pb2.GreetResponse.FromString,
+            greet_dot_v1_dot_greet__pb2.GreetingRequest.SerializeToString,
+            greet_dot_v1_dot_greet__pb2.GreetingResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
@@ -143,8 +143,8 @@ class GreetService(object):
             timeout=None,
             metadata=None):
         return grpc.experimental.stream_unary(request_iterator, target, '/greet.GreetService/LongGreet',
-            greet_dot_v1_dot_greet__pb2.Greeting.SerializeToString,
-            greet_dot_v1_dot_greet__pb2.GreetResponse.FromString,
+            greet_dot_v1_dot_greet__pb2.GreetingRequest.SerializeToString,
+            greet_dot_v1_dot_greet__pb2.GreetingResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
@@ -160,7 +160,7 @@ class GreetService(object):
             timeout=None,
             metadata=None):
         return grpc.experimental.stream_stream(request_iterator, target, '/greet.GreetService/GreetEveryone',
-            greet_dot_v1_dot_greet__pb2.Greeting.SerializeToString,
-            greet_dot_v1_dot_greet__pb2.GreetResponse.FromString,
+            greet_dot_v1_dot_greet__pb2.GreetingRequest.SerializeToString,
+            greet_dot_v1_dot_greet__pb2.GreetingResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

@@ -16,31 +16,31 @@ class GreetServiceStub:
     def __new__(cls, channel: grpc.Channel) -> GreetServiceStub: ...
     @overload
     def __new__(cls, channel: grpc.aio.Channel) -> GreetServiceAsyncStub: ...
-    Greet: grpc.UnaryUnaryMultiCallable[greet_pb2.Greeting, greet_pb2.GreetResponse]
-    GreetManyTimes: grpc.UnaryStreamMultiCallable[greet_pb2.Greeting, greet_pb2.GreetResponse]
-    LongGreet: grpc.StreamUnaryMultiCallable[greet_pb2.Greeting, greet_pb2.GreetResponse]
-    GreetEveryone: grpc.StreamStreamMultiCallable[greet_pb2.Greeting, greet_pb2.GreetResponse]
+    Greet: grpc.UnaryUnaryMultiCallable[greet_pb2.GreetingRequest, greet_pb2.GreetingResponse]
+    GreetManyTimes: grpc.UnaryStreamMultiCallable[greet_pb2.GreetingRequest, greet_pb2.GreetingResponse]
+    LongGreet: grpc.StreamUnaryMultiCallable[greet_pb2.GreetingRequest, greet_pb2.GreetingResponse]
+    GreetEveryone: grpc.StreamStreamMultiCallable[greet_pb2.GreetingRequest, greet_pb2.GreetingResponse]
 
 class GreetServiceAsyncStub:
     def __init__(self, channel: grpc.aio.Channel) -> None: ...
-    Greet: grpc.aio.UnaryUnaryMultiCallable[greet_pb2.Greeting, greet_pb2.GreetResponse]
-    GreetManyTimes: grpc.aio.UnaryStreamMultiCallable[greet_pb2.Greeting, greet_pb2.GreetResponse]
-    LongGreet: grpc.aio.StreamUnaryMultiCallable[greet_pb2.Greeting, greet_pb2.GreetResponse]
-    GreetEveryone: grpc.aio.StreamStreamMultiCallable[greet_pb2.Greeting, greet_pb2.GreetResponse]
+    Greet: grpc.aio.UnaryUnaryMultiCallable[greet_pb2.GreetingRequest, greet_pb2.GreetingResponse]
+    GreetManyTimes: grpc.aio.UnaryStreamMultiCallable[greet_pb2.GreetingRequest, greet_pb2.GreetingResponse]
+    LongGreet: grpc.aio.StreamUnaryMultiCallable[greet_pb2.GreetingRequest, greet_pb2.GreetingResponse]
+    GreetEveryone: grpc.aio.StreamStreamMultiCallable[greet_pb2.GreetingRequest, greet_pb2.GreetingResponse]
 
 class GreetServiceServicer:
     def Greet(
-        self, request: greet_pb2.Greeting, context: _Context
-    ) -> greet_pb2.GreetResponse | Awaitable[greet_pb2.GreetResponse]: ...
+        self, request: greet_pb2.GreetingRequest, context: _Context
+    ) -> greet_pb2.GreetingResponse | Awaitable[greet_pb2.GreetingResponse]: ...
     def GreetManyTimes(
-        self, request: greet_pb2.Greeting, context: _Context
-    ) -> Iterator[greet_pb2.GreetResponse] | AsyncIterator[greet_pb2.GreetResponse]: ...
+        self, request: greet_pb2.GreetingRequest, context: _Context
+    ) -> Iterator[greet_pb2.GreetingResponse] | AsyncIterator[greet_pb2.GreetingResponse]: ...
     def LongGreet(
-        self, request: Iterator[greet_pb2.Greeting] | AsyncIterator[greet_pb2.Greeting], context: _Context
-    ) -> greet_pb2.GreetResponse | Awaitable[greet_pb2.GreetResponse]: ...
+        self, request: Iterator[greet_pb2.GreetingRequest] | AsyncIterator[greet_pb2.GreetingRequest], context: _Context
+    ) -> greet_pb2.GreetingResponse | Awaitable[greet_pb2.GreetingResponse]: ...
     def GreetEveryone(
-        self, request: Iterator[greet_pb2.Greeting] | AsyncIterator[greet_pb2.Greeting], context: _Context
-    ) -> Iterator[greet_pb2.GreetResponse] | AsyncIterator[greet_pb2.GreetResponse]: ...
+        self, request: Iterator[greet_pb2.GreetingRequest] | AsyncIterator[greet_pb2.GreetingRequest], context: _Context
+    ) -> Iterator[greet_pb2.GreetingResponse] | AsyncIterator[greet_pb2.GreetingResponse]: ...
 
 def add_GreetServiceServicer_to_server(
     servicer: GreetServiceServicer, server: grpc.Server | grpc.aio.Server

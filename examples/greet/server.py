@@ -42,35 +42,37 @@ class GreetServicer(greet_pb2_grpc.GreetServiceServicer):
         if self.delay:
             time.sleep(self.delay)
 
-    def _greet(self, g: greet_pb2.Greeting) -> greet_pb2.GreetResponse:
-        return greet_pb2.GreetResponse(result=f"Hello {g.first_name} {g.last_name} from {self.name}")
+    def _greet(self, g: greet_pb2.Greeting) -> greet_pb2.GreetingResponse:
+        return greet_pb2.GreetingResponse(result=f"Hello {g.first_name} {g.last_name} from {self.name}")
 
-    def Greet(self, request: greet_pb2.Greeting, context: grpc.ServicerContext) -> greet_pb2.GreetResponse:
+    def Greet(
+        self, request: greet_pb2.GreetingRequest, context: grpc.ServicerContext
+    ) -> greet_pb2.GreetingResponse:
         self._record(context)
-        if request.first_name == "fail":
+        if request.greeting.first_name == "fail":
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"asked to fail by {self.name}")
-        return self._greet(request)
+        return self._greet(request.greeting)
 
     def GreetManyTimes(
-        self, request: greet_pb2.Greeting, context: grpc.ServicerContext
-    ) -> Iterator[greet_pb2.GreetResponse]:
+        self, request: greet_pb2.GreetingRequest, context: grpc.ServicerContext
+    ) -> Iterator[greet_pb2.GreetingResponse]:
         self._record(context)
         for i in range(3):
-            yield greet_pb2.GreetResponse(result=f"{self._greet(request).result} #{i}")
+            yield greet_pb2.GreetingResponse(result=f"{self._greet(request.greeting).result} #{i}")
 
     def LongGreet(
-        self, request_iterator: Iterator[greet_pb2.Greeting], context: grpc.ServicerContext
-    ) -> greet_pb2.GreetResponse:
+        self, request_iterator: Iterator[greet_pb2.GreetingRequest], context: grpc.ServicerContext
+    ) -> greet_pb2.GreetingResponse:
         self._record(context)
-        names = [f"{g.first_name} {g.last_name}" for g in request_iterator]
-        return greet_pb2.GreetResponse(result=f"Hello {', '.join(names)} from {self.name}")
+        names = [f"{r.greeting.first_name} {r.greeting.last_name}" for r in request_iterator]
+        return greet_pb2.GreetingResponse(result=f"Hello {', '.join(names)} from {self.name}")
 
     def GreetEveryone(
-        self, request_iterator: Iterator[greet_pb2.Greeting], context: grpc.ServicerContext
-    ) -> Iterator[greet_pb2.GreetResponse]:
+        self, request_iterator: Iterator[greet_pb2.GreetingRequest], context: grpc.ServicerContext
+    ) -> Iterator[greet_pb2.GreetingResponse]:
         self._record(context)
-        for g in request_iterator:
-            yield self._greet(g)
+        for r in request_iterator:
+            yield self._greet(r.greeting)
 
     def stats(self) -> dict[str, object]:
         """Calls served and distinct client connections seen."""
