@@ -309,22 +309,9 @@ class LoadBoard:
         ``peer`` is the client IP (for the per-peer cap); ``endpoints`` the target's current set (entries for
         other endpoints are dropped; None keeps all). Returns how many entries were kept; raises
         :class:`ReportRefused` beyond a limit (then nothing changes)."""
-        lim = self.limits
-        if len(loads) > lim.max_report_endpoints:
-            raise ReportRefused(
-                MAX_LOAD_REPORT_ENDPOINTS,
-                (
-                    f"target {target}: the report names {len(loads)} endpoints, at most "
-                    f"{lim.max_report_endpoints} are accepted ({FLAGS[MAX_LOAD_REPORT_ENDPOINTS]})"
-                ),
-            )
         now = self._clock()
-        tl = self._targets.get(target)
-        if tl is None:
-            tl = self._targets[target] = _TargetLoad()
+        tl = self.admit(target, client_id, len(loads), peer, now)
         old = tl.reports.get(client_id)
-        if old is None or old.peer != peer:
-            self._check_room(target, tl, peer, now)
         known = self._known(tl, endpoints)
         entries: dict[int, tuple[int, float, float]] = {}
         index, slot = tl.index, tl.slot
@@ -354,6 +341,29 @@ class LoadBoard:
         self._schedule(target, tl, now)
         self._arm_sweep()
         return len(entries)
+
+    def admit(
+        self, target: Target, client_id: str, endpoints: int, peer: str = "", now: float | None = None
+    ) -> _TargetLoad:
+        """Raise :class:`ReportRefused` if a report of ``endpoints`` endpoints from ``peer`` as ``client_id``
+        on ``target`` would exceed a limit (cheap: call it before queueing the report)."""
+        lim = self.limits
+        if endpoints > lim.max_report_endpoints:
+            raise ReportRefused(
+                MAX_LOAD_REPORT_ENDPOINTS,
+                (
+                    f"target {target}: the report names {endpoints} endpoints, at most "
+                    f"{lim.max_report_endpoints} are accepted ({FLAGS[MAX_LOAD_REPORT_ENDPOINTS]})"
+                ),
+            )
+        now = self._clock() if now is None else now
+        tl = self._targets.get(target)
+        if tl is None:
+            tl = self._targets[target] = _TargetLoad()
+        old = tl.reports.get(client_id)
+        if old is None or old.peer != peer:
+            self._check_room(target, tl, peer, now)
+        return tl
 
     def _check_room(self, target: Target, tl: _TargetLoad, peer: str, now: float) -> None:
         """Raise ReportRefused if a new report from ``peer`` on ``target`` would exceed a cap (expired

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Iterable
 
 import grpc
@@ -30,10 +31,12 @@ from lookaside_server._core.ports import (
 )
 from lookaside_server._core.registry import Registry, TargetState
 from lookaside_server._security.access import AccessPolicy
-from lookaside_server._security.limits import MAX_TARGETS, exhausted, peer_ip, record_hit
+from lookaside_server._security.limits import MAX_TARGETS, peer_ip, record_hit
 from lookaside_server._sources.base import SourceUnavailable, TargetNotFound, TooManyTargets
 
 log = logging.getLogger(__name__)
+#: Seconds between two WARNING lines about refused load reports of one client and limit.
+REFUSAL_LOG_INTERVAL = 10.0
 _ROUTERS = frozenset({pb.RANDOM, pb.ROUNDROBIN}) | pb.LOAD_ROUTERS
 
 
@@ -81,6 +84,8 @@ class LookasideServicer(pb.LookasideServicer):
         self.load = LoadBoard(rng=self._rng, limits=load_limits)
         #: ReportLoad takes turns: one report aggregated per loop iteration.
         self._report_turn = asyncio.Lock()
+        #: (limit, peer) -> (when a refusal was last logged, refusals not logged since).
+        self._refusals_logged: dict[tuple[str, str], tuple[float, int]] = {}
         #: Targets with watchers -> how many; one weights listener per target resends to all of them.
         self._listening: dict[Target, int] = {}
 
@@ -234,23 +239,40 @@ class LookasideServicer(pb.LookasideServicer):
                 context, "client_id", f"target {target}: client_id is longer than 256 characters"
             )
         state = await self._state(target, context)
-        refused: ReportRefused | None = None
-        async with self._report_turn:  # one report per loop iteration: a flood never stalls the loop
-            await asyncio.sleep(0)
-            try:
+        peer = peer_ip(context.peer())
+        try:
+            # refused before waiting for a turn; the report checks again in its turn
+            self.load.admit(target, request.client_id, len(request.endpoints), peer)
+            async with self._report_turn:  # one report per loop iteration: a flood never stalls the loop
+                await asyncio.sleep(0)
                 self.load.report(
                     target,
                     request.client_id,
                     request.interval_ms / 1000.0,
                     request.endpoints,
-                    peer=peer_ip(context.peer()),
+                    peer=peer,
                     endpoints=state.endpoints,
                 )
-            except ReportRefused as e:
-                refused = e
-        if refused is not None:
-            await exhausted(context, refused.limit, str(refused))
+        except ReportRefused as e:
+            record_hit(e.limit)
+            self._log_refusal(e.limit, peer, str(e))
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         return pb.LoadReportAck(interval_ms=int(self.load.report_interval * 1000))
+
+    def _log_refusal(self, limit: str, peer: str, message: str) -> None:
+        """Log a refused report at WARNING at most once per limit and peer per REFUSAL_LOG_INTERVAL (a flood
+        must not flood the log too); every refusal is counted in ``lookaside_limit_hits_total``."""
+        now = time.monotonic()
+        key = (limit, peer)
+        last, skipped = self._refusals_logged.get(key, (float("-inf"), 0))
+        if now - last < REFUSAL_LOG_INTERVAL:
+            self._refusals_logged[key] = (last, skipped + 1)
+            return
+        if len(self._refusals_logged) >= 1024:
+            self._refusals_logged.clear()
+        self._refusals_logged[key] = (now, 0)
+        more = f" ({skipped} more from this client since the last such line)" if skipped else ""
+        log.warning("limit %s reached: %s%s", limit, message, more)
 
     # --- Status -----------------------------------------------------------------------------------------
 
