@@ -29,6 +29,7 @@ from lookaside_grpc._settings import (
 )
 from lookaside_grpc._stats import Stats, register_prometheus, stats
 from lookaside_grpc._target import InvalidTarget, Target
+from lookaside_grpc._xds_mode import XDS, Xds, XdsChannel
 
 try:
     __version__: str = _version("lookaside-grpc")
@@ -62,6 +63,9 @@ __all__ = [
     "WATCH",
     "Watch",
     "Weighted",
+    "XDS",
+    "Xds",
+    "XdsChannel",
     "__version__",
     "channel",
     "intercepted_channel",

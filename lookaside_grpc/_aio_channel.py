@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from typing import TypeVar, Unpack
+from typing import Any, TypeVar, Unpack, overload
 
 import grpc
 import grpc.aio
@@ -32,6 +32,7 @@ from lookaside_grpc._policies import RoutingPolicy
 from lookaside_grpc._settings import ClientOptions, Mode, Settings, make_settings, make_target
 from lookaside_grpc._stats import Stats
 from lookaside_grpc._target import Target
+from lookaside_grpc._xds_mode import AioXdsChannel, Xds, XdsModeName, XdsOptions, is_xds, xds_settings
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -285,6 +286,19 @@ class Channel(grpc.aio.Channel):
             state = self.get_state(try_to_connect=True)
 
 
+@overload
+def channel(
+    target: Target | str,
+    *,
+    namespace: str | None = None,
+    port: str | int | None = None,
+    lookaside: str | None = None,
+    mode: Xds | XdsModeName,
+    **options: Unpack[XdsOptions],
+) -> AioXdsChannel: ...
+
+
+@overload
 def channel(
     target: Target | str,
     *,
@@ -293,12 +307,29 @@ def channel(
     lookaside: str | None = None,
     init_timeout: float = DEFAULT_INIT_TIMEOUT,
     **options: Unpack[ClientOptions],
-) -> Channel:
+) -> Channel: ...
+
+
+def channel(
+    target: Target | str,
+    *,
+    namespace: str | None = None,
+    port: str | int | None = None,
+    lookaside: str | None = None,
+    init_timeout: float | None = None,
+    **options: Any,
+) -> Channel | AioXdsChannel:
     """The grpc.aio twin of :func:`lookaside_grpc.channel`: same arguments, same behaviour.
 
     Channels with equal settings made in the same running event loop share one balancer; outside a
-    running loop each channel gets its own (started on first use in a loop).
+    running loop each channel gets its own (started on first use in a loop). ``mode="xds"``: grpc.aio's own
+    ``xds:///<target>`` channel bootstrapped to the lookaside.
     """
+    if is_xds(options.get("mode")):
+        xs = xds_settings(target, namespace, port, lookaside, init_timeout, options)
+        return AioXdsChannel(xs, options.get("credentials"))
+    if init_timeout is None:
+        init_timeout = DEFAULT_INIT_TIMEOUT
     settings = make_settings(make_target(target, namespace, port), lookaside, options)
     try:
         asyncio.get_running_loop()

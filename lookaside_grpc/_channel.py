@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar, Unpack, cast
+from typing import Any, Generic, TypeVar, Unpack, cast, overload
 
 import grpc
 
@@ -34,6 +34,7 @@ from lookaside_grpc._resolvers import PerCallResolver
 from lookaside_grpc._settings import ClientOptions, Mode, Settings, make_settings, make_target
 from lookaside_grpc._stats import Stats
 from lookaside_grpc._target import Target
+from lookaside_grpc._xds_mode import Xds, XdsChannel, XdsModeName, XdsOptions, is_xds, xds_settings
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -401,6 +402,19 @@ class Channel(grpc.Channel):
         self.close()
 
 
+@overload
+def channel(
+    target: Target | str,
+    *,
+    namespace: str | None = None,
+    port: str | int | None = None,
+    lookaside: str | None = None,
+    mode: Xds | XdsModeName,
+    **options: Unpack[XdsOptions],
+) -> XdsChannel: ...
+
+
+@overload
 def channel(
     target: Target | str,
     *,
@@ -409,7 +423,18 @@ def channel(
     lookaside: str | None = None,
     init_timeout: float = DEFAULT_INIT_TIMEOUT,
     **options: Unpack[ClientOptions],
-) -> Channel:
+) -> Channel: ...
+
+
+def channel(
+    target: Target | str,
+    *,
+    namespace: str | None = None,
+    port: str | int | None = None,
+    lookaside: str | None = None,
+    init_timeout: float | None = None,
+    **options: Any,
+) -> Channel | XdsChannel:
     """A channel balancing calls over the pods of a Kubernetes Service, via the lookaside.
 
     ``target``: a :class:`Target`, ``"service.namespace[.svc[.cluster.local]][:port]"``, or a bare Service
@@ -425,9 +450,17 @@ def channel(
     call that fails with UNAVAILABLE before any response is retried once on another endpoint within its
     deadline, and the failing address is ejected for a cool-down (1 s doubling to 30 s, at most half the
     set). Channels with equal settings share one balancer (Watch stream, pool, counters).
+
+    ``mode="xds"`` (or ``Xds()``) returns grpc's own ``xds:///<target>`` channel instead, bootstrapped to the
+    lookaside (C-core resolves and picks; only ``credentials``, ``options`` and ``tls_server_name`` apply).
     """
+    if is_xds(options.get("mode")):
+        xs = xds_settings(target, namespace, port, lookaside, init_timeout, options)
+        return XdsChannel(xs, options.get("credentials"))
     settings = make_settings(make_target(target, namespace, port), lookaside, options)
-    return Channel(_balancer.lease_sync(settings), init_timeout)
+    return Channel(
+        _balancer.lease_sync(settings), DEFAULT_INIT_TIMEOUT if init_timeout is None else init_timeout
+    )
 
 
 __all__ = ["Channel", "DEFAULT_INIT_TIMEOUT", "channel"]

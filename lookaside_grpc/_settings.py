@@ -71,11 +71,31 @@ class PerCall:
         return "per_call"
 
 
+@dataclass(frozen=True, slots=True)
+class Xds:
+    """xDS mode (factories only): ``channel()``/``aio.channel()`` return grpc's own ``xds:///<target>``
+    channel, bootstrapped to the lookaside's xDS control plane, so C-core resolves and picks (round robin over
+    the lookaside's endpoints); a call does no Python work beyond grpc's own. No Python policies, counters,
+    ``max_staleness`` or retries on another endpoint; one lookaside address per process (grpc reads one xDS
+    bootstrap per process)."""
+
+    def __str__(self) -> str:
+        return "xds"
+
+
 Mode: TypeAlias = Watch | PerCall
 #: Shorthands accepted for ``mode=``: ``"watch"`` = ``Watch()``, ``"per_call"`` = ``PerCall()``.
 ModeName: TypeAlias = Literal["watch", "per_call"]
 WATCH: ModeName = "watch"
 PER_CALL: ModeName = "per_call"
+#: ``mode="xds"`` = ``Xds()`` (``channel()``/``aio.channel()`` only).
+XdsModeName: TypeAlias = Literal["xds"]
+XDS: XdsModeName = "xds"
+
+
+def is_xds(mode: object) -> bool:
+    """Whether ``mode=`` asks for xds mode (``Xds()`` or ``"xds"``)."""
+    return isinstance(mode, Xds) or mode == XDS
 
 
 class ClientOptions(TypedDict, total=False):
@@ -193,6 +213,11 @@ def parse_mode(mode: Mode | ModeName) -> Mode:
     """``Watch()``/``PerCall(...)`` as is; the names ``"watch"``/``"per_call"`` as their defaults."""
     if isinstance(mode, Watch | PerCall):
         return mode
+    if is_xds(mode):
+        raise ValueError(
+            "mode='xds' builds grpc's own xds:/// channel: lookaside_grpc.channel()/aio.channel() only "
+            "(interceptors balance with mode='watch' or 'per_call')"
+        )
     if mode == WATCH:
         return Watch()
     if mode == PER_CALL:

@@ -9,8 +9,10 @@ from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._policies import LeastRequest, PeakEwma, Random, RoundRobin, RoutingPolicy, Weighted
 from lookaside_grpc._settings import PER_CALL, WATCH, ClientOptions, Mode, PerCall, Settings, Watch
 from lookaside_grpc._target import InvalidTarget, Target
+from lookaside_grpc._xds_mode import XDS, AioXdsChannel, Xds
 
 __all__ = [
+    "AioXdsChannel",
     "Channel",
     "ClientOptions",
     "Endpoint",
@@ -29,6 +31,8 @@ __all__ = [
     "WATCH",
     "Watch",
     "Weighted",
+    "XDS",
+    "Xds",
     "channel",
     "intercepted_channel",
     "interceptors",
