@@ -66,8 +66,36 @@ class StatusView:
     targets: tuple[TargetView, ...]
 
 
+#: The Kubernetes source's ``kind`` (``kubernetes endpointslices``) in the API's own words.
+_KUBE_OBJECTS = {"endpointslices": "Kubernetes EndpointSlices", "endpoints": "Kubernetes Endpoints (core/v1)"}
+
+
+def describe_source(source: object) -> str:
+    """The source in an operator's words: its ``description`` if it has one (``static file
+    endpoints.yaml``); for the Kubernetes source, what it reads and where (``Kubernetes EndpointSlices,
+    namespace team-a``, ``..., all namespaces``); else its ``kind`` or class name."""
+    description = getattr(source, "description", None)
+    if isinstance(description, str) and description:
+        return description
+    kind = str(getattr(source, "kind", "") or "")
+    if kind.startswith("kubernetes "):
+        what = _KUBE_OBJECTS.get(kind.removeprefix("kubernetes "), kind)
+        if getattr(source, "cluster_wide", False):
+            return f"{what}, all namespaces"
+        namespaces = list(getattr(source, "watched_namespaces", ()))
+        if not namespaces:
+            return f"{what}, per namespace (none watched yet)"
+        plural = "s" if len(namespaces) > 1 else ""
+        return f"{what}, namespace{plural} {', '.join(namespaces)}"
+    return kind or type(source).__name__
+
+
 def _source_kind(registry: Registry) -> str:
-    return str(getattr(registry.source, "kind", "") or type(registry.source).__name__)
+    try:
+        return describe_source(registry.source)
+    except Exception as e:  # noqa: BLE001 - a status view must not fail because a source misbehaves
+        log.warning("describing the source failed: %s", e)
+        return type(registry.source).__name__
 
 
 def collect(registry: Registry, only: Target | None = None) -> StatusView:

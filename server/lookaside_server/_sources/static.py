@@ -193,6 +193,11 @@ class StaticFileSource(EndpointSource):
         self.reload_errors = 0
         self.reloader_restarts = 0
 
+    @property
+    def description(self) -> str:
+        """The source in an operator's words, for the status views: ``static file endpoints.yaml``."""
+        return f"static file {self.path}"
+
     @classmethod
     def from_config(cls, config: StaticFileConfig) -> StaticFileSource:
         """The source a :class:`~lookaside_server._config.StaticFileConfig` describes."""
