@@ -3,7 +3,12 @@
 ``round_robin`` and ``random`` look at nothing but the set. The load-aware ones look at this client's own
 view of each endpoint: ``least_request`` (power of two choices over the calls in flight, as Envoy's
 least_request) and ``peak_ewma`` (power of two choices over latency EWMA x (in flight + 1), as Finagle and
-Linkerd). ``weighted`` rotates over the per-endpoint weights the lookaside computes from the load every
+Linkerd). Both are latency-aware in one more way: of the two candidates, one whose mean latency is
+:data:`SLOW_FACTOR` times the other's is *slow* and gets only probe calls (one at a time, one per
+:data:`PROBE_INTERVAL`), whose answer replaces its estimate, so it regains its share as soon as it is fast
+again. Equal in-flight counts alone still send a 7x slower backend a seventh of a fast one's calls, and a
+time-decayed peak EWMA keeps a fast backend's one-off spike for about tau: that is why plain P2C cut no
+tail. ``weighted`` rotates over the per-endpoint weights the lookaside computes from the load every
 client reports (server-assisted). In-flight counts are the channel pool's own (``Slot._inflight``), so the
 load-aware policies add no counter of their own; latency is measured only for policies that ask for it
 (``needs_latency``).
@@ -29,6 +34,25 @@ DEFAULT_TAU = 10.0
 #: Cost of an endpoint with calls in flight but no latency measured yet (Finagle's penalty): avoided until
 #: its first answer, but still picked when every endpoint is unmeasured (then the least loaded wins).
 PENALTY = 1e9
+#: ``least_request``/``peak_ewma``: a candidate whose mean latency is this many times its partner's (and at
+#: least :data:`SLOW_GAP` more) is slow: it gets probe calls only.
+SLOW_FACTOR = 2.0
+#: A slow endpoint stays slow (probe calls only) until its mean latency is under this many times its
+#: partner's: the hysteresis keeps a 20 ms backend out while a loaded machine's queueing inflates the fast
+#: ones' means to half of it.
+SLOW_EXIT = 1.3
+#: Seconds; latency differences below this never make a candidate slow (sub-millisecond noise).
+SLOW_GAP = 0.002
+#: Seconds between two probe calls to a slow endpoint (from one client; one probe in flight at a time):
+#: 5 calls a second, a fraction of a percent at a few thousand calls a second, so p99 is the fast ones'.
+PROBE_INTERVAL = 0.2
+#: Weight of one sample above the mean in the per-sample mean latency (about the last 50 calls); one below
+#: weighs :data:`MEAN_ALPHA_DOWN` (the mean drops fast after a stall or a slow first call that connected).
+MEAN_ALPHA = 0.02
+MEAN_ALPHA_DOWN = 0.1
+#: A sample counts at most this many times the mean in it: a one-off stall (GC, a descheduled process)
+#: moves the mean a little, a backend that turned slow still moves it all the way within a few dozen calls.
+MEAN_CLIP = 2.0
 #: ``weighted``: weights are scaled so the largest is this many schedule slots (about 1.5 % resolution).
 WEIGHT_RESOLUTION = 64
 #: ``weighted``: the longest precomputed schedule.
@@ -102,10 +126,14 @@ class Ewma:
     a lower one is blended in with weight ``1 - exp(-elapsed / tau)``.
     """
 
-    __slots__ = ("cost", "stamp", "tau", "_clock")
+    __slots__ = ("cost", "mean", "stamp", "tau", "_clock")
 
     def __init__(self, tau: float = DEFAULT_TAU, clock: Callable[[], float] = time.monotonic) -> None:
         self.cost = 0.0
+        #: Per-sample moving average of clipped samples (:data:`MEAN_ALPHA`, :data:`MEAN_CLIP`,
+        #: :data:`MEAN_ALPHA_DOWN`): what the slow test compares, as it forgets a one-off spike after a few
+        #: calls, not after about tau.
+        self.mean = 0.0
         self.tau = tau
         self._clock = clock
         self.stamp = clock()
@@ -124,42 +152,23 @@ class Ewma:
         decayed = self.cost * w
         self.cost = sample if sample > decayed else decayed + sample * (1.0 - w)
         self.stamp = now
+        mean = self.mean
+        if mean == 0.0:
+            self.mean = sample
+        elif sample > mean:
+            self.mean = mean + (min(sample, mean * MEAN_CLIP) - mean) * MEAN_ALPHA
+        else:
+            self.mean = mean + (sample - mean) * MEAN_ALPHA_DOWN
+
+    def reset(self, sample: float, now: float | None = None) -> None:
+        """Take ``sample`` as the whole estimate (a probe's answer)."""
+        self.cost = self.mean = sample
+        self.stamp = self._clock() if now is None else now
 
 
 def _inflight(slots: dict[str, Any], address: str) -> int:
     slot = slots.get(address)
     return len(slot._inflight) if slot is not None else 0
-
-
-class LeastRequest(RoutingPolicy):
-    """Power of two choices over this client's calls in flight (Envoy's least_request): two distinct
-    endpoints at random, the one with fewer calls in flight wins (ties: the first). Lock-free."""
-
-    router_type = protocol.LEAST_REQUEST
-    name = "least_request"
-
-    def __init__(self, seed: int | None = None) -> None:
-        self._random = random.Random(seed).random
-        self._slots: dict[str, Any] = {}
-
-    def bind(self, pool: Any) -> None:
-        self._slots = pool._slots  # the live dict: in-flight counts are read per pick, never copied
-
-    def _two(self, endpoints: Sequence[Endpoint]) -> tuple[Endpoint, Endpoint]:
-        n = len(endpoints)
-        r = self._random
-        i = int(r() * n)
-        j = int(r() * (n - 1))
-        if j >= i:
-            j += 1
-        return endpoints[i], endpoints[j]
-
-    def pick(self, endpoints: Sequence[Endpoint]) -> Endpoint:
-        if len(endpoints) < 2:
-            return endpoints[0]
-        a, b = self._two(endpoints)
-        slots = self._slots
-        return b if _inflight(slots, b.address) < _inflight(slots, a.address) else a
 
 
 class _LatencyTracking(RoutingPolicy):
@@ -187,11 +196,110 @@ class _LatencyTracking(RoutingPolicy):
             self._ewma.pop(a, None)
 
 
-class PeakEwma(LeastRequest, _LatencyTracking):
+class LeastRequest(_LatencyTracking):
+    """Power of two choices over this client's calls in flight (Envoy's least_request): two distinct
+    endpoints at random, the one with fewer calls in flight wins (ties: the first). Lock-free.
+
+    Latency-aware: a candidate :data:`SLOW_FACTOR` times slower than the other (mean latency) loses unless
+    a probe of it is due (see :meth:`_slow_choice`).
+    """
+
+    router_type = protocol.LEAST_REQUEST
+    name = "least_request"
+
+    def __init__(
+        self,
+        seed: int | None = None,
+        tau: float = DEFAULT_TAU,
+        clock: Callable[[], float] = time.monotonic,
+        probe_interval: float = PROBE_INTERVAL,
+    ) -> None:
+        _LatencyTracking.__init__(self, tau, clock)
+        self._random = random.Random(seed).random
+        self._slots: dict[str, Any] = {}
+        self.probe_interval = probe_interval
+        #: address -> when its last probe was sent, for the endpoints found slow
+        self._probe_at: dict[str, float] = {}
+        #: addresses with a probe in flight: the next answer replaces the estimate
+        self._probing: set[str] = set()
+        self._probe_lock = threading.Lock()  # taken only when a probe looks due (at most 1/probe_interval)
+
+    def bind(self, pool: Any) -> None:
+        self._slots = pool._slots  # the live dict: in-flight counts are read per pick, never copied
+
+    def _two(self, endpoints: Sequence[Endpoint]) -> tuple[Endpoint, Endpoint]:
+        n = len(endpoints)
+        r = self._random
+        i = int(r() * n)
+        j = int(r() * (n - 1))
+        if j >= i:
+            j += 1
+        return endpoints[i], endpoints[j]
+
+    def _slow_choice(self, a: Endpoint, b: Endpoint) -> Endpoint | None:
+        """If one candidate is slow next to the other: the other one, or the slow one when a probe of it is
+        due (none of this client's calls in flight on it and :attr:`probe_interval` since its last probe);
+        None when neither is slow (or either is unmeasured)."""
+        ewma = self._ewma
+        ea = ewma.get(a.address)
+        if ea is None:
+            return None
+        eb = ewma.get(b.address)
+        if eb is None:
+            return None
+        la, lb = ea.mean, eb.mean
+        if la >= lb:
+            slow, fast, ls, lf = a, b, la, lb
+        else:
+            slow, fast, ls, lf = b, a, lb, la
+        address = slow.address
+        probe_at = self._probe_at  # its keys: the endpoints found slow (probe calls only)
+        if ls < lf * (SLOW_EXIT if address in probe_at else SLOW_FACTOR) or ls - lf < SLOW_GAP:
+            if address in probe_at:
+                probe_at.pop(address, None)  # no longer slow
+            return None
+        now = self._clock()
+        interval = self.probe_interval
+        if now - probe_at.get(address, -math.inf) >= interval and not _inflight(self._slots, address):
+            with self._probe_lock:  # one thread sends the probe
+                if now - probe_at.get(address, -math.inf) >= interval:
+                    probe_at[address] = now
+                    self._probing.add(address)
+                    return slow
+        return fast
+
+    def observe(self, address: str, seconds: float) -> None:
+        if self._probing and address in self._probing:
+            self._probing.discard(address)
+            e = self._ewma.get(address)
+            if e is not None:
+                e.reset(seconds)  # a probe's answer is the news: slow again or fast again, at once
+                return
+        _LatencyTracking.observe(self, address, seconds)
+
+    def retain(self, addresses: set[str]) -> None:
+        _LatencyTracking.retain(self, addresses)
+        for a in [a for a in self._probe_at if a not in addresses]:
+            self._probe_at.pop(a, None)
+        self._probing.intersection_update(addresses)
+
+    def pick(self, endpoints: Sequence[Endpoint]) -> Endpoint:
+        if len(endpoints) < 2:
+            return endpoints[0]
+        a, b = self._two(endpoints)
+        chosen = self._slow_choice(a, b)
+        if chosen is not None:
+            return chosen
+        slots = self._slots
+        return b if _inflight(slots, b.address) < _inflight(slots, a.address) else a
+
+
+class PeakEwma(LeastRequest):
     """Power of two choices over cost = latency EWMA x (calls in flight + 1) (Finagle/Linkerd peak EWMA).
 
     ``tau`` is the EWMA decay time; ``clock`` is injectable for tests. An endpoint never measured costs 0
-    when idle (so it gets a first call) and :data:`PENALTY` while that call is in flight.
+    when idle (so it gets a first call) and :data:`PENALTY` while that call is in flight. A slow candidate
+    gets probes only, as with ``least_request``.
     """
 
     router_type = protocol.PEAK_EWMA
@@ -202,9 +310,9 @@ class PeakEwma(LeastRequest, _LatencyTracking):
         tau: float = DEFAULT_TAU,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
+        probe_interval: float = PROBE_INTERVAL,
     ) -> None:
-        LeastRequest.__init__(self, seed)
-        _LatencyTracking.__init__(self, tau, clock)
+        LeastRequest.__init__(self, seed, tau, clock, probe_interval)
 
     def cost(self, address: str, now: float | None = None) -> float:
         """The cost of sending one more call to ``address``."""
@@ -219,6 +327,9 @@ class PeakEwma(LeastRequest, _LatencyTracking):
         if len(endpoints) < 2:
             return endpoints[0]
         a, b = self._two(endpoints)
+        chosen = self._slow_choice(a, b)
+        if chosen is not None:
+            return chosen
         now = self._clock()
         return b if self.cost(b.address, now) < self.cost(a.address, now) else a
 

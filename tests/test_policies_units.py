@@ -56,7 +56,7 @@ def test_policy_names_and_flags() -> None:
     assert (protocol.LEAST_REQUEST, protocol.PEAK_EWMA, protocol.WEIGHTED) == (2, 3, 4)
     # only the policies that need latency get calls timed; round_robin/random pay nothing
     assert not resolve_policy("round_robin").needs_latency and not resolve_policy("random").needs_latency
-    assert not LeastRequest.needs_latency and PeakEwma.needs_latency and Weighted.needs_latency
+    assert LeastRequest.needs_latency and PeakEwma.needs_latency and Weighted.needs_latency
     assert Weighted.reports_load and not PeakEwma.reports_load and not LeastRequest.reports_load
 
 
@@ -128,10 +128,10 @@ def test_peak_ewma_cost_and_pick() -> None:
     assert p.cost("a:1") == PENALTY + 1
     pool.get("a:1").release()
     p.observe("a:1", 0.010)
-    p.observe("b:1", 0.100)
+    p.observe("b:1", 0.015)  # 1.5x a's: not slow, the costs decide
     assert p.latency_ms("a:1") == pytest.approx(10.0)
     assert {p.pick(eps).ip for _ in range(100)} == {"a"}
-    for _ in range(20):  # a: 10 ms x 21 in flight > b: 100 ms x 1
+    for _ in range(20):  # a: 10 ms x 21 in flight > b: 15 ms x 1
         pool.get("a:1").acquire()
     assert p.cost("a:1") == pytest.approx(0.010 * 21)
     assert {p.pick(eps).ip for _ in range(100)} == {"b"}
@@ -140,11 +140,69 @@ def test_peak_ewma_cost_and_pick() -> None:
     # a latency spike on a takes effect at once (peak), and decays over tau
     p.observe("a:1", 0.5)
     assert {p.pick(eps).ip for _ in range(100)} == {"b"}
-    clock.t += 40.0  # a: 0.5 * e^-4 = 9 ms, b: 100 ms * e^-4 = 1.8 ms
+    clock.t += 40.0  # a: 0.5 * e^-4 = 9 ms, b: 15 ms * e^-4 = 0.3 ms
     assert p.cost("a:1") == pytest.approx(0.5 * math.exp(-4))
     assert {p.pick(eps).ip for _ in range(100)} == {"b"}
     p.retain({"b:1"})
     assert p.latency_ms("a:1") == 0.0 and p.latency_ms("b:1") > 0
+
+
+@pytest.mark.parametrize("cls", [LeastRequest, PeakEwma])
+def test_a_slow_candidate_gets_probes_only_and_recovers_at_its_first_fast_answer(cls: Any) -> None:
+    clock = Clock()
+    pool = pool_with({"a:1": 0, "b:1": 0, "s:1": 0})
+    p = cls(seed=5, clock=clock, probe_interval=0.1)
+    p.bind(pool)
+    eps = [E("a", 1), E("b", 1), E("s", 1)]
+    for _ in range(10):
+        p.observe("a:1", 0.003)
+        p.observe("b:1", 0.003)
+        p.observe("s:1", 0.023)
+    # the fast ones are busy (more in flight than s), yet s gets one probe, then nothing until the interval
+    for address in ("a:1", "b:1"):
+        for _ in range(4):
+            pool.get(address).acquire()
+    picks = Counter(p.pick(eps).ip for _ in range(3000))
+    assert picks["s"] == 1 and picks["a"] + picks["b"] == 2999
+    clock.t += 0.05
+    assert "s" not in {p.pick(eps).ip for _ in range(300)}
+    clock.t += 0.051
+    slot = pool.get("s:1")
+    assert slot.acquire()  # a call of this client still in flight on s: no probe even when one is due
+    assert "s" not in {p.pick(eps).ip for _ in range(300)}
+    slot.release()
+    assert Counter(p.pick(eps).ip for _ in range(300))["s"] == 1
+    p.observe("s:1", 0.024)  # the probe's answer: still slow
+    assert p.latency_ms("s:1") == pytest.approx(24.0)
+    clock.t += 0.101
+    assert Counter(p.pick(eps).ip for _ in range(300))["s"] == 1
+    p.observe("s:1", 0.003)  # fast again: the probe's answer replaces the estimate at once
+    assert p.latency_ms("s:1") == pytest.approx(3.0)
+    picks = Counter(p.pick(eps).ip for _ in range(3000))
+    assert picks["s"] > 1500  # idle and as fast as the others: it wins every pair it is in
+    p.retain({"a:1", "b:1"})
+    assert not p._probe_at and not p._probing
+
+
+def test_small_latency_differences_never_make_a_candidate_slow() -> None:
+    clock = Clock()
+    p = LeastRequest(seed=6, clock=clock)
+    p.bind(pool_with({"a:1": 3, "b:1": 0}))
+    p.observe("a:1", 0.0001)
+    p.observe("b:1", 0.0009)  # 9x, but under a millisecond apart: in-flight counts decide
+    assert {p.pick([E("a", 1), E("b", 1)]).ip for _ in range(100)} == {"b"}
+
+
+def test_ewma_mean_forgets_a_spike_after_a_few_dozen_samples() -> None:
+    clock = Clock()
+    e = Ewma(tau=10.0, clock=clock)
+    e.observe(0.003)
+    e.observe(0.050)
+    assert e.mean == pytest.approx(0.003 + 0.003 * 0.02)  # clipped at 2x the mean
+    for _ in range(100):
+        clock.t += 0.001
+        e.observe(0.003)
+    assert e.mean < 0.0036 and e.value() > 0.04  # the peak EWMA still holds most of the spike
 
 
 def test_weighted_spread_is_proportional() -> None:

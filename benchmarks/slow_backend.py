@@ -1,0 +1,245 @@
+"""One slow backend, and one that becomes fast again: ``python -m benchmarks.slow_backend``.
+
+Three Greet backends in a child process (one adds ``--delay`` seconds per call; the child switches it
+off or on when told on stdin), a lookaside in this process, and the client at concurrency 16 in this
+process. For each policy (rounds interleaved): p99, and the share of calls the slow backend received;
+then, per least-loaded policy, the slow backend turns fast and its share is shown per 0.5 s window.
+The tests (tests/test_routing_slow.py) use the same pieces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lookaside_grpc
+from examples.greet import greet_pb2, greet_pb2_grpc
+
+CONCURRENCY = 16
+SLOW_DELAY = 0.02
+POLICIES = ("round_robin", "least_request", "peak_ewma")
+Call = tuple[float, float, str]  # (start, latency, backend)
+
+
+def _serve(delay: float) -> None:
+    """Child: two fast backends and a slow one; stdin ``fast``/``slow`` switches the slow one's delay."""
+    from examples.greet.server import serve
+
+    servers = [serve(0, "127.0.0.1") for _ in range(2)] + [serve(0, "127.0.0.1", delay=delay)]
+    print(json.dumps({"listening": [f"127.0.0.1:{port}" for _, _, port in servers]}), flush=True)
+    slow = servers[-1][1]
+    for line in sys.stdin:
+        word = line.strip()
+        if word == "fast":
+            slow.delay = 0.0
+        elif word == "slow":
+            slow.delay = delay
+        else:
+            break
+        print(json.dumps({"ok": word}), flush=True)
+    for server, _, _ in servers:
+        server.stop(grace=None).wait(5)
+
+
+class Backends:
+    """The child process: ``addresses`` (the last one slow), :meth:`switch` to ``fast``/``slow``."""
+
+    def __init__(self, delay: float = SLOW_DELAY) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.slow_backend", "--serve", "--delay", str(delay)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("backend process died")
+        self.addresses: list[str] = json.loads(line)["listening"]
+        self.slow = self.addresses[-1]
+
+    def switch(self, word: str) -> None:
+        """Tell the child; returns once it has switched (it answers on stdout)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(word + "\n")
+        self.proc.stdin.flush()
+        assert json.loads(self.proc.stdout.readline()) == {"ok": word}
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@contextmanager
+def backends(delay: float = SLOW_DELAY) -> Iterator[Backends]:
+    b = Backends(delay)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def load(stub: Any, until: Callable[[int], bool], max_s: float, concurrency: int = CONCURRENCY) -> list[Call]:
+    """``concurrency`` threads calling until ``until(calls so far)`` or ``max_s`` seconds (bounded)."""
+    out: list[Call] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    deadline = time.monotonic() + max_s
+    request = greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="slow", last_name="bench"))
+
+    def work() -> None:
+        try:
+            while time.monotonic() < deadline:
+                with lock:
+                    if until(len(out)):
+                        break
+                t0 = time.monotonic()
+                result = stub.Greet(request, timeout=5).result
+                t1 = time.monotonic()
+                with lock:
+                    out.append((t0, t1 - t0, result.rpartition(" from ")[2]))
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    ts = [threading.Thread(target=work, daemon=True) for _ in range(concurrency)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(max_s + 10)
+    if errors:
+        raise errors[0]
+    return out
+
+
+def p99(calls: list[Call]) -> float:
+    s = sorted(lat for _, lat, _ in calls)
+    return s[min(len(s) - 1, int(len(s) * 0.99))]
+
+
+def share(calls: list[Call], address: str) -> float:
+    return sum(1 for _, _, b in calls if b == address) / len(calls)
+
+
+def measure(lookaside: str, b: Backends, policy: str, calls: int) -> dict[str, Any]:
+    """One policy on a fresh channel: warm-up, then ``calls`` calls; p99 (ms) and the slow one's share."""
+    with lookaside_grpc.channel("greet", lookaside=lookaside, policy=policy) as ch:
+        stub = greet_pb2_grpc.GreetServiceStub(ch)
+        load(stub, lambda n: n >= 300, 30)
+        got = load(stub, lambda n: n >= calls, 60)
+    lat = sorted(x[1] for x in got)
+    return {
+        "policy": policy,
+        "calls": len(got),
+        "p50_ms": lat[len(lat) // 2] * 1000,
+        "p99_ms": p99(got) * 1000,
+        # the fast backends' own tail: on a loaded machine it, not the slow backend, sets the policies' p99
+        "p99_fast_ms": p99([c for c in got if c[2] != b.slow]) * 1000,
+        "to_slow": sum(1 for _, _, x in got if x == b.slow),
+        "slow_share": share(got, b.slow),
+    }
+
+
+def recovery(lookaside: str, b: Backends, policy: str, after_s: float = 6.0) -> dict[str, Any]:
+    """The slow backend turns fast under load: its share per 0.5 s window after the switch."""
+    with lookaside_grpc.channel("greet", lookaside=lookaside, policy=policy) as ch:
+        stub = greet_pb2_grpc.GreetServiceStub(ch)
+        before = load(stub, lambda n: n >= 2000, 30)
+        switched: list[float] = []
+
+        def switch_then_stop(n: int) -> bool:
+            return bool(switched) and time.monotonic() > switched[0] + after_s
+
+        def switcher() -> None:
+            b.switch("fast")
+            switched.append(time.monotonic())
+
+        t = threading.Thread(target=switcher, daemon=True)
+        t.start()  # the switch happens while the load below runs
+        after = load(stub, switch_then_stop, after_s + 15)
+        t.join(10)
+        b.switch("slow")
+    t_switch = switched[0]
+    windows: dict[int, Counter[str]] = {}
+    for t0, _, x in after:
+        if t0 >= t_switch:
+            windows.setdefault(int((t0 - t_switch) / 0.5), Counter())[x] += 1
+    shares = {
+        k * 0.5: w[b.slow] / sum(w.values()) for k, w in sorted(windows.items()) if sum(w.values()) >= 20
+    }
+    full = 1 / len(b.addresses)
+    regained = next((t for t, s in shares.items() if s >= 0.75 * full), None)
+    return {
+        "policy": policy,
+        "share_before": share(before, b.slow),
+        "shares_per_half_second": shares,
+        "regained_after_s": regained,  # start of the first 0.5 s window with >= 3/4 of a full share
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--delay", type=float, default=SLOW_DELAY)
+    p.add_argument("--calls", type=int, default=5000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.serve:
+        _serve(args.delay)
+        return
+    from lookaside_dev.fakes import RunningLookaside
+
+    results: dict[str, Any] = {
+        "delay_s": args.delay,
+        "concurrency": CONCURRENCY,
+        "rounds": [],
+        "recovery": [],
+    }
+    with backends(args.delay) as b, RunningLookaside(b.addresses) as la:
+        for r in range(args.rounds):
+            order = POLICIES[r % 3 :] + POLICIES[: r % 3]
+            row = {pol: measure(la.address, b, pol, args.calls) for pol in order}
+            rr = row["round_robin"]["p99_ms"]
+            for v in row.values():
+                v["p99_vs_round_robin"] = v["p99_ms"] / rr
+            results["rounds"].append(row)
+            print(
+                f"round {r}: "
+                + ", ".join(
+                    f"{k} p99 {v['p99_ms']:.1f} ms ({v['p99_vs_round_robin']:.2f}x; fast only "
+                    f"{v['p99_fast_ms']:.1f}), "
+                    f"slow {v['slow_share'] * 100:.2f}%"
+                    for k, v in row.items()
+                ),
+                flush=True,
+            )
+        for pol in ("least_request", "peak_ewma"):
+            rec = recovery(la.address, b, pol)
+            results["recovery"].append(rec)
+            print(
+                f"recovery {pol}: share before {rec['share_before'] * 100:.2f}%, regained after "
+                f"{rec['regained_after_s']} s; per 0.5 s: "
+                + " ".join(f"{s * 100:.0f}%" for s in rec["shares_per_half_second"].values()),
+                flush=True,
+            )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
