@@ -34,6 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--small-clients", type=int, help="number of short-lived clients")
     p.add_argument("--churn-duration", type=float, help="seconds per churn run")
+    p.add_argument(
+        "--churn-rounds", type=int, help="rounds of the churn scenarios (each runs every mode once)"
+    )
+    p.add_argument(
+        "--compare",
+        type=Path,
+        metavar="OLD/results.json",
+        help="print each figure's change against an earlier run's results.json",
+    )
     p.add_argument("--slow-calls", type=int, help="calls per slow-backend run")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/)")
     p.add_argument("--list-modes", action="store_true", help="print the registered modes and exit")
@@ -61,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios",
         "small_clients",
         "churn_duration",
+        "churn_rounds",
         "slow_calls",
         "out",
     ):
@@ -91,12 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     if s.backends < 2:
         parser.error("--backends must be at least 2")
     s.out = s.out.resolve()
+    if args.compare is not None and not args.compare.is_file():
+        parser.error(f"--compare: no such file {args.compare}")
     install_signal_handlers()
     try:
         results = _runner.run(s)
     except KeyboardInterrupt:
         print("interrupted; all child processes stopped", file=sys.stderr)
         return 130
+    if args.compare is not None:
+        results["compare_with"] = str(args.compare)
     files = _report.write_all(results, s.out)
     print((s.out / "results.md").read_text())
     print("\nwrote " + ", ".join(str(f) for f in files.values()), file=sys.stderr)

@@ -484,5 +484,54 @@ register(
     ),
 )
 
+
+# ------------------------------------------------------------------ lookaside_grpc's xds mode (C-core picks)
+
+
+def _xds_mode(ctx: Ctx) -> grpc.Channel:
+    """``lookaside_grpc.channel(mode="xds")``: the library bootstraps grpc's xDS client to the lookaside."""
+    import lookaside_grpc
+
+    ch = lookaside_grpc.channel(
+        ctx.service, namespace=ctx.namespace, lookaside=ctx.lookaside, mode="xds", options=_xds_options(ctx)
+    )
+    if not ctx.local_pool:
+        try:
+            grpc.channel_ready_future(ch).result(timeout=DIAL_TIMEOUT)
+        except BaseException:
+            ch.close()
+            raise
+    return ch
+
+
+async def _aio_xds_mode(ctx: Ctx) -> Any:
+    import asyncio
+
+    import lookaside_grpc.aio
+
+    ch = lookaside_grpc.aio.channel(
+        ctx.service, namespace=ctx.namespace, lookaside=ctx.lookaside, mode="xds", options=_xds_options(ctx)
+    )
+    await asyncio.wait_for(ch.channel_ready(), DIAL_TIMEOUT)
+    return ch
+
+
+register(
+    "lookaside_xds_mode",
+    channel_mode(
+        _xds_mode,
+        needs_lookaside=True,
+        description="lookaside_grpc.channel(mode='xds'): grpc's xds:/// channel, library bootstrap",
+    ),
+)
+register(
+    "aio_lookaside_xds_mode",
+    aio_channel_mode(
+        _aio_xds_mode,
+        needs_aio_lookaside=True,
+        description="lookaside_grpc.aio.channel(mode='xds')",
+    ),
+)
+
 #: The order modes are listed in tables (and the default set).
 DEFAULT_MODES = list(MODES)

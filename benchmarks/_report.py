@@ -48,11 +48,41 @@ def _base_thr(runs: list[dict[str, Any]], baseline: str) -> dict[int, float]:
     return {r["round"]: r["ok"] / r["duration_s"] for r in runs if r["mode"] == baseline and r["duration_s"]}
 
 
+def _base_cpu(runs: list[dict[str, Any]], baseline: str) -> dict[int, float]:
+    """Client CPU s per 1,000 calls of the baseline, per round."""
+    return {
+        r["round"]: r["client_cpu_s"] / r["ok"] * 1000.0
+        for r in runs
+        if r["mode"] == baseline and r["ok"] and r.get("client_cpu_s") is not None
+    }
+
+
+def _is_aio(mode: str) -> bool:
+    from benchmarks._modes import MODES
+
+    m = MODES.get(mode)
+    return m.kind == "aio" if m is not None else mode.startswith("aio_")
+
+
+def baseline_of(mode: str) -> str:
+    """The mode a mode's ratios are taken against: grpc.aio modes to aio_round_robin, the rest round_robin."""
+    return AIO_BASELINE if _is_aio(mode) else BASELINE
+
+
+def stat(vals: list[float | None]) -> dict[str, Any] | None:
+    """Median, min and max of the per-round values (None values are skipped; None when there are none)."""
+    xs = [float(v) for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not xs:
+        return None
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
 def summarise_load(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
     """Steady-state style summary per mode; ratios are medians of per-round ratios to round_robin (and, for
     the grpc.aio modes' targets, to aio_round_robin)."""
     base_thr = _base_thr(runs, BASELINE)
     aio_thr = _base_thr(runs, AIO_BASELINE)
+    base_cpu = {BASELINE: _base_cpu(runs, BASELINE), AIO_BASELINE: _base_cpu(runs, AIO_BASELINE)}
     out: dict[str, Any] = {}
     for m in modes:
         rs = [r for r in runs if r["mode"] == m]
@@ -74,7 +104,33 @@ def summarise_load(runs: list[dict[str, Any]], modes: list[str]) -> dict[str, An
         ]
         run_spreads = [x for x in run_spreads if x is not None]
         lat = [x for r in rs for x in r["latencies_ms"]]
+        base = baseline_of(m)
+        own_thr = base_thr if base == BASELINE else aio_thr
+        cpu = [r["client_cpu_s"] / r["ok"] * 1000.0 if r["ok"] else None for r in rs]
+        cpu_ratios = [
+            c / base_cpu[base][r["round"]] if c is not None and base_cpu[base].get(r["round"]) else None
+            for c, r in zip(cpu, rs, strict=True)
+        ]
+        run_pcts = [_pcts(r["latencies_ms"]) for r in rs]
         out[m] = {
+            "baseline": base,
+            # every figure per round, and its median with min-max (the tables show these)
+            "rounds": {
+                "throughput": stat(thr),
+                "ratio": stat(
+                    [
+                        t / own_thr[r["round"]] if own_thr.get(r["round"]) else None
+                        for t, r in zip(thr, rs, strict=True)
+                    ]
+                ),
+                "client_cpu_s_per_1k": stat(cpu),
+                "client_cpu_ratio": stat(cpu_ratios),
+                "backend_cpu_s_per_1k": stat([_per_1k(r.get("backend_cpu_s"), r["ok"]) for r in rs]),
+                "lookaside_cpu_s_per_1k": stat([_per_1k(r.get("lookaside_cpu_s"), r["ok"]) for r in rs]),
+                **{f"latency_{k}_ms": stat([p[k] for p in run_pcts]) for k, _ in PCTS},
+                "connections": stat([r.get("connections") for r in rs]),
+            },
+            "client_cpu_ratio_per_round": cpu_ratios,
             "runs": len(rs),
             "calls_ok": ok,
             "failed": sum(r["failed"] for r in rs),
@@ -109,34 +165,63 @@ def _merge_counts(ds: list[dict[str, int]]) -> dict[str, int]:
     return out
 
 
+def _churn_one(r: dict[str, Any]) -> dict[str, Any]:
+    tc = r["t_change"]
+    new, removed = r["new"], r["removed"]
+    first_new = r["first_ts"].get(new)
+    last_removed = r["last_ts"].get(removed)
+    fails_after = [t for t in r.get("fail_ts", []) if t >= tc]
+    seen = r.get("t_lookaside_seen")
+    return {
+        "source": r.get("source", "static"),
+        "lookaside_saw_new_s": (seen - tc) if seen is not None else None,
+        "client_after_lookaside_s": (first_new - seen)
+        if first_new is not None and seen is not None
+        else None,
+        "first_call_to_new_s": (first_new - tc) if first_new is not None else None,
+        "last_call_to_removed_s": (last_removed - tc) if last_removed is not None else None,
+        "removed_stopped_at_s": r["t_kill"] - tc,
+        "calls_ok": r["ok"],
+        "failed": r["failed"],
+        "fail_codes": r.get("fail_codes", {}),
+        "failed_after_change": len(fails_after),
+        "calls_to_new": r["per_backend"].get(new, 0),
+        "calls_to_removed": r["per_backend"].get(removed, 0),
+        "throughput": r["ok"] / r["duration_s"] if r["duration_s"] else None,
+        "per_backend": r["per_backend"],
+        "info": r.get("info"),
+    }
+
+
+_CHURN_TIMES = (
+    "first_call_to_new_s",
+    "last_call_to_removed_s",
+    "lookaside_saw_new_s",
+    "client_after_lookaside_s",
+)
+
+
 def summarise_churn(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out = {}
+    """Per mode over its rounds: the median of each delay ("never" only when no round reached the new
+    backend), with min-max in ``rounds``; counts are summed, throughput is the median."""
+    by_mode: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
-        tc = r["t_change"]
-        new, removed = r["new"], r["removed"]
-        first_new = r["first_ts"].get(new)
-        last_removed = r["last_ts"].get(removed)
-        fails_after = [t for t in r.get("fail_ts", []) if t >= tc]
-        seen = r.get("t_lookaside_seen")
-        out[r["mode"]] = {
-            "source": r.get("source", "static"),
-            "lookaside_saw_new_s": (seen - tc) if seen is not None else None,
-            "client_after_lookaside_s": (first_new - seen)
-            if first_new is not None and seen is not None
-            else None,
-            "first_call_to_new_s": (first_new - tc) if first_new is not None else None,
-            "last_call_to_removed_s": (last_removed - tc) if last_removed is not None else None,
-            "removed_stopped_at_s": r["t_kill"] - tc,
-            "calls_ok": r["ok"],
-            "failed": r["failed"],
-            "fail_codes": r.get("fail_codes", {}),
-            "failed_after_change": len(fails_after),
-            "calls_to_new": r["per_backend"].get(new, 0),
-            "calls_to_removed": r["per_backend"].get(removed, 0),
-            "throughput": r["ok"] / r["duration_s"] if r["duration_s"] else None,
-            "per_backend": r["per_backend"],
-            "info": r.get("info"),
-        }
+        by_mode.setdefault(r["mode"], []).append(_churn_one(r))
+    out = {}
+    for mode, ones in by_mode.items():
+        v = dict(ones[0])
+        rounds: dict[str, Any] = {}
+        for k in (*_CHURN_TIMES, "throughput"):
+            rounds[k] = stat([o[k] for o in ones])
+            v[k] = rounds[k]["median"] if rounds[k] else None
+        rounds["never"] = sum(1 for o in ones if o["first_call_to_new_s"] is None)
+        v["removed_stopped_at_s"] = min(o["removed_stopped_at_s"] for o in ones)
+        for k in ("calls_ok", "failed", "failed_after_change", "calls_to_new", "calls_to_removed"):
+            v[k] = sum(o[k] for o in ones)
+        v["fail_codes"] = _merge_counts([o["fail_codes"] for o in ones])
+        v["runs"] = len(ones)
+        v["rounds"] = rounds
+        out[mode] = v
     return out
 
 
@@ -214,39 +299,50 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _mr(st: dict[str, Any] | None, fmt: str = "{:.0f}", scale: float = 1.0) -> str:
+    """``median (min–max)`` of a per-round figure; one round: the value alone."""
+    if not st:
+        return "–"
+    med, lo, hi = (st[k] * scale for k in ("median", "min", "max"))
+    if st.get("n", 1) < 2:
+        return _f(med, fmt)
+    return f"{_f(med, fmt)} ({_f(lo, fmt)}–{_f(hi, fmt)})"
+
+
 def _load_table(summ: dict[str, Any]) -> str:
     header = [
         "mode",
+        "client CPU/call × baseline",
         "calls/s",
-        "× round_robin",
+        "× baseline",
+        "client CPU ms/call",
         "p50 ms",
-        "p90 ms",
         "p99 ms",
         "p99.9 ms",
         "backend max/min (worst run)",
         "conns",
-        "client CPU s/1k",
-        "backend CPU s/1k",
-        "lookaside CPU s/1k",
+        "backend CPU ms/call",
+        "lookaside CPU ms/call",
         "failed",
     ]
     rows = []
     for m, v in summ.items():
-        lat = v["latency_ms"]
+        rd = v.get("rounds") or {}
+        base = v.get("baseline", BASELINE)
         rows.append(
             [
-                f"`{m}`",
-                _f(v["throughput"]),
-                _f(v["ratio_to_round_robin"], "{:.2f}x"),
-                _f(lat["p50"], "{:.2f}"),
-                _f(lat["p90"], "{:.2f}"),
-                _f(lat["p99"], "{:.2f}"),
-                _f(lat["p99.9"], "{:.2f}"),
+                f"`{m}`" + (" (aio)" if base == AIO_BASELINE else ""),
+                _mr(rd.get("client_cpu_ratio"), "{:.2f}x"),
+                _mr(rd.get("throughput")),
+                _mr(rd.get("ratio"), "{:.2f}x"),
+                _mr(rd.get("client_cpu_s_per_1k"), "{:.3f}"),
+                _mr(rd.get("latency_p50_ms"), "{:.2f}"),
+                _mr(rd.get("latency_p99_ms"), "{:.2f}"),
+                _mr(rd.get("latency_p99.9_ms"), "{:.1f}"),
                 _f(v["spread_max_min"], "{:.2f}"),
                 _f(v["connections"], "{:g}"),
-                _f(v["client_cpu_s_per_1k"], "{:.3f}"),
-                _f(v["backend_cpu_s_per_1k"], "{:.3f}"),
-                _f(v["lookaside_cpu_s_per_1k"], "{:.3f}"),
+                _mr(rd.get("backend_cpu_s_per_1k"), "{:.3f}"),
+                _mr(rd.get("lookaside_cpu_s_per_1k"), "{:.3f}"),
                 str(v["failed"]),
             ]
         )
@@ -260,21 +356,27 @@ def _ms(v: float | None) -> str:
 def _churn_table(summ: dict[str, Any]) -> str:
     rows = []
     for m, v in summ.items():
+        rd = v.get("rounds") or {}
+        first = _mr(rd.get("first_call_to_new_s"), "{:.0f}", 1000.0) if rd else _ms(v["first_call_to_new_s"])
+        if rd.get("never"):
+            first = "never" if rd["never"] == v.get("runs", 1) else f"{first}; never in {rd['never']}"
+        last = (
+            _mr(rd.get("last_call_to_removed_s"), "{:.0f}", 1000.0)
+            if rd
+            else _ms(v["last_call_to_removed_s"])
+        )
+        if (v["last_call_to_removed_s"] or 0) >= v["removed_stopped_at_s"] - 0.05:
+            last += " (until it stopped)"
         rows.append(
             [
                 f"`{m}`",
-                _ms(v["first_call_to_new_s"]),
-                _f(v.get("lookaside_saw_new_s") and v["lookaside_saw_new_s"] * 1000.0, "{:.0f}"),
-                _f(v.get("client_after_lookaside_s") and v["client_after_lookaside_s"] * 1000.0, "{:.0f}"),
-                _ms(v["last_call_to_removed_s"])
-                + (
-                    " (until it stopped)"
-                    if (v["last_call_to_removed_s"] or 0) >= v["removed_stopped_at_s"] - 0.05
-                    else ""
-                ),
+                first,
+                _mr(rd.get("lookaside_saw_new_s"), "{:.0f}", 1000.0),
+                _mr(rd.get("client_after_lookaside_s"), "{:.0f}", 1000.0),
+                last,
                 str(v["calls_to_new"]),
                 str(v["failed"]) + (f" {v['fail_codes']}" if v["failed"] else ""),
-                _f(v["throughput"]),
+                _mr(rd.get("throughput")),
             ]
         )
     return _table(
@@ -284,7 +386,7 @@ def _churn_table(summ: dict[str, Any]) -> str:
             "lookaside saw it (ms)",
             "client after lookaside (ms)",
             "last call to removed (ms)",
-            "calls to new",
+            "calls to new (all rounds)",
             "failed",
             "calls/s",
         ],
@@ -342,6 +444,25 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
         )
     ratio_row("xds", "≈ 1.0x round_robin within noise (≥ 0.90x)", lambda r: r >= 0.90)
     ratio_row("aio_xds", "≈ 1.0x aio_round_robin within noise (≥ 0.90x)", lambda r: r >= 0.90)
+    ratio_row("lookaside_xds_mode", "≈ 1.0x round_robin within noise (≥ 0.90x)", lambda r: r >= 0.90)
+    ratio_row("aio_lookaside_xds_mode", "≈ 1.0x aio_round_robin within noise (≥ 0.90x)", lambda r: r >= 0.90)
+    for mode, limit in (
+        ("lookaside_watch", 1.05),
+        ("interceptor_watch", 1.10),
+        ("aio_lookaside_watch", 1.05),
+        ("aio_interceptor_watch", 1.10),
+        ("lookaside_xds_mode", 1.05),
+        ("aio_lookaside_xds_mode", 1.05),
+    ):
+        c = _cpu_ratio(steady, mode)
+        if c is not None:
+            rows.append(
+                {
+                    "target": f"`{mode}` client CPU per call ≤ {limit:.2f}x `{baseline_of(mode)}`'s",
+                    "measured": f"{c:.2f}x",
+                    "met": c <= limit,
+                }
+            )
     rr_modes = [
         m
         for m in steady
@@ -377,6 +498,106 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- compare
+
+#: (scenario key, figure label, how to read it from a mode's summary, higher is better)
+_COMPARED: list[tuple[str, str, Any, bool]] = [
+    ("steady", "calls/s", lambda v: v.get("throughput"), True),
+    (
+        "steady",
+        "× baseline",
+        lambda v: (
+            (v.get("rounds") or {}).get("ratio", {}).get("median")
+            if (v.get("rounds") or {}).get("ratio")
+            else v.get("ratio_to_round_robin")
+        ),
+        True,
+    ),
+    ("steady", "client CPU s/1k", lambda v: v.get("client_cpu_s_per_1k"), False),
+    ("steady", "client CPU × baseline", None, False),  # computed from client CPU when missing
+    ("steady", "p50 ms", lambda v: v.get("latency_ms", {}).get("p50"), False),
+    ("steady", "p99 ms", lambda v: v.get("latency_ms", {}).get("p99"), False),
+    ("churn", "first call to new ms", lambda v: _s_ms(v.get("first_call_to_new_s")), False),
+    ("churn_k8s", "first call to new ms", lambda v: _s_ms(v.get("first_call_to_new_s")), False),
+    ("slow_backend", "p99 ms", lambda v: v.get("latency_ms", {}).get("p99"), False),
+]
+
+
+def _s_ms(v: float | None) -> float | None:
+    return None if v is None else v * 1000.0
+
+
+def _cpu_ratio(steady: dict[str, Any], mode: str) -> float | None:
+    v = steady.get(mode) or {}
+    st = (v.get("rounds") or {}).get("client_cpu_ratio")
+    if st:
+        return float(st["median"])
+    base = steady.get(baseline_of(mode)) or {}
+    c, cb = v.get("client_cpu_s_per_1k"), base.get("client_cpu_s_per_1k")
+    return c / cb if c is not None and cb else None
+
+
+def figures(summary: dict[str, Any]) -> dict[tuple[str, str, str], float]:
+    """{(scenario, mode, figure): value} from a summary (this format or an older results.json's)."""
+    out: dict[tuple[str, str, str], float] = {}
+    for scenario, label, get, _ in _COMPARED:
+        for mode, v in (summary.get(scenario) or {}).items():
+            val = _cpu_ratio(summary.get("steady") or {}, mode) if get is None else get(v)
+            if val is not None and not (isinstance(val, float) and (math.isnan(val) or math.isinf(val))):
+                out[(scenario, mode, label)] = float(val)
+    return out
+
+
+def compare(old: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each figure of this run against the same figure of an older results.json (its summary)."""
+    old_summary = old.get("summary") or summarise(old)
+    before, now = figures(old_summary), figures(summary)
+    better = {label: hib for _, label, _, hib in _COMPARED}
+    rows = []
+    for key, new in now.items():
+        if key not in before:
+            continue
+        was = before[key]
+        change = (new - was) / was if was else None
+        rows.append(
+            {
+                "scenario": key[0],
+                "mode": key[1],
+                "figure": key[2],
+                "old": was,
+                "new": new,
+                "change": change,
+                "worse": change is not None and (change < 0 if better[key[2]] else change > 0),
+            }
+        )
+    return rows
+
+
+def compare_text(rows: list[dict[str, Any]], old_path: str, threshold: float = 0.10) -> str:
+    """The comparison as a markdown table; changes beyond ``threshold`` for the worse are marked."""
+    if not rows:
+        return f"Nothing to compare with {old_path} (no figure in common)."
+    body = []
+    for r in rows:
+        ch = r["change"]
+        mark = " **worse**" if r["worse"] and ch is not None and abs(ch) > threshold else ""
+        body.append(
+            [
+                r["scenario"],
+                f"`{r['mode']}`",
+                r["figure"],
+                f"{r['old']:.3g}",
+                f"{r['new']:.3g}",
+                (f"{ch * 100:+.0f} %" if ch is not None else "–") + mark,
+            ]
+        )
+    return (
+        f"Against {old_path} (changes over {threshold * 100:.0f} % for the worse are marked; run-to-run noise"
+        " on 2 shared cores is ±10–25 % for throughput, less for CPU ratios):\n\n"
+        + _table(["scenario", "mode", "figure", "old", "new", "change"], body)
+    )
+
+
 def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
     mi, st = results["machine"], results["settings"]
     out = [
@@ -391,9 +612,14 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
         f"Settings: {st['backends']} backends, concurrency {st['concurrency']}, up to {st['calls']} calls or"
         f" {st['time_limit']} s per run, {st['rounds']} round(s) with rotating mode order; redial every"
         f" {st['redial_every']} calls; batch {st['batch']}."
-        " Ratios are medians of per-round ratios to the same"
-        " round's `round_robin`. Everything (client, lookaside server, backends) shares the same CPUs.",
+        " Every figure is the median over rounds with its min–max in brackets; ratios are per round, to the"
+        " same round's `round_robin` (grpc.aio modes, marked (aio): to `aio_round_robin`). Client CPU per"
+        " call (`time.process_time()` of the client process over the measured phase) is the headline figure"
+        " for client overhead: steadier than throughput on shared cores."
+        " Everything (client, lookaside server, backends) shares the same CPUs.",
     ]
+    if results.get("compare") is not None:
+        out += ["", "## Change against an earlier run", "", results["compare_text"]]
     if results.get("skipped_modes"):
         out += [
             "",
@@ -692,6 +918,17 @@ def write_all(results: dict[str, Any], out: Path) -> dict[str, Path]:
     for r in raw["runs"]:  # keep results.json small: percentiles are in the summary
         r["latency_samples"] = len(r.pop("latencies_ms", []))
     (out / "results.json").write_text(json.dumps(raw, indent=1, default=str))
+    if results.get("compare_with"):
+        old_path = results["compare_with"]
+        try:
+            old = json.loads(Path(old_path).read_text())
+            results["compare"] = compare(old, summary)
+            results["compare_text"] = compare_text(results["compare"], old_path)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            results["compare"] = []
+            results["compare_text"] = f"Could not compare with {old_path}: {e!r}"
+        raw["compare"] = results["compare"]
+        (out / "results.json").write_text(json.dumps(raw, indent=1, default=str))
     (out / "results.md").write_text(markdown(results, summary))
     pngs = plots(summary, out)
     return {"json": out / "results.json", "md": out / "results.md", **{p.stem: p for p in pngs}}

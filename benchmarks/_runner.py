@@ -55,7 +55,7 @@ class Settings:
     time_limit: float = 15.0
     concurrency: int = 16
     backends: int = 3
-    rounds: int = 3
+    rounds: int = 5  # steady-state rounds: every figure is a median over them with its min-max
     redial_every: int = 1000
     batch: int = 16
     modes: list[str] = field(default_factory=lambda: list(MODES))
@@ -65,8 +65,9 @@ class Settings:
     single_modes: list[str] | None = None
     churn_modes: list[str] | None = None
     churn_k8s_modes: list[str] | None = None
-    churn_duration: float = 6.0
-    churn_change_at: float = 2.0
+    churn_rounds: int = 5  # churn (and churn_k8s) rounds, rotating mode order
+    churn_duration: float = 5.0
+    churn_change_at: float = 1.5
     churn_grace: float = 1.5
     churn_concurrency: int = 4
     small_modes: list[str] | None = None
@@ -99,6 +100,7 @@ class Settings:
                 "xds",
             ],
             churn_k8s_modes=["lookaside_watch", "interceptor_watch", "xds"],
+            churn_rounds=1,
             churn_duration=1.5,
             churn_change_at=0.5,
             churn_grace=0.5,
@@ -578,12 +580,20 @@ def plan(s: Settings, active: list[str]) -> list[tuple[str, int, list[str]]]:
         for r in range(s.single_rounds):
             k = (r + 1) % len(single) if single else 0
             out.append(("single", r, single[k:] + single[:k]))
+
+    def rotate(lst: list[str], r: int) -> list[str]:
+        k = r % len(lst) if lst else 0
+        return lst[k:] + lst[:k]
+
     if "churn" in s.scenarios:
-        out.append(("churn", 0, pick(s.churn_modes, ("direct",))))
+        churn = pick(s.churn_modes, ("direct",))
+        for r in range(s.churn_rounds):
+            out.append(("churn", r, rotate(churn, r)))
     if "churn_k8s" in s.scenarios:
         policies = tuple(m for m in MODES if m.startswith("lookaside_watch_"))
         k8s = [m for m in pick(s.churn_k8s_modes, policies) if _needs_lookaside(m)]
-        out.append(("churn_k8s", 0, k8s))
+        for r in range(s.churn_rounds):
+            out.append(("churn_k8s", r, rotate(k8s, r)))
     if "small" in s.scenarios:
         small = pick(s.small_modes, ("direct",))
         out.append(("small", 0, [m for m in small if MODES[m].kind == "sync" and m != "round_robin_redial"]))
@@ -601,6 +611,7 @@ def run(s: Settings) -> dict[str, Any]:
         "machine": machine_info(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in s.__dict__.items()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "format": 2,  # 2: figures per round with median and min-max in the summary ("rounds")
         "runs": [],
         "errors": [],
     }
