@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from benchmarks._procs import install_signal_handlers
+
+
+def _version() -> str:
+    try:
+        return metadata.version("lookaside-grpc")
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _csv(s: str) -> list[str]:
@@ -15,6 +23,7 @@ def _csv(s: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s (lookaside-grpc {_version()})")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("run", help="run the benchmark and write results (json, md, png)")
     p.add_argument("--quick", action="store_true", help="small sizes: finishes in under 2 minutes")

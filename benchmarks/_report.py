@@ -806,106 +806,174 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ plots
 
 
-def plots(summary: dict[str, Any], out: Path) -> list[Path]:
+def _mode_rows(ax: Any, modes: list[str]) -> None:
+    """Modes as rows, first on top: horizontal bars keep every name readable however many modes there are."""
+    ax.set_yticks(range(len(modes)))
+    ax.set_yticklabels(modes, fontsize=9)
+    ax.set_ylim(len(modes) - 0.5, -0.5)
+    ax.tick_params(axis="y", length=0)
+
+
+def _legend_above(ax: Any, ncol: int) -> None:
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=ncol, fontsize=8, frameon=False)
+
+
+def plot_figures(summary: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The figures of a summary as ``(file name, matplotlib figure)``: throughput, latency and spread, each
+    with one row per mode (names on the y axis, values written beside the bars, legends above the plot), so
+    no label can overlap another (``tests/test_benchmark_plots.py`` checks that on synthetic data)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    files = []
-    # throughput
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    variants = [("steady", "one process per backend"), ("single_process", "all backends in one process")]
-    modes = list(dict.fromkeys(list(summary["steady"]) + list(summary["single_process"])))
-    w = 0.8 / max(1, sum(1 for k, _ in variants if summary[k]))
-    i = 0
-    for key, label in variants:
-        s = summary[key]
-        if not s:
-            continue
-        xs = [j + i * w for j, m in enumerate(modes) if m in s]
-        ys = [s[m]["throughput"] for m in modes if m in s]
-        bars = ax.bar(xs, ys, w, label=label)
-        for b, m in zip(bars, [m for m in modes if m in s], strict=True):
-            r = s[m]["ratio_to_round_robin"]
-            if r is not None:
-                ax.annotate(
-                    f"{r:.2f}x",
-                    (b.get_x() + b.get_width() / 2, b.get_height()),
-                    ha="center",
-                    va="bottom",
-                    fontsize=8,
-                )
-        i += 1
-    ax.set_xticks([j + w * (i - 1) / 2 for j in range(len(modes))])
-    ax.set_xticklabels(modes, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("calls/s (this machine)")
-    ax.set_title("Throughput (labels: ratio to the same round's round_robin)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    files.append(out / "throughput.png")
-    fig.savefig(files[-1], dpi=100)
-    plt.close(fig)
+    figs: list[tuple[str, Any]] = []
 
-    # latency
-    panels = [
-        (k, t) for k, t in (("steady", "steady state"), ("slow_backend", "one slow backend")) if summary[k]
+    # throughput: one row per mode, a bar per variant, "calls/s  ratio" beside each bar
+    variants = [
+        (k, label)
+        for k, label in (
+            ("steady", "one process per backend"),
+            ("single_process", "all backends in one process"),
+        )
+        if summary.get(k)
     ]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4.5), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels, strict=False):
-        s = summary[key]
-        ms = list(s)
-        w = 0.8 / len(PCTS)
-        for k, (name, _) in enumerate(PCTS):
-            ys = [s[m]["latency_ms"][name] or 0.0 for m in ms]
-            ax.bar([j + k * w for j in range(len(ms))], ys, w, label=name)
-        ax.set_yscale("log")
-        ax.set_xticks([j + w * (len(PCTS) - 1) / 2 for j in range(len(ms))])
-        ax.set_xticklabels(ms, rotation=20, ha="right", fontsize=8)
-        ax.set_ylabel("latency ms (log)")
-        ax.set_title(f"Latency percentiles: {title}")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    files.append(out / "latency.png")
-    fig.savefig(files[-1], dpi=100)
-    plt.close(fig)
+    modes = list(dict.fromkeys(m for k, _ in variants for m in summary[k]))
+    if modes:
+        h = 0.8 / len(variants)
+        fig, ax = plt.subplots(figsize=(10, 1.4 + 0.26 * len(modes) * len(variants) + 0.1 * len(modes)))
+        top = max((summary[k][m]["throughput"] or 0.0) for k, _ in variants for m in summary[k]) or 1.0
+        for i, (key, label) in enumerate(variants):
+            s = summary[key]
+            rows = [(j, m) for j, m in enumerate(modes) if m in s]
+            ys = [j - 0.4 + h * (i + 0.5) for j, _ in rows]
+            xs = [s[m]["throughput"] or 0.0 for _, m in rows]
+            ax.barh(ys, xs, h * 0.92, label=label, color=f"C{i}")
+            for y, x, (_, m) in zip(ys, xs, rows, strict=True):
+                r = s[m].get("ratio_to_round_robin")
+                text = f"{x:,.0f}" + (f"  {r:.2f}x" if r is not None else "")
+                ax.text(x + top * 0.01, y, text, va="center", ha="left", fontsize=7.5)
+        _mode_rows(ax, modes)
+        ax.set_xlim(0, top * 1.22)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.set_xlabel(
+            "calls/s on this machine (beside each bar: calls/s and the ratio to the same round's round_robin)"
+        )
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_axisbelow(True)
+        ax.set_title("Throughput", loc="left", pad=24, fontsize=11)
+        _legend_above(ax, len(variants))
+        figs.append(("throughput.png", fig))
 
-    # spread
+    # latency: one row per mode, a marker per percentile on a log axis (a dot plot: no bars to crowd)
+    panels = [
+        (k, t)
+        for k, t in (("steady", "steady state"), ("slow_backend", "one slow backend"))
+        if summary.get(k)
+    ]
+    if panels:
+        rows_max = max(len(summary[k]) for k, _ in panels)
+        fig, axes = plt.subplots(
+            1,
+            len(panels),
+            figsize=(6.5 * len(panels), 1.4 + 0.32 * rows_max),
+            squeeze=False,
+            layout="constrained",
+        )
+        markers = ("o", "s", "D", "^")
+        for ax, (key, title) in zip(axes[0], panels, strict=True):
+            s = summary[key]
+            ms = list(s)
+            for j, m in enumerate(ms):
+                vals = [v for v in (s[m]["latency_ms"].get(name) for name, _ in PCTS) if v]
+                if vals:
+                    ax.plot([min(vals), max(vals)], [j, j], color="0.75", lw=1.5, zorder=1)
+            for k, (name, _) in enumerate(PCTS):
+                pts = [(s[m]["latency_ms"].get(name), j) for j, m in enumerate(ms)]
+                pts = [(v, j) for v, j in pts if v]
+                ax.scatter(
+                    [v for v, _ in pts],
+                    [j for _, j in pts],
+                    s=22,
+                    marker=markers[k % len(markers)],
+                    color=f"C{k}",
+                    label=name,
+                    zorder=2,
+                )
+            _mode_rows(ax, ms)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.grid(axis="x", which="both", alpha=0.25)
+            ax.set_xlabel("latency in ms (log scale)")
+            ax.set_title(f"Latency percentiles: {title}", loc="left", pad=24, fontsize=11)
+            _legend_above(ax, len(PCTS))
+        figs.append(("latency.png", fig))
+
+    # spread: one row per mode, the share of calls per backend stacked to 100 %, max/min written beside it
     panels = [
         (k, t)
         for k, t in (
-            ("steady", "steady state: calls per backend"),
-            ("small_clients", "many small clients: calls per backend"),
+            ("steady", "Steady state: calls per backend"),
+            ("small_clients", "Many small clients: calls per backend"),
         )
-        if summary[k]
+        if summary.get(k)
     ]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4.5), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels, strict=False):
-        s = summary[key]
-        ms = list(s)
-        backends = sorted({b for m in ms for b in s[m]["per_backend"]})
-        bottom = np.zeros(len(ms))
-        for b in backends:
+    if panels:
+        rows_max = max(len(summary[k]) for k, _ in panels)
+        fig, axes = plt.subplots(
+            1,
+            len(panels),
+            figsize=(6.5 * len(panels), 1.5 + 0.32 * rows_max),
+            squeeze=False,
+            layout="constrained",
+        )
+        for ax, (key, title) in zip(axes[0], panels, strict=True):
+            s = summary[key]
+            ms = list(s)
+            backends = sorted({b for m in ms for b in s[m]["per_backend"]})
+            left = np.zeros(len(ms))
             tot = np.array([max(1, sum(s[m]["per_backend"].values())) for m in ms], dtype=float)
-            ys = np.array([s[m]["per_backend"].get(b, 0) for m in ms], dtype=float) / tot * 100
-            ax.bar(range(len(ms)), ys, 0.6, bottom=bottom, label=b.rsplit(":", 1)[-1])
-            bottom += ys
-        for j, m in enumerate(ms):
-            sp = s[m]["spread_max_min"]
-            label = _f(sp, "{:.2f}")
-            if "first_call_spread" in s[m]:
-                label += f"\nfirst calls {_f(s[m]['first_call_spread'], '{:.2f}')}"
-            ax.annotate(label, (j, 101), ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(range(len(ms)))
-        ax.set_xticklabels(ms, rotation=20, ha="right", fontsize=8)
-        ax.set_ylim(0, 118)
-        ax.set_ylabel("% of calls (label: max/min)")
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7, title="port", title_fontsize=7, loc="lower right")
-    fig.tight_layout()
-    files.append(out / "spread.png")
-    fig.savefig(files[-1], dpi=100)
-    plt.close(fig)
+            for i, b in enumerate(backends):
+                xs = np.array([s[m]["per_backend"].get(b, 0) for m in ms], dtype=float) / tot * 100
+                ax.barh(range(len(ms)), xs, 0.7, left=left, label=b.rsplit(":", 1)[-1], color=f"C{i % 10}")
+                left += xs
+            for j, m in enumerate(ms):
+                label = "max/min " + _f(s[m]["spread_max_min"], "{:.2f}")
+                if "first_call_spread" in s[m]:
+                    label += f", first calls {_f(s[m]['first_call_spread'], '{:.2f}')}"
+                ax.text(
+                    1.02, j, label, transform=ax.get_yaxis_transform(), va="center", ha="left", fontsize=7.5
+                )
+            _mode_rows(ax, ms)
+            ax.set_xlim(0, 100)
+            ax.set_xlabel("% of calls per backend")
+            ax.set_title(title, loc="left", pad=40, fontsize=11)
+            ax.legend(
+                loc="lower left",
+                bbox_to_anchor=(0.0, 1.01),
+                ncol=min(len(backends), 6),
+                fontsize=8,
+                frameon=False,
+                title="backend port:",
+                title_fontsize=8,
+                alignment="left",
+            )
+        figs.append(("spread.png", fig))
+    return figs
+
+
+def plots(summary: dict[str, Any], out: Path) -> list[Path]:
+    """Write the figures of :func:`plot_figures` into ``out``."""
+    import matplotlib.pyplot as plt
+
+    files = []
+    for name, fig in plot_figures(summary):
+        files.append(out / name)
+        fig.savefig(files[-1], dpi=100, bbox_inches="tight", pad_inches=0.15)
+        plt.close(fig)
     return files
 
 

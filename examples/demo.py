@@ -53,6 +53,11 @@ def call(stub: greet_pb2_grpc.GreetServiceStub, n: int, spread: Counter[str]) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"python -m examples.demo (lookaside-grpc {lookaside_grpc.__version__})",
+    )
     parser.add_argument("--calls", type=int, default=300, help="calls per phase")
     parser.add_argument("--backends", type=int, default=3)
     parser.add_argument("--mode", default="watch", choices=["watch", "per_call"])

@@ -207,6 +207,11 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
+        "--version",
+        action="version",
+        version=f"python -m examples.gateway (lookaside-grpc {lookaside_grpc.__version__})",
+    )
+    parser.add_argument(
         "--host", default=env("GATEWAY_HOST", "0.0.0.0"), help="address to bind (GATEWAY_HOST)"
     )
     parser.add_argument(

@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     """Send ``--count`` Greet calls (0 = until interrupted) and print each answer, then the spread."""
     env = os.environ.get
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"python -m examples.greet.client (lookaside-grpc {lookaside_grpc.__version__})",
+    )
     parser.add_argument("--lookaside", default=env("LOOKASIDE_ADDR", "127.0.0.1:50055"))
     parser.add_argument("--service", default=env("GREET_SERVICE", "greet"))
     parser.add_argument("--namespace", default=env("GREET_NAMESPACE", "default"))

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
+from importlib import metadata
 
 import grpc
 
@@ -94,9 +95,22 @@ def serve(
     return server, servicer, bound
 
 
+def _version() -> str:
+    """The installed lookaside-grpc version (this backend needs only grpcio: it may run without it)."""
+    try:
+        return metadata.version("lookaside-grpc")
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run one Greet backend until SIGTERM/SIGINT; then print its stats as one JSON line on stdout."""
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"python -m examples.greet.server (lookaside-grpc {_version()})",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds of added latency per call")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
+from importlib import metadata
 from typing import Any
 
 from lookaside_server._config import (
@@ -146,12 +147,21 @@ def log_level(text: str) -> str:
     return text.upper()
 
 
+def version() -> str:
+    """The installed lookaside-grpc version (``--version``)."""
+    try:
+        return metadata.version("lookaside-grpc")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``lookaside-server`` argument parser."""
     from lookaside_server._cli.security_flags import add_security_arguments
     from lookaside_server._cli.source_flags import add_source_arguments
 
     p = argparse.ArgumentParser(prog="lookaside-server", description="The lookaside load-balancing server.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     env_argument(p, "--host", env="LB_HOST", default=DEFAULT_HOST, help="address to bind")
     env_argument(
         p,
