@@ -176,9 +176,10 @@ def _requests_bytes(kind: str, service: str) -> bytes:
     return req.SerializeToString()
 
 
-async def worker_main(kind: str, address: str, n: int, service: str) -> None:
+async def worker_main(kind: str, address: str, n: int, service: str, deadline: float) -> None:
     """Open ``n`` streams (raw bytes, no parsing), report, then time the next message on each stream after
-    every ``arm`` command from the harness (stdin); one JSON line per answer on stdout."""
+    every ``arm`` command from the harness (stdin); one JSON line per answer on stdout. Stops opening at
+    ``deadline`` (``time.monotonic()``, the same clock in every process)."""
     options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", -1)]
     channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(CONNECTIONS_PER_WORKER)]
     request = _requests_bytes(kind, service)
@@ -227,9 +228,11 @@ async def worker_main(kind: str, address: str, n: int, service: str) -> None:
     t0 = time.monotonic()
     tasks = []
     for start in range(0, n, OPEN_BATCH):
+        if time.monotonic() >= deadline:
+            break
         firsts = [loop.create_future() for _ in range(start, min(n, start + OPEN_BATCH))]
         tasks += [asyncio.create_task(one(start + k, f)) for k, f in enumerate(firsts)]
-        await asyncio.wait(firsts, timeout=120)
+        await asyncio.wait(firsts, timeout=max(0.1, deadline - time.monotonic()))
     print(json.dumps({"opened": opened, "errors": errors, "open_s": time.monotonic() - t0}), flush=True)
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         cmd = json.loads(line)
@@ -253,9 +256,10 @@ async def worker_main(kind: str, address: str, n: int, service: str) -> None:
 
 
 class Worker:
-    def __init__(self, kind: str, address: str, n: int, service: str) -> None:
+    def __init__(self, kind: str, address: str, n: int, service: str, deadline: float) -> None:
+        argv = ["--worker", kind, address, str(n), service, repr(deadline)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.capacity", "--worker", kind, address, str(n), service],
+            [sys.executable, "-m", "benchmarks.capacity", *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -300,12 +304,12 @@ class Worker:
 
 def open_streams(kind: str, address: str, n: int, service: str, deadline: float) -> tuple[list[Worker], dict]:
     workers = [
-        Worker(kind, address, min(STREAMS_PER_WORKER, n - k), service)
+        Worker(kind, address, min(STREAMS_PER_WORKER, n - k), service, deadline)
         for k in range(0, n, STREAMS_PER_WORKER)
     ]
     opened, errors, open_s, missing = 0, {}, 0.0, 0
     for w in workers:
-        r = w.read(max(0.1, deadline - time.monotonic()))
+        r = w.read(max(0.1, deadline - time.monotonic()) + 15)
         if r is None:
             missing += 1
             continue
@@ -347,7 +351,8 @@ def fan_out(workers: list[Worker], change: Any, deadline: float) -> dict[str, An
 
 def fan_out_cell(folder: Path, kind: str, n: int, size: int, cap: float) -> dict[str, Any]:
     server = Server(folder, size)
-    deadline = time.monotonic() + cap
+    t_cell = time.monotonic()
+    deadline = t_cell + 0.6 * cap  # opening; the change then gets 0.4 x cap
     workers: list[Worker] = []
     try:
         before = server.rss_kb()
@@ -359,7 +364,8 @@ def fan_out_cell(folder: Path, kind: str, n: int, size: int, cap: float) -> dict
         out["rss before MB"] = round(before / 1024, 1)
         out["rss with streams MB"] = round(after / 1024, 1)
         out["kB per stream"] = round((after - before) / max(1, opened["opened"]), 1)
-        if time.monotonic() < deadline and opened["opened"]:
+        if opened["opened"]:
+            deadline = time.monotonic() + 0.4 * cap
             cpu1 = server.cpu_s()
             out.update(
                 fan_out(
@@ -374,7 +380,8 @@ def fan_out_cell(folder: Path, kind: str, n: int, size: int, cap: float) -> dict
             out["capped"] = True
         out["server CPU s total"] = round(server.cpu_s() - cpu0, 2)
         out["server peak RSS MB"] = round(server.rss_kb("VmHWM") / 1024, 1)
-        out["cell s"] = round(cap - (deadline - time.monotonic()), 1)
+        out["cell s"] = round(time.monotonic() - t_cell, 1)
+        out["capped"] = opened["opened"] < n or (out.get("got the change") or 0) < opened["opened"]
         return out
     finally:
         for w in workers:
@@ -497,11 +504,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", default="watch,xds", help="watch,xds")
     p.add_argument("--skip-resolve", action="store_true")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "capacity.json")
-    p.add_argument("--worker", nargs=4, metavar=("KIND", "ADDRESS", "N", "SERVICE"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--worker", nargs=5, metavar=("KIND", "ADDRESS", "N", "SERVICE", "DEADLINE"), help=argparse.SUPPRESS
+    )
     args = p.parse_args(argv)
     if args.worker:
-        kind, address, n, service = args.worker
-        asyncio.run(worker_main(kind, address, int(n), service))
+        kind, address, n, service, deadline = args.worker
+        asyncio.run(worker_main(kind, address, int(n), service, float(deadline)))
         return 0
     streams = [int(x) for x in (args.streams or ("1000" if args.quick else "1000,10000")).split(",")]
     sizes = [int(x) for x in args.endpoints.split(",")]
