@@ -11,6 +11,7 @@ import logging
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
+from lookaside_grpc._budget import RetryBudget
 from lookaside_grpc._channel import DEFAULT_INIT_TIMEOUT, Channel, channel
 from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._interceptor import InterceptedChannel, LookasideInterceptor, intercepted_channel
@@ -55,6 +56,7 @@ __all__ = [
     "PeakEwma",
     "PerCall",
     "Random",
+    "RetryBudget",
     "RoundRobin",
     "RoutingPolicy",
     "Settings",

@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 
 from lookaside_grpc import protocol
+from lookaside_grpc._budget import Budget
 from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._health import Ejector
 from lookaside_grpc._policies import RoutingPolicy, resolve_policy
@@ -106,6 +107,10 @@ class BalancerBase(Generic[C]):
     def _finish_init(self, pool: ChannelPool[C]) -> None:
         self.pool: ChannelPool[C] = pool
         self.policy.bind(pool)
+        #: The retry budget (None = unlimited), consulted at the one retry decision.
+        self.budget: Budget | None = None
+        if self.settings.retry_budget is not None:
+            self.budget = Budget(self.settings.retry_budget, lambda: sum(pool.picks().values()))
         self.ejector = Ejector(
             self.resolver.population, self.resolver.set_ejected, self.counters, on_eject=self._on_eject
         )

@@ -12,6 +12,7 @@ from typing import Literal, TypeAlias, TypedDict
 
 import grpc
 
+from lookaside_grpc._budget import DEFAULT_RETRY_BUDGET, RetryBudget
 from lookaside_grpc._health import AdaptiveThrottle
 from lookaside_grpc._policies import POLICIES, RoutingPolicy
 from lookaside_grpc._target import Target
@@ -109,7 +110,8 @@ class ClientOptions(TypedDict, total=False):
     channel (None = insecure); ``tls_server_name``: the name backends' certificates are verified against
     (default ``<service>.<namespace>.svc``; ``""`` = the pod IP); ``max_staleness``: seconds the last set
     keeps serving without word from the lookaside (None = forever); ``lookaside_keepalive``: keepalive
-    ping interval on the lookaside channel (None = off).
+    ping interval on the lookaside channel (None = off); ``retry_budget``: a :class:`RetryBudget` limiting
+    the retries to a fraction of the calls (default 20 % plus 10 a second; None = no limit).
     """
 
     mode: Mode | ModeName
@@ -120,6 +122,7 @@ class ClientOptions(TypedDict, total=False):
     tls_server_name: str | None
     max_staleness: float | None
     lookaside_keepalive: float | None
+    retry_budget: RetryBudget | None
 
 
 OPTION_NAMES = frozenset(ClientOptions.__annotations__)
@@ -139,6 +142,7 @@ class Settings:
     tls_server_name: str | None
     max_staleness: float | None
     lookaside_keepalive: float | None
+    retry_budget: RetryBudget | None = DEFAULT_RETRY_BUDGET
 
     def for_target(self, target: Target) -> Settings:
         """The same settings for another target (interceptor routes)."""
@@ -187,6 +191,7 @@ def _replace_target(s: Settings, target: Target) -> Settings:
         s.tls_server_name,
         s.max_staleness,
         s.lookaside_keepalive,
+        s.retry_budget,
     )
 
 
@@ -262,6 +267,9 @@ def make_settings(target: Target, lookaside: str | None, options: Mapping[str, o
     keepalive = o.get("lookaside_keepalive", DEFAULT_LOOKASIDE_KEEPALIVE)
     if keepalive is not None and not keepalive > 0:
         raise ValueError(f"lookaside_keepalive must be > 0 or None, got {keepalive!r}")
+    retry_budget = o.get("retry_budget", DEFAULT_RETRY_BUDGET)
+    if retry_budget is not None and not isinstance(retry_budget, RetryBudget):
+        raise TypeError(f"retry_budget must be a RetryBudget or None, got {retry_budget!r}")
     return Settings(
         target=target,
         lookaside=lookaside,
@@ -273,4 +281,5 @@ def make_settings(target: Target, lookaside: str | None, options: Mapping[str, o
         tls_server_name=o.get("tls_server_name"),
         max_staleness=max_staleness,
         lookaside_keepalive=keepalive,
+        retry_budget=retry_budget,
     )

@@ -43,6 +43,8 @@ class Stats:
     ejections: dict[str, int] = field(default_factory=dict)
     #: Calls transparently retried on another endpoint.
     retries: int = 0
+    #: Calls that could have been retried but were not, as the retry budget was spent.
+    retries_over_budget: int = 0
     #: Resolve RPCs sent (per_call mode) and how many failed.
     resolves: int = 0
     resolve_failures: int = 0
@@ -57,6 +59,7 @@ class Stats:
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0) + v
         self.retries += other.retries
+        self.retries_over_budget += other.retries_over_budget
         self.resolves += other.resolves
         self.resolve_failures += other.resolve_failures
         return self
@@ -70,6 +73,7 @@ class Counters:
         self.fallbacks: Counter[str] = Counter()
         self.ejections: Counter[str] = Counter()
         self.retries = 0
+        self.retries_over_budget = 0
         self.resolves = 0
         self.resolve_failures = 0
 
@@ -87,6 +91,10 @@ class Counters:
         with self._lock:
             self.retries += 1
 
+    def over_budget(self) -> None:
+        with self._lock:
+            self.retries_over_budget += 1
+
     def resolve(self, ok: bool) -> None:
         with self._lock:
             self.resolves += 1
@@ -100,6 +108,7 @@ class Counters:
                 fallbacks=dict(self.fallbacks),
                 ejections=dict(self.ejections),
                 retries=self.retries,
+                retries_over_budget=self.retries_over_budget,
                 resolves=self.resolves,
                 resolve_failures=self.resolve_failures,
             )
@@ -164,6 +173,11 @@ class _Collector:
         retries = CounterMetricFamily(
             "lookaside_grpc_retries", "Calls transparently retried on another endpoint", labels=["target"]
         )
+        over_budget = CounterMetricFamily(
+            "lookaside_grpc_retries_over_budget",
+            "Calls not retried as the retry budget was spent",
+            labels=["target"],
+        )
         resolves = CounterMetricFamily(
             "lookaside_grpc_resolves", "Resolve RPCs sent (per_call mode)", labels=["target"]
         )
@@ -178,9 +192,10 @@ class _Collector:
             for ep, n in st.ejections.items():
                 ejections.add_metric([label, ep], n)
             retries.add_metric([label], st.retries)
+            over_budget.add_metric([label], st.retries_over_budget)
             resolves.add_metric([label], st.resolves)
             resolve_failures.add_metric([label], st.resolve_failures)
-        yield from (picks, fallbacks, ejections, retries, resolves, resolve_failures)
+        yield from (picks, fallbacks, ejections, retries, over_budget, resolves, resolve_failures)
 
     def describe(self) -> list[Any]:
         return []  # unchecked collector: metric families are produced at scrape time
@@ -194,7 +209,8 @@ def register_prometheus(registry: Any = None) -> Any:
 
     Metric names: ``lookaside_grpc_picks_total{target,endpoint}``, ``lookaside_grpc_fallbacks_total{target,
     reason}``, ``lookaside_grpc_ejections_total{target,endpoint}``, ``lookaside_grpc_retries_total{target}``,
-    ``lookaside_grpc_resolves_total{target}``, ``lookaside_grpc_resolve_failures_total{target}``.
+    ``lookaside_grpc_retries_over_budget_total{target}``, ``lookaside_grpc_resolves_total{target}``,
+    ``lookaside_grpc_resolve_failures_total{target}``.
     ``registry`` defaults to ``prometheus_client.REGISTRY``. Returns the collector.
     """
     try:

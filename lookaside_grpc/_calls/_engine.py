@@ -125,6 +125,10 @@ class Method(Generic[C, M]):
         ep = balancer.repick(failed)
         if ep is None or (deadline is not None and deadline - _now() <= 0):
             return None
+        budget = balancer.budget
+        if budget is not None and not budget.withdraw():
+            balancer.counters.over_budget()
+            return None
         balancer.counters.retry()
         log.info(
             "%s: retrying %s on %s after UNAVAILABLE from %s", balancer.target, self.name, ep.address, failed
