@@ -201,7 +201,11 @@ async def test_standard_grpc_server_metrics(tmp_path: Path) -> None:
     from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+    from lookaside_server._web.metrics import XDS_MAX_NAMES
     from lookaside_server._xds.resources import LISTENER
+    from lookaside_server._xds.stream import MAX_NAMES_LIMIT
+
+    assert XDS_MAX_NAMES == MAX_NAMES_LIMIT  # the label shown at 0 from the start is the one counted
 
     path = tmp_path / "endpoints.json"
     write_static(path, {T: endpoints(2, ready=True)})
@@ -329,6 +333,8 @@ async def test_metrics_exposition_negotiated_and_compressed(tmp_path: Path) -> N
         assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
         assert 'lookaside_limit_hits_total{limit="http_max_connections"} 0.0' in text
         assert 'lookaside_limit_hits_total{limit="http_header_timeout"} 0.0' in text
+        for limit in ("xds_max_names", "max_load_reports_per_peer", "max_load_report_endpoints"):
+            assert f'lookaside_limit_hits_total{{limit="{limit}"}} 0.0' in text
         assert "lookaside_http_connections 1.0" in text  # this scrape's own connection
         _, body = await asyncio.to_thread(get, "/metrics?name[]=lookaside_targets")
         assert [line for line in body.decode().splitlines() if not line.startswith("#")] == [

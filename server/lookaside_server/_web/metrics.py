@@ -19,6 +19,8 @@ Counted as things happen (by the server interceptor, the access policy and the l
   Status, ReportLoad, health checks), kept likewise: prefer ``grpc_server_handling_seconds``;
 * ``lookaside_access_denied_total{reason}``: denials by ``namespace``, ``service`` or ``identity``;
 * ``lookaside_limit_hits_total{limit}``: ``max_watches``, ``max_watches_per_peer``, ``max_targets``,
+  ``xds_max_names`` (an xDS stream subscribing to more names than ``--xds-max-names``),
+  ``max_load_reports_per_peer``, ``max_load_reports_per_target``, ``max_load_report_endpoints`` (ReportLoad),
   and of the HTTP listener ``http_max_connections`` (a connection closed at the cap) and
   ``http_header_timeout`` (request headers too slow) (grpc refuses oversize messages, RPCs above
   ``--max-concurrent-rpcs`` and streams above ``--max-streams-per-connection`` itself: not counted here).
@@ -64,6 +66,11 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from lookaside_server._api.load import (
+    MAX_LOAD_REPORT_ENDPOINTS,
+    MAX_LOAD_REPORTS_PER_PEER,
+    MAX_LOAD_REPORTS_PER_TARGET,
+)
 from lookaside_server._core.registry import Registry
 from lookaside_server._security.limits import MAX_TARGETS, MAX_WATCHES, MAX_WATCHES_PER_PEER, StreamSlots
 from lookaside_server._web.http import HTTP_LIMITS, HttpRequest, HttpResponse, HttpServer
@@ -92,6 +99,9 @@ LATENCY_BUCKETS = (
     5.0,
 )
 STREAM_KINDS = ("watch", "xds")
+#: The limit label of ``--xds-max-names`` (``_xds.stream.MAX_NAMES_LIMIT``; that module needs the optional
+#: xds-protos package, so the name is repeated here to show the series at 0 from the start).
+XDS_MAX_NAMES = "xds_max_names"
 
 #: ``grpc_server_handling_seconds``: the sub-millisecond buckets of Resolve, then up to an hour for the
 #: lifetime of Watch and xDS streams.
@@ -352,7 +362,16 @@ class ServerMetrics:
         )
         for reason in ("namespace", "service", "identity"):
             self.denied.labels(reason)
-        for limit in (MAX_WATCHES, MAX_WATCHES_PER_PEER, MAX_TARGETS, *HTTP_LIMITS):
+        for limit in (
+            MAX_WATCHES,
+            MAX_WATCHES_PER_PEER,
+            MAX_TARGETS,
+            XDS_MAX_NAMES,
+            MAX_LOAD_REPORTS_PER_PEER,
+            MAX_LOAD_REPORTS_PER_TARGET,
+            MAX_LOAD_REPORT_ENDPOINTS,
+            *HTTP_LIMITS,
+        ):
             self.limit_hits.labels(limit)
         self.streams = Gauge(
             "lookaside_streams", "Open long-lived streams (Watch, xDS).", ["kind"], registry=r
