@@ -157,6 +157,7 @@ def recovery(lookaside: str, b: Backends, policy: str, after_s: float = 6.0) -> 
     """The slow backend turns fast under load: its share per 0.5 s window after the switch."""
     with lookaside_grpc.channel("greet", lookaside=lookaside, policy=policy) as ch:
         stub = greet_pb2_grpc.GreetServiceStub(ch)
+        load(stub, lambda n: n >= 300, 30)  # warm-up: connections and first latencies
         before = load(stub, lambda n: n >= 2000, 30)
         switched: list[float] = []
 

@@ -31,6 +31,9 @@ from lookaside_grpc._endpoints import Endpoint
 
 #: Default decay time of the latency EWMA (seconds), as Linkerd's and Finagle's default.
 DEFAULT_TAU = 10.0
+#: ``peak_ewma``'s decay time: shorter than Finagle's 10 s, as on a busy host a stall every few seconds (a GC
+#: pause, a descheduled process) otherwise holds a fast backend's estimate at the stall's latency.
+PEAK_TAU = 2.0
 #: Cost of an endpoint with calls in flight but no latency measured yet (Finagle's penalty): avoided until
 #: its first answer, but still picked when every endpoint is unmeasured (then the least loaded wins).
 PENALTY = 1e9
@@ -44,8 +47,8 @@ SLOW_EXIT = 1.3
 #: Seconds; latency differences below this never make a candidate slow (sub-millisecond noise).
 SLOW_GAP = 0.002
 #: Seconds between two probe calls to a slow endpoint (from one client; one probe in flight at a time):
-#: 5 calls a second, a fraction of a percent at a few thousand calls a second, so p99 is the fast ones'.
-PROBE_INTERVAL = 0.2
+#: 2 calls a second, about 0.1 % at a few thousand calls a second, so p99 is the fast ones'.
+PROBE_INTERVAL = 0.5
 #: Weight of one sample above the mean in the per-sample mean latency (about the last 50 calls); one below
 #: weighs :data:`MEAN_ALPHA_DOWN` (the mean drops fast after a stall or a slow first call that connected).
 MEAN_ALPHA = 0.02
@@ -307,7 +310,7 @@ class PeakEwma(LeastRequest):
 
     def __init__(
         self,
-        tau: float = DEFAULT_TAU,
+        tau: float = PEAK_TAU,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
         probe_interval: float = PROBE_INTERVAL,
