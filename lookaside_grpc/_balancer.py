@@ -20,7 +20,7 @@ from lookaside_grpc import protocol
 from lookaside_grpc._budget import Budget
 from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._health import Ejector
-from lookaside_grpc._policies import RoutingPolicy, resolve_policy
+from lookaside_grpc._policies import RoutingPolicy, SlowStart, resolve_policy, with_slow_start
 from lookaside_grpc._pool import ChannelPool
 from lookaside_grpc._resolvers import (
     AioLookasideCalls,
@@ -85,6 +85,11 @@ class BalancerBase(Generic[C]):
         )
         self.target = settings.target
         self.policy: RoutingPolicy = resolve_policy(settings.policy)
+        #: Slow start (watch mode; per_call: the lookaside picks): ``policy`` is this wrapper only while an
+        #: endpoint ramps up (swapped at set changes), so calls pay nothing for it otherwise.
+        self._slow_start: SlowStart | None = None
+        if not isinstance(mode, PerCall) and settings.slow_start:
+            self._slow_start = with_slow_start(self.policy, settings.slow_start)
         self.counters = Counters()
         self.closed = False
         #: Latency feedback for the policy, or None when it needs none: then calls are not timed at all.
@@ -244,7 +249,12 @@ class BalancerBase(Generic[C]):
 
     def _on_change(self, current: set[str]) -> None:
         # Addresses not in the new set are retired: their channels close after their in-flight calls.
-        self.policy.retain(current)
+        slow = self._slow_start
+        if slow is None:
+            self.policy.retain(current)
+        else:
+            slow.retain(current)
+            self.policy = slow if slow.ramping else slow.inner
         gone = self.pool.addresses() - current
         if gone:
             log.info("%s: retiring channels to %s", self.target, sorted(gone))

@@ -410,6 +410,105 @@ class Weighted(_LatencyTracking):
         return sched[self._next() % len(sched)]
 
 
+#: Slow start: default ramp window (seconds) of an endpoint that joins after the first set (Envoy's).
+SLOW_START_WINDOW = 30.0
+#: Slow start: the smallest fraction of a full share a new endpoint gets (Envoy's min_weight_percent 10 %).
+SLOW_START_MIN = 0.1
+
+
+class SlowStart(RoutingPolicy):
+    """Wraps a policy so that an endpoint joining after the first (non-empty) set ramps up over ``window``
+    seconds instead of taking a full share at once (Envoy's slow start): at ``t`` seconds after it joined it
+    keeps a pick of the inner policy with probability ``max(min_weight, (t / window) ** (1 / aggression))``,
+    otherwise the inner policy picks again among the endpoints not ramping. Nothing extra per call once no
+    endpoint is ramping (one truth test). Build with :func:`with_slow_start`."""
+
+    def __init__(
+        self,
+        inner: RoutingPolicy,
+        window: float = SLOW_START_WINDOW,
+        aggression: float = 1.0,
+        min_weight: float = SLOW_START_MIN,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int | None = None,
+    ) -> None:
+        self.inner = inner
+        self.window = window
+        self.exponent = 1.0 / aggression
+        self.min_weight = min_weight
+        self._clock = clock
+        self._random = random.Random(seed).random
+        #: address -> when it joined, while it ramps (read per pick: empty = nothing to do)
+        self.ramping: dict[str, float] = {}
+        self._known: set[str] | None = None  # None until the first non-empty set
+
+    def bind(self, pool: Any) -> None:
+        self.inner.bind(pool)
+
+    def observe(self, address: str, seconds: float) -> None:
+        self.inner.observe(address, seconds)
+
+    def latency_ms(self, address: str) -> float:
+        return self.inner.latency_ms(address)
+
+    def retain(self, addresses: set[str]) -> None:
+        self.inner.retain(addresses)
+        known = self._known
+        if known is None:
+            if addresses:
+                self._known = set(addresses)  # the first set: no ramp (nothing to compare them with)
+            return
+        now = self._clock()
+        ramping = dict(self.ramping)
+        for a in addresses - known:
+            ramping[a] = now
+        for a in [a for a in ramping if a not in addresses]:
+            del ramping[a]
+        self._known = set(addresses)
+        self.ramping = ramping  # swapped whole: pickers read it without a lock
+
+    def factor(self, address: str, now: float | None = None) -> float:
+        """The fraction of a full share ``address`` gets now (1.0 = not ramping)."""
+        since = self.ramping.get(address)
+        if since is None:
+            return 1.0
+        t = (self._clock() if now is None else now) - since
+        if t >= self.window:
+            return 1.0
+        return max(self.min_weight, float((max(0.0, t) / self.window) ** self.exponent))
+
+    def pick(self, endpoints: Sequence[Endpoint]) -> Endpoint:
+        ep = self.inner.pick(endpoints)
+        ramping = self.ramping
+        if not ramping or ep.address not in ramping:
+            return ep
+        f = self.factor(ep.address)
+        if f >= 1.0:
+            if self._clock() - ramping.get(ep.address, 0.0) >= self.window:
+                self.ramping = {a: t for a, t in ramping.items() if a != ep.address}  # done ramping
+            return ep
+        if self._random() < f:
+            return ep
+        others = [e for e in endpoints if e.address not in ramping]
+        return self.inner.pick(others) if others else ep
+
+
+def with_slow_start(policy: RoutingPolicy, window: float) -> SlowStart:
+    """``policy`` wrapped in :class:`SlowStart`, keeping its name and flags."""
+    cls = type(
+        f"SlowStart_{type(policy).__name__}",
+        (SlowStart,),
+        {
+            "name": policy.name,
+            "router_type": policy.router_type,
+            "needs_latency": policy.needs_latency,
+            "reports_load": policy.reports_load,
+        },
+    )
+    wrapped: SlowStart = cls(policy, window)
+    return wrapped
+
+
 POLICIES: dict[str, type[RoutingPolicy]] = {
     "round_robin": RoundRobin,
     "random": Random,

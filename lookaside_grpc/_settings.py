@@ -14,7 +14,7 @@ import grpc
 
 from lookaside_grpc._budget import DEFAULT_RETRY_BUDGET, RetryBudget
 from lookaside_grpc._health import AdaptiveThrottle
-from lookaside_grpc._policies import POLICIES, RoutingPolicy
+from lookaside_grpc._policies import POLICIES, SLOW_START_WINDOW, RoutingPolicy
 from lookaside_grpc._target import Target
 
 #: Where the lookaside is when neither ``lookaside=`` nor ``LOOKASIDE_ADDR`` says otherwise.
@@ -111,7 +111,9 @@ class ClientOptions(TypedDict, total=False):
     (default ``<service>.<namespace>.svc``; ``""`` = the pod IP); ``max_staleness``: seconds the last set
     keeps serving without word from the lookaside (None = forever); ``lookaside_keepalive``: keepalive
     ping interval on the lookaside channel (None = off); ``retry_budget``: a :class:`RetryBudget` limiting
-    the retries to a fraction of the calls (default 20 % plus 10 a second; None = no limit).
+    the retries to a fraction of the calls (default 20 % plus 10 a second; None = no limit); ``slow_start``:
+    seconds over which an endpoint joining the set ramps up to a full share (``True`` = 30, as Envoy's
+    window; default None = a full share at once, Envoy's slow start is opt-in too).
     """
 
     mode: Mode | ModeName
@@ -123,6 +125,7 @@ class ClientOptions(TypedDict, total=False):
     max_staleness: float | None
     lookaside_keepalive: float | None
     retry_budget: RetryBudget | None
+    slow_start: float | bool | None
 
 
 OPTION_NAMES = frozenset(ClientOptions.__annotations__)
@@ -143,6 +146,7 @@ class Settings:
     max_staleness: float | None
     lookaside_keepalive: float | None
     retry_budget: RetryBudget | None = DEFAULT_RETRY_BUDGET
+    slow_start: float | None = None
 
     def for_target(self, target: Target) -> Settings:
         """The same settings for another target (interceptor routes)."""
@@ -192,6 +196,7 @@ def _replace_target(s: Settings, target: Target) -> Settings:
         s.max_staleness,
         s.lookaside_keepalive,
         s.retry_budget,
+        s.slow_start,
     )
 
 
@@ -270,6 +275,10 @@ def make_settings(target: Target, lookaside: str | None, options: Mapping[str, o
     retry_budget = o.get("retry_budget", DEFAULT_RETRY_BUDGET)
     if retry_budget is not None and not isinstance(retry_budget, RetryBudget):
         raise TypeError(f"retry_budget must be a RetryBudget or None, got {retry_budget!r}")
+    ramp = o.get("slow_start")
+    slow_start = SLOW_START_WINDOW if ramp is True else None if ramp is False else ramp
+    if slow_start is not None and not slow_start > 0:
+        raise ValueError(f"slow_start must be seconds > 0, True or None, got {ramp!r}")
     return Settings(
         target=target,
         lookaside=lookaside,
@@ -282,4 +291,5 @@ def make_settings(target: Target, lookaside: str | None, options: Mapping[str, o
         max_staleness=max_staleness,
         lookaside_keepalive=keepalive,
         retry_budget=retry_budget,
+        slow_start=slow_start,
     )
