@@ -214,10 +214,22 @@ def test_sources_are_named_in_operator_words() -> None:
     assert describe_source(Kube("kubernetes endpointslices", False, ["a", "b"])) == (
         "Kubernetes EndpointSlices, namespaces a, b"
     )
+    assert describe_source(Kube("kubernetes endpointslices", False, [f"ns{i}" for i in range(8)])) == (
+        "Kubernetes EndpointSlices, namespaces ns0, ns1, ns2, ns3, ns4 and 3 more"
+    )
     assert describe_source(Kube("kubernetes endpointslices", False, [])) == (
         "Kubernetes EndpointSlices, per namespace (none watched yet)"
     )
     assert describe_source(Kube("kubernetes endpoints", True, ["*"])) == (
+        "Kubernetes Endpoints (core/v1), all namespaces"
+    )
+    # the real Kubernetes source carries what the description reads (no API call before a target is used)
+    from lookaside_server._sources.kubernetes import KubernetesSource
+
+    assert describe_source(KubernetesSource(api_client=object())) == (
+        "Kubernetes EndpointSlices, per namespace (none watched yet)"
+    )
+    assert describe_source(KubernetesSource(api_client=object(), cluster_wide=True, kind="endpoints")) == (
         "Kubernetes Endpoints (core/v1), all namespaces"
     )
 

@@ -70,6 +70,10 @@ class StatusView:
 _KUBE_OBJECTS = {"endpointslices": "Kubernetes EndpointSlices", "endpoints": "Kubernetes Endpoints (core/v1)"}
 
 
+#: Namespaces a namespace-scoped Kubernetes source's description names before "and N more".
+_NAMESPACES_SHOWN = 5
+
+
 def describe_source(source: object) -> str:
     """The source in an operator's words: its ``description`` if it has one (``static file
     endpoints.yaml``); for the Kubernetes source, what it reads and where (``Kubernetes EndpointSlices,
@@ -86,7 +90,9 @@ def describe_source(source: object) -> str:
         if not namespaces:
             return f"{what}, per namespace (none watched yet)"
         plural = "s" if len(namespaces) > 1 else ""
-        return f"{what}, namespace{plural} {', '.join(namespaces)}"
+        shown = ", ".join(namespaces[:_NAMESPACES_SHOWN])
+        more = len(namespaces) - _NAMESPACES_SHOWN
+        return f"{what}, namespace{plural} {shown}" + (f" and {more} more" if more > 0 else "")
     return kind or type(source).__name__
 
 
