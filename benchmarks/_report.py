@@ -830,6 +830,13 @@ def plot_figures(summary: dict[str, Any]) -> list[tuple[str, Any]]:
 
     figs: list[tuple[str, Any]] = []
 
+    def no_data(name: str, what: str) -> None:
+        """A figure saying there is nothing to show (a run without those scenarios writes every file)."""
+        fig, ax = plt.subplots(figsize=(6, 1.2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"no {what} in this run", ha="center", va="center", fontsize=11)
+        figs.append((name, fig))
+
     # throughput: one row per mode, a bar per variant, "calls/s  ratio" beside each bar
     variants = [
         (k, label)
@@ -865,6 +872,8 @@ def plot_figures(summary: dict[str, Any]) -> list[tuple[str, Any]]:
         ax.set_title("Throughput", loc="left", pad=24, fontsize=11)
         _legend_above(ax, len(variants))
         figs.append(("throughput.png", fig))
+    else:
+        no_data("throughput.png", "steady-state runs")
 
     # latency: one row per mode, a marker per percentile on a log axis (a dot plot: no bars to crowd)
     panels = [
@@ -911,6 +920,8 @@ def plot_figures(summary: dict[str, Any]) -> list[tuple[str, Any]]:
             ax.set_title(f"Latency percentiles: {title}", loc="left", pad=24, fontsize=11)
             _legend_above(ax, len(PCTS))
         figs.append(("latency.png", fig))
+    else:
+        no_data("latency.png", "steady-state or slow-backend runs")
 
     # spread: one row per mode, the share of calls per backend stacked to 100 %, max/min written beside it
     panels = [
@@ -962,6 +973,8 @@ def plot_figures(summary: dict[str, Any]) -> list[tuple[str, Any]]:
                 alignment="left",
             )
         figs.append(("spread.png", fig))
+    else:
+        no_data("spread.png", "steady-state or small-client runs")
     return figs
 
 

@@ -96,6 +96,12 @@ def test_no_label_overlaps_another(summary: dict[str, Any]) -> None:
             plt.close(fig)
 
 
+def test_every_file_written_without_data(tmp_path: Path) -> None:
+    empty = {"steady": {}, "single_process": {}, "slow_backend": {}, "small_clients": {}}
+    files = _report.plots(empty, tmp_path)
+    assert [f.name for f in files] == ["throughput.png", "latency.png", "spread.png"]
+
+
 def test_plots_written(tmp_path: Path) -> None:
     files = _report.plots(synthetic_summary(), tmp_path)
     assert [f.name for f in files] == ["throughput.png", "latency.png", "spread.png"]
