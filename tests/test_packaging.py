@@ -31,7 +31,6 @@ def test_wheel_contains_every_package(tmp_path: pathlib.Path) -> None:
             "pip",
             "wheel",
             "--no-deps",
-            "--no-build-isolation",
             "-q",
             "-w",
             str(tmp_path),
