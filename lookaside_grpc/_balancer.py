@@ -20,7 +20,14 @@ from lookaside_grpc import protocol
 from lookaside_grpc._budget import Budget
 from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._health import Ejector
-from lookaside_grpc._policies import RoutingPolicy, SlowStart, resolve_policy, with_slow_start
+from lookaside_grpc._policies import (
+    RoutingPolicy,
+    SlowStart,
+    ZoneAware,
+    resolve_policy,
+    with_slow_start,
+    with_zone,
+)
 from lookaside_grpc._pool import ChannelPool
 from lookaside_grpc._resolvers import (
     AioLookasideCalls,
@@ -90,6 +97,10 @@ class BalancerBase(Generic[C]):
         self._slow_start: SlowStart | None = None
         if not isinstance(mode, PerCall) and settings.slow_start:
             self._slow_start = with_slow_start(self.policy, settings.slow_start)
+        #: Zone-aware routing (watch mode, a client zone set): wraps the policy (or the slow start) always.
+        self._zone: ZoneAware | None = None
+        if not isinstance(mode, PerCall) and settings.zone:
+            self.policy = self._zone = with_zone(self.policy, settings.zone)
         self.counters = Counters()
         self.closed = False
         #: Latency feedback for the policy, or None when it needs none: then calls are not timed at all.
@@ -254,7 +265,11 @@ class BalancerBase(Generic[C]):
             self.policy.retain(current)
         else:
             slow.retain(current)
-            self.policy = slow if slow.ramping else slow.inner
+            base = slow if slow.ramping else slow.inner
+            if self._zone is not None:
+                self._zone.inner = base
+            else:
+                self.policy = base
         gone = self.pool.addresses() - current
         if gone:
             log.info("%s: retiring channels to %s", self.target, sorted(gone))

@@ -19,6 +19,8 @@ class Endpoint:
     #: Relative share of calls for the ``weighted`` policy (from the lookaside); 0 = unknown (equal share).
     #: Not part of the identity: the same pod with a new weight is the same endpoint.
     weight: int = field(default=0, compare=False)
+    #: EndpointSlice ``hints.forZones``: the zones whose clients should use this endpoint (empty = no hint).
+    for_zones: tuple[str, ...] = field(default=(), compare=False)
     #: ``ip:port``, with IPv6 addresses in brackets (``[::1]:50051``); computed once.
     address: str = field(init=False, repr=False, compare=False)
 
@@ -30,7 +32,7 @@ class Endpoint:
     @classmethod
     def from_proto(cls, pb: protocol.Endpoint) -> Endpoint:
         """Build from the wire message."""
-        return cls(pb.ip, pb.port, pb.zone, pb.weight)
+        return cls(pb.ip, pb.port, pb.zone, pb.weight, tuple(pb.for_zones))
 
 
 class EndpointState:

@@ -509,6 +509,112 @@ def with_slow_start(policy: RoutingPolicy, window: float) -> SlowStart:
     return wrapped
 
 
+#: Zone-aware routing: fewer endpoints than this in the set and every pick ignores zones (Envoy's
+#: min_cluster_size).
+ZONE_MIN_ENDPOINTS = 6
+
+
+def zone_split(
+    endpoints: Sequence[Endpoint], zone: str
+) -> tuple[tuple[Endpoint, ...], tuple[Endpoint, ...], float]:
+    """(local endpoints, spill-over endpoints, fraction of picks to keep local) for a client in ``zone``.
+
+    EndpointSlice hints first: when every endpoint carries ``for_zones``, the endpoints hinted for ``zone``
+    take every pick (Kubernetes' topology-aware routing). Otherwise Envoy's zone-aware rule, with clients
+    assumed spread evenly over the zones that have endpoints (the client knows no other client): the local
+    zone's expected share of the traffic is ``1 / zones``; while its share of the endpoints is at least
+    that, every pick stays local; below it, ``endpoint share / expected share`` of the picks stay local and
+    the rest go to the zones with endpoints to spare, so that no local endpoint gets more than an even
+    share. No zone, no local endpoint or fewer than :data:`ZONE_MIN_ENDPOINTS` endpoints: zones are ignored.
+    """
+    everything: tuple[Endpoint, ...] = tuple(endpoints)
+    if not zone:
+        return everything, (), 1.0
+    if all(e.for_zones for e in endpoints):
+        hinted = tuple(e for e in endpoints if zone in e.for_zones)
+        return (hinted, (), 1.0) if hinted else (everything, (), 1.0)
+    n = len(endpoints)
+    if n < ZONE_MIN_ENDPOINTS:
+        return everything, (), 1.0
+    per_zone: dict[str, int] = {}
+    for e in endpoints:
+        per_zone[e.zone] = per_zone.get(e.zone, 0) + 1
+    local_n = per_zone.get(zone, 0)
+    if not local_n:
+        return everything, (), 1.0
+    expected = 1.0 / len(per_zone)
+    have = local_n / n
+    local = tuple(e for e in endpoints if e.zone == zone)
+    if have >= expected:
+        return local, (), 1.0
+    spare = {z for z, k in per_zone.items() if z != zone and k / n > expected}
+    spill = tuple(e for e in endpoints if e.zone in spare) or tuple(e for e in endpoints if e.zone != zone)
+    return local, spill, have / expected
+
+
+class ZoneAware(RoutingPolicy):
+    """Wraps a policy: picks stay in the client's ``zone`` as :func:`zone_split` says (its split is computed
+    once per endpoint set, so a pick costs an identity test and, while spilling over, a random draw)."""
+
+    def __init__(self, inner: RoutingPolicy, zone: str, seed: int | None = None) -> None:
+        self.inner = inner
+        self.zone = zone
+        self._random = random.Random(seed).random
+        self._split: tuple[Sequence[Endpoint] | None, tuple[Endpoint, ...], tuple[Endpoint, ...], float] = (
+            None,
+            (),
+            (),
+            1.0,
+        )
+
+    def bind(self, pool: Any) -> None:
+        self.inner.bind(pool)
+
+    def observe(self, address: str, seconds: float) -> None:
+        self.inner.observe(address, seconds)
+
+    def latency_ms(self, address: str) -> float:
+        return self.inner.latency_ms(address)
+
+    def retain(self, addresses: set[str]) -> None:
+        self.inner.retain(addresses)
+
+    def split(
+        self, endpoints: Sequence[Endpoint]
+    ) -> tuple[tuple[Endpoint, ...], tuple[Endpoint, ...], float]:
+        """The split for this set (cached for the last set seen)."""
+        state = self._split
+        if state[0] is not endpoints:
+            local, spill, keep = zone_split(endpoints, self.zone)
+            state = self._split = (endpoints, local, spill, keep)
+        return state[1], state[2], state[3]
+
+    def pick(self, endpoints: Sequence[Endpoint]) -> Endpoint:
+        state = self._split
+        if state[0] is not endpoints:
+            self.split(endpoints)
+            state = self._split
+        if state[3] >= 1.0 or self._random() < state[3]:
+            return self.inner.pick(state[1])
+        return self.inner.pick(state[2])
+
+
+def with_zone(policy: RoutingPolicy, zone: str) -> ZoneAware:
+    """``policy`` wrapped in :class:`ZoneAware`, keeping its name and flags."""
+    cls = type(
+        f"ZoneAware_{type(policy).__name__}",
+        (ZoneAware,),
+        {
+            "name": policy.name,
+            "router_type": policy.router_type,
+            "needs_latency": policy.needs_latency,
+            "reports_load": policy.reports_load,
+        },
+    )
+    wrapped: ZoneAware = cls(policy, zone)
+    return wrapped
+
+
 POLICIES: dict[str, type[RoutingPolicy]] = {
     "round_robin": RoundRobin,
     "random": Random,

@@ -113,7 +113,8 @@ class ClientOptions(TypedDict, total=False):
     ping interval on the lookaside channel (None = off); ``retry_budget``: a :class:`RetryBudget` limiting
     the retries to a fraction of the calls (default 20 % plus 10 a second; None = no limit); ``slow_start``:
     seconds over which an endpoint joining the set ramps up to a full share (``True`` = 30, as Envoy's
-    window; default None = a full share at once, Envoy's slow start is opt-in too).
+    window; default None = a full share at once, Envoy's slow start is opt-in too); ``zone``: the client's
+    zone for zone-aware routing (default ``$LOOKASIDE_ZONE``; ``""`` = ignore zones).
     """
 
     mode: Mode | ModeName
@@ -126,6 +127,7 @@ class ClientOptions(TypedDict, total=False):
     lookaside_keepalive: float | None
     retry_budget: RetryBudget | None
     slow_start: float | bool | None
+    zone: str | None
 
 
 OPTION_NAMES = frozenset(ClientOptions.__annotations__)
@@ -147,6 +149,7 @@ class Settings:
     lookaside_keepalive: float | None
     retry_budget: RetryBudget | None = DEFAULT_RETRY_BUDGET
     slow_start: float | None = None
+    zone: str = ""
 
     def for_target(self, target: Target) -> Settings:
         """The same settings for another target (interceptor routes)."""
@@ -197,6 +200,7 @@ def _replace_target(s: Settings, target: Target) -> Settings:
         s.lookaside_keepalive,
         s.retry_budget,
         s.slow_start,
+        s.zone,
     )
 
 
@@ -279,6 +283,11 @@ def make_settings(target: Target, lookaside: str | None, options: Mapping[str, o
     slow_start = SLOW_START_WINDOW if ramp is True else None if ramp is False else ramp
     if slow_start is not None and not slow_start > 0:
         raise ValueError(f"slow_start must be seconds > 0, True or None, got {ramp!r}")
+    zone = o.get("zone")
+    if zone is None:
+        zone = os.environ.get("LOOKASIDE_ZONE", "")
+    if not isinstance(zone, str):
+        raise TypeError(f"zone must be a string, got {zone!r}")
     return Settings(
         target=target,
         lookaside=lookaside,
@@ -292,4 +301,5 @@ def make_settings(target: Target, lookaside: str | None, options: Mapping[str, o
         lookaside_keepalive=keepalive,
         retry_budget=retry_budget,
         slow_start=slow_start,
+        zone=zone,
     )

@@ -44,7 +44,7 @@ def test_one_option_set_for_every_flavour() -> None:
     opts = dict(policy="random", credentials=creds, options=[("grpc.max_receive_message_length", 1 << 24)],
                 lookaside_credentials=None, tls_server_name="greet.internal", max_staleness=60.0,
                 lookaside_keepalive=30.0, mode=lookaside_grpc.PerCall(batch=2, pick_cache_ttl=0.5),
-                retry_budget=lookaside_grpc.RetryBudget(ratio=0.1), slow_start=5.0)
+                retry_budget=lookaside_grpc.RetryBudget(ratio=0.1), slow_start=5.0, zone="a")
     assert set(opts) == shared
     la = "127.0.0.1:1"
     with lookaside_grpc.channel("greet.default", lookaside=la, **opts) as ch:  # type: ignore[arg-type]
