@@ -438,8 +438,11 @@ def channel(
     """A channel balancing calls over the pods of a Kubernetes Service, via the lookaside.
 
     ``target``: a :class:`Target`, ``"service.namespace[.svc[.cluster.local]][:port]"``, or a bare Service
-    name completed by ``namespace`` (default ``"default"``) and ``port`` (name or number; empty = the only
-    or first port). ``lookaside``: its address (default ``$LOOKASIDE_ADDR``, else ``127.0.0.1:50055``).
+    name completed by ``namespace`` (default ``"default"``) and ``port``. A port is the Service port's name
+    or number (``spec.ports[].port``, what you would dial inside the cluster: ``port=80`` for ``port: 80,
+    targetPort: 50051``; calls go to each pod's own target port); a number that is only a target port is
+    refused (INVALID_ARGUMENT naming the Service port); empty = the only or first port. ``lookaside``: its
+    address (default ``$LOOKASIDE_ADDR``, else ``127.0.0.1:50055``).
     ``options``: see :class:`ClientOptions` (``mode=Watch()`` or
     ``PerCall(batch=..., pick_cache_ttl=..., throttle=...)``, ``policy``, ``credentials``, ``options``,
     ``lookaside_credentials``, ``tls_server_name``, ``max_staleness``, ``lookaside_keepalive``).

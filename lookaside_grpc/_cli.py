@@ -179,7 +179,10 @@ def rpc_failure(
         if field in ("service", "namespace"):
             hint += " (Kubernetes names: lowercase letters, digits and '-'; write <service>.<namespace>)"
         elif field == "port":
-            hint += " (--port takes the Service port's name or number)"
+            hint += (
+                " (--port takes the Service port's name or number (spec.ports[].port), not the pods' "
+                "targetPort)"
+            )
         return CliError(EXIT_INVALID_ARGUMENT, f"invalid argument: {details}; {hint}")
     if code == grpc.StatusCode.PERMISSION_DENIED:
         ns = f" {target.namespace!r}" if target else ""
@@ -511,7 +514,10 @@ def _common_flags(with_defaults: bool) -> argparse.ArgumentParser:
 
 
 _TARGET_HELP = "service.namespace[.svc[.cluster.local]][:port], e.g. greet.default or greet.default:grpc"
-_PORT_HELP = "Service port name or number, as target:port (default: the only/first port)"
+_PORT_HELP = (
+    "the Service port's name or number (spec.ports[].port, as inside the cluster; a targetPort number is "
+    "refused), as target:port (default: the only/first port)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -95,8 +95,9 @@ def canonical_port(port: str | int) -> str:
 class Target:
     """A Kubernetes Service port: ``service.namespace[:port]``, validated and canonical.
 
-    ``port`` is "" (the Service's only or first port), a port name, or a port number (held as canonical
-    decimal text, so ``Target("greet", "default", 50051) == Target.parse("greet.default:050051")``).
+    ``port`` is "" (the Service's only or first port), a port name, or a Service port number
+    (``spec.ports[].port``, not the pods' ``targetPort``; held as canonical decimal text, so
+    ``Target("greet", "default", 80) == Target.parse("greet.default:080")``).
     """
 
     service: str

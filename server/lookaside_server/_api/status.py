@@ -150,16 +150,27 @@ def to_proto(view: StatusView) -> pb2.StatusResponse:
                 watchers=t.watchers,
                 exists=t.exists,
                 source=dict(t.source),
-                endpoints=[pb2.EndpointStatus(**dataclasses.asdict(e)) for e in t.endpoints],
+                endpoints=[_endpoint_to_proto(e) for e in t.endpoints],
             )
             for t in view.targets
         ],
     )
 
 
+#: The fields of :class:`EndpointView` that ``EndpointStatus`` carries (all but ``service_port``).
+_STATUS_FIELDS = tuple(
+    f.name for f in dataclasses.fields(EndpointView) if f.name in pb2.EndpointStatus.DESCRIPTOR.fields_by_name
+)
+
+
+def _endpoint_to_proto(e: EndpointView) -> pb2.EndpointStatus:
+    return pb2.EndpointStatus(**{name: getattr(e, name) for name in _STATUS_FIELDS})
+
+
 def _endpoint_from_proto(e: pb2.EndpointStatus) -> EndpointView:
-    """``EndpointStatus`` carries exactly the fields of :class:`EndpointView` (repeated ones as tuples)."""
-    values = {f.name: getattr(e, f.name) for f in dataclasses.fields(EndpointView)}
+    """``EndpointStatus`` carries the fields of :class:`EndpointView` (repeated ones as tuples) but the
+    Service port number."""
+    values = {name: getattr(e, name) for name in _STATUS_FIELDS}
     values["for_zones"] = tuple(values["for_zones"])
     return EndpointView(**values)
 

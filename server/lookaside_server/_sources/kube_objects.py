@@ -8,6 +8,11 @@
 * core/v1 Endpoints (the fallback for old clusters): ``subsets[].addresses`` x ``subsets[].ports``, all ready;
   ``notReadyAddresses`` are ignored.
 
+A slice's port is the number to dial (the Service's *target* port, per pod); the Service port it belongs to
+(``spec.ports[].port``, what clients ask for) is on the Service only: the conversions take the Service's port
+numbers by port name (``numbers``, from the namespace watch, which knows the Service) and set each endpoint's
+``service_port``; :func:`with_service_ports` sets them again when the Service's ports change.
+
 The namespace watches keep no raw objects: each is converted on arrival to a compact form
 (:func:`service_info` for a Service, :func:`slice_member` / :func:`endpoints_member` for the endpoint objects:
 the owning Service and its endpoints) and Services are merged from those (:func:`merge_members`).
@@ -20,8 +25,9 @@ carries the Service's first port (the default port of a Resolve without ``port``
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 from lookaside_server._core.model import BackendEndpoint, Endpoints
@@ -59,8 +65,12 @@ def _flag(value: object, default: bool) -> bool:
     return default if value is None else bool(value)
 
 
-def slice_endpoints(obj: Obj) -> list[BackendEndpoint]:
-    """The endpoints of one EndpointSlice (endpoint x TCP port); FQDN slices give none."""
+_NO_NUMBERS: Mapping[str, int] = {}
+
+
+def slice_endpoints(obj: Obj, numbers: Mapping[str, int] = _NO_NUMBERS) -> list[BackendEndpoint]:
+    """The endpoints of one EndpointSlice (endpoint x TCP port), each with the Service port number of its
+    port name from ``numbers`` (0 if none); FQDN slices give none."""
     if obj.get("addressType") not in _IP_TYPES:
         return []
     ports = _tcp_ports(obj.get("ports"))
@@ -93,13 +103,15 @@ def slice_endpoints(obj: Obj) -> list[BackendEndpoint]:
                     ready=ready,
                     serving=serving,
                     terminating=terminating,
+                    service_port=numbers.get(name, 0),
                 )
             )
     return out
 
 
-def endpoints_object_endpoints(obj: Obj) -> list[BackendEndpoint]:
-    """The ready endpoints of a core/v1 Endpoints object (``notReadyAddresses`` ignored)."""
+def endpoints_object_endpoints(obj: Obj, numbers: Mapping[str, int] = _NO_NUMBERS) -> list[BackendEndpoint]:
+    """The ready endpoints of a core/v1 Endpoints object (``notReadyAddresses`` ignored), with Service port
+    numbers as :func:`slice_endpoints`."""
     out: list[BackendEndpoint] = []
     for subset in obj.get("subsets") or ():
         ports = _tcp_ports(subset.get("ports"))
@@ -107,7 +119,10 @@ def endpoints_object_endpoints(obj: Obj) -> list[BackendEndpoint]:
             ip = normalize_ip(address.get("ip"))
             if ip is None:
                 continue
-            out.extend(BackendEndpoint(ip=ip, port=number, port_name=name) for name, number in ports)
+            out.extend(
+                BackendEndpoint(ip=ip, port=number, port_name=name, service_port=numbers.get(name, 0))
+                for name, number in ports
+            )
     return out
 
 
@@ -154,6 +169,19 @@ def merge_endpoints_objects(objects: Mapping[str, Obj], port_order: Sequence[str
     )
 
 
+def with_service_ports(
+    endpoints: tuple[BackendEndpoint, ...], numbers: Mapping[str, int]
+) -> tuple[BackendEndpoint, ...]:
+    """``endpoints`` with each one's ``service_port`` set from the Service's port of the same name (0 if the
+    Service has none of that name, or is not known yet); the same tuple when nothing changes."""
+    if all(e.service_port == numbers.get(e.port_name, 0) for e in endpoints):
+        return endpoints
+    return tuple(
+        e if e.service_port == (n := numbers.get(e.port_name, 0)) else replace(e, service_port=n)
+        for e in endpoints
+    )
+
+
 def service_port_names(service: Obj | None) -> list[str]:
     """The Service's port names in spec order (slices carry the same names), for the default port."""
     if not service:
@@ -185,6 +213,11 @@ class ServiceInfo:
     def port_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.ports)
 
+    @cached_property
+    def port_numbers(self) -> dict[str, int]:
+        """Service port number by port name (an unnamed single port is named ""), as slices name ports."""
+        return {p.name: p.port for p in self.ports}
+
 
 def service_info(service: Obj) -> ServiceInfo:
     """The compact form of a Service object."""
@@ -209,21 +242,34 @@ def object_key(obj: Obj) -> tuple[str, str] | None:
     return (meta.get("namespace") or "", name)
 
 
-def slice_member(obj: Obj) -> tuple[str, tuple[BackendEndpoint, ...]] | None:
-    """The Service an EndpointSlice belongs to (its ``kubernetes.io/service-name`` label) and its endpoints;
-    None for a slice without that label (not managed for a Service)."""
+#: The Service port numbers by port name of a Service (by name), as the namespace watch knows them.
+NumbersOf = Callable[[str], Mapping[str, int]]
+
+
+def _no_numbers(service: str) -> Mapping[str, int]:
+    return _NO_NUMBERS
+
+
+def slice_member(
+    obj: Obj, numbers_of: NumbersOf = _no_numbers
+) -> tuple[str, tuple[BackendEndpoint, ...]] | None:
+    """The Service an EndpointSlice belongs to (its ``kubernetes.io/service-name`` label) and its endpoints
+    (with that Service's port numbers from ``numbers_of``); None for a slice without that label (not managed
+    for a Service)."""
     service = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
     if not isinstance(service, str) or not service:
         return None
-    return service, tuple(slice_endpoints(obj))
+    return service, tuple(slice_endpoints(obj, numbers_of(service)))
 
 
-def endpoints_member(obj: Obj) -> tuple[str, tuple[BackendEndpoint, ...]] | None:
+def endpoints_member(
+    obj: Obj, numbers_of: NumbersOf = _no_numbers
+) -> tuple[str, tuple[BackendEndpoint, ...]] | None:
     """The Service a core/v1 Endpoints object belongs to (the one of the same name) and its endpoints."""
     name = (obj.get("metadata") or {}).get("name")
     if not isinstance(name, str) or not name:
         return None
-    return name, tuple(endpoints_object_endpoints(obj))
+    return name, tuple(endpoints_object_endpoints(obj, numbers_of(name)))
 
 
 def merge_members(

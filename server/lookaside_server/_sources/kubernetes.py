@@ -7,8 +7,9 @@ One LIST+WATCH per namespace, shared by every Service in it (or one for the whol
    namespace's Services and its EndpointSlices (or Endpoints objects) in a worker thread, then two threads
    WATCH them (Services, and the endpoint objects) from the lists' resourceVersions;
 2. every object is converted at once to a compact form (:mod:`kube_objects`: a Service's ports; a slice's
-   owning Service and endpoints) and the raw JSON is dropped; each change recomputes only the Services it
-   touches, and a subscribed Service whose merged state changed is published through
+   owning Service and endpoints, each with the Service port number its port name maps to, kept current
+   when the Service's ports change) and the raw JSON is dropped; each change recomputes only the Services
+   it touches, and a subscribed Service whose merged state changed is published through
    ``loop.call_soon_threadsafe``;
 3. a Service that does not exist (not in the namespace's Service list) is NOT_FOUND, answered from the
    cache; a Service with no ready endpoint is an existing, empty target (UNAVAILABLE for Resolve);
@@ -49,12 +50,14 @@ from lookaside_server._sources.base import (
     TooManyTargets,
 )
 from lookaside_server._sources.kube_objects import (
+    NumbersOf,
     ServiceInfo,
     endpoints_member,
     merge_members,
     object_key,
     service_info,
     slice_member,
+    with_service_ports,
 )
 
 log = logging.getLogger(__name__)
@@ -132,7 +135,8 @@ class _Resource:
     #: ``watch=True``) taking keyword arguments only.
     lister: Callable[[Any, str | None], Callable[..., Any]]
     #: For endpoint objects: the owning Service and converted endpoints of an object (None: not a member).
-    member: Callable[[Obj], Member | None] | None = None
+    #: Takes the object and the Service port numbers by Service name (``kube_objects.NumbersOf``).
+    member: Callable[[Obj, NumbersOf], Member | None] | None = None
 
 
 def _lister(
@@ -439,6 +443,23 @@ class _Scope:
         self.by_service.setdefault(skey, {})[key[1]] = member[1]
         return skey
 
+    def _member(self, resource: _Resource, key: Key, obj: Obj) -> Member | None:
+        """The object converted, its endpoints numbered with its Service's ports as known now."""
+        assert resource.member is not None
+        return resource.member(obj, lambda service: self._numbers((key[0], service)))
+
+    def _numbers(self, skey: Key) -> dict[str, int]:
+        info = self.services.get(skey)
+        return info.port_numbers if info is not None else {}
+
+    def _renumber(self, skey: Key) -> None:
+        """The Service's ports changed: set its endpoints' Service port numbers again."""
+        objs = self.by_service.get(skey)
+        if objs:
+            numbers = self._numbers(skey)
+            for name, eps in objs.items():
+                objs[name] = with_service_ports(eps, numbers)
+
     def _remove_member(self, key: Key) -> Key | None:
         old = self.members.pop(key, None)
         if old is None:
@@ -455,12 +476,16 @@ class _Scope:
         """A fresh LIST of ``resource``: replace what is kept of it; publish the targets that changed."""
         with self.lock:
             if resource.member is None:
+                old = self.services
                 self.services = {k: service_info(o) for o in items if (k := object_key(o)) is not None}
+                for skey, info in self.services.items():
+                    if (was := old.get(skey)) is None or was.port_numbers != info.port_numbers:
+                        self._renumber(skey)
             else:
                 self.members, self.by_service = {}, {}
                 for obj in items:
                     if (key := object_key(obj)) is not None:
-                        self._add_member(key, resource.member(obj))
+                        self._add_member(key, self._member(resource, key, obj))
             self._post_changed(list(self.targets))
 
     def apply(self, resource: _Resource, kind: str, obj: Obj) -> None:
@@ -473,13 +498,16 @@ class _Scope:
                 if kind == "DELETED":
                     self.services.pop(key, None)
                 else:
-                    self.services[key] = service_info(obj)
+                    info, was = service_info(obj), self.services.get(key)
+                    self.services[key] = info
+                    if was is None or was.port_numbers != info.port_numbers:
+                        self._renumber(key)
                 touched: list[Key | None] = [key]
             else:
                 # a slice can move to another Service (its label changed): both are touched
                 touched = [self._remove_member(key)]
                 if kind != "DELETED":
-                    touched.append(self._add_member(key, resource.member(obj)))
+                    touched.append(self._add_member(key, self._member(resource, key, obj)))
             self._post_changed({k for k in touched if k is not None})
 
     # -- lifecycle (blocking parts run in threads) -----------------------------------------------------------

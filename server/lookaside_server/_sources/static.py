@@ -1,7 +1,10 @@
 """An endpoint source read from a YAML/JSON file, re-read when it changes (for local use, demos and tests).
 
-Format: a mapping ``"namespace/service"`` -> list of ``{ip, port, port_name?, zone?, for_zones?, ready?,
-serving?, terminating?}``. A broken edit keeps the last good contents; removed targets publish None.
+Format: a mapping ``"namespace/service"`` -> list of ``{ip, port, port_name?, service_port?, zone?,
+for_zones?, ready?, serving?, terminating?}``; ``port`` is the number to dial, ``service_port`` the Service
+port clients ask for by number (as a Service's ``port`` over its ``targetPort``; default: ``port``), the
+same on every endpoint of one port name. A broken edit keeps the last good contents; removed targets
+publish None.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Contents = dict[Target, Endpoints]
-_FIELDS = {"ip", "port", "port_name", "zone", "for_zones", "ready", "serving", "terminating"}
+_FIELDS = {"ip", "port", "port_name", "service_port", "zone", "for_zones", "ready", "serving", "terminating"}
 #: Re-read the file every this many polls even if stat() looks unchanged (same-size edits within a tick).
 _FORCED_CHECK_EVERY = 10
 
@@ -55,7 +58,31 @@ def parse_static(text: str | bytes) -> Contents:
         if not isinstance(items, list):
             raise StaticFileError(f"{target}: endpoints must be a list, not {type(items).__name__}")
         contents[target] = tuple(_parse_endpoint(target, i, item) for i, item in enumerate(items))
+        _check_service_ports(target, contents[target])
     return contents
+
+
+def _check_service_ports(target: Target, endpoints: Endpoints) -> None:
+    """As in a Service: a port name has one Service port number (or none), a number one port name."""
+    by_name: dict[str, set[int]] = {}
+    for e in endpoints:
+        by_name.setdefault(e.port_name, set()).add(e.service_port)
+    by_number: dict[int, str] = {}
+    for name, numbers in by_name.items():
+        label = repr(name) if name else "the unnamed port"
+        if len(numbers) > 1:
+            listed = ", ".join(str(n) if n else "none" for n in sorted(numbers))
+            raise StaticFileError(
+                f"{target}: {label} has different service_port values ({listed}); give every endpoint of "
+                "a port the same one"
+            )
+        (number,) = numbers
+        if number and by_number.setdefault(number, name) != name:
+            other = by_number[number]
+            raise StaticFileError(
+                f"{target}: service_port {number} is given to {repr(other) if other else 'the unnamed port'}"
+                f" and {label}; one Service port number names one port"
+            )
 
 
 def _parse_target(key: object) -> Target:
@@ -96,6 +123,11 @@ def _parse_endpoint(target: Target, index: int, item: object) -> BackendEndpoint
                 f"{where}: port_name {port_name!r} must contain a letter (digits alone "
                 "select a port by number)"
             )
+    service_port = item.get("service_port", 0)
+    if "service_port" in item and (
+        not isinstance(service_port, int) or isinstance(service_port, bool) or not 1 <= service_port <= 65535
+    ):
+        raise StaticFileError(f"{where}: service_port must be an integer in 1..65535, not {service_port!r}")
     zone = _opt_str(item, "zone", where)
     for_zones = item.get("for_zones", [])
     if not isinstance(for_zones, list) or not all(isinstance(z, str) for z in for_zones):
@@ -117,6 +149,7 @@ def _parse_endpoint(target: Target, index: int, item: object) -> BackendEndpoint
         ready=ready,
         serving=serving,
         terminating=terminating,
+        service_port=service_port,
     )
 
 
