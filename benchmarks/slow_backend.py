@@ -93,20 +93,33 @@ def backends(delay: float = SLOW_DELAY) -> Iterator[Backends]:
         b.close()
 
 
-def load(stub: Any, until: Callable[[int], bool], max_s: float, concurrency: int = CONCURRENCY) -> list[Call]:
-    """``concurrency`` threads calling until ``until(calls so far)`` or ``max_s`` seconds (bounded)."""
+def load(
+    stub: Any, until: Callable[[int], bool], max_s: float, concurrency: int = CONCURRENCY, rate: float = 0.0
+) -> list[Call]:
+    """``concurrency`` threads calling until ``until(calls so far)`` or ``max_s`` seconds (bounded); with
+    ``rate`` (calls/s, all threads) each thread starts its calls on a fixed schedule (an open loop: every
+    policy is offered the same load, so a faster policy does not load the machine more)."""
     out: list[Call] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
     deadline = time.monotonic() + max_s
     request = greet_pb2.GreetingRequest(greeting=greet_pb2.Greeting(first_name="slow", last_name="bench"))
 
-    def work() -> None:
+    start = time.monotonic()
+
+    def work(i: int) -> None:
+        k = 0
         try:
             while time.monotonic() < deadline:
                 with lock:
                     if until(len(out)):
                         break
+                if rate:
+                    due = start + (k * concurrency + i) / rate
+                    k += 1
+                    wait = due - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)  # pacing of the offered load, not synchronisation
                 t0 = time.monotonic()
                 result = stub.Greet(request, timeout=5).result
                 t1 = time.monotonic()
@@ -115,7 +128,7 @@ def load(stub: Any, until: Callable[[int], bool], max_s: float, concurrency: int
         except BaseException as e:  # noqa: BLE001 - re-raised below
             errors.append(e)
 
-    ts = [threading.Thread(target=work, daemon=True) for _ in range(concurrency)]
+    ts = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(concurrency)]
     for t in ts:
         t.start()
     for t in ts:
@@ -134,12 +147,12 @@ def share(calls: list[Call], address: str) -> float:
     return sum(1 for _, _, b in calls if b == address) / len(calls)
 
 
-def measure(lookaside: str, b: Backends, policy: str, calls: int) -> dict[str, Any]:
+def measure(lookaside: str, b: Backends, policy: str, calls: int, rate: float = 0.0) -> dict[str, Any]:
     """One policy on a fresh channel: warm-up, then ``calls`` calls; p99 (ms) and the slow one's share."""
     with lookaside_grpc.channel("greet", lookaside=lookaside, policy=policy) as ch:
         stub = greet_pb2_grpc.GreetServiceStub(ch)
         load(stub, lambda n: n >= 300, 30)
-        got = load(stub, lambda n: n >= calls, 60)
+        got = load(stub, lambda n: n >= calls, 60, rate=rate)
     lat = sorted(x[1] for x in got)
     return {
         "policy": policy,
@@ -197,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--delay", type=float, default=SLOW_DELAY)
     p.add_argument("--calls", type=int, default=5000)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rate", type=float, default=0.0, help="offered calls/s (open loop); 0 = closed loop")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.serve:
@@ -207,13 +221,14 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         "delay_s": args.delay,
         "concurrency": CONCURRENCY,
+        "rate": args.rate,
         "rounds": [],
         "recovery": [],
     }
     with backends(args.delay) as b, RunningLookaside(b.addresses) as la:
         for r in range(args.rounds):
             order = POLICIES[r % 3 :] + POLICIES[: r % 3]
-            row = {pol: measure(la.address, b, pol, args.calls) for pol in order}
+            row = {pol: measure(la.address, b, pol, args.calls, args.rate) for pol in order}
             rr = row["round_robin"]["p99_ms"]
             for v in row.values():
                 v["p99_vs_round_robin"] = v["p99_ms"] / rr
