@@ -7,22 +7,23 @@ on hand); otherwise it starts once its awaited pick arrives (``_calls._aio``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, TypeVar, Unpack, overload
 
 import grpc
 import grpc.aio
 
-from lookaside_grpc import _balancer
+from lookaside_grpc import _balancer, _compat
 from lookaside_grpc._balancer import AioBalancer, Lease
 from lookaside_grpc._calls import _aio
 from lookaside_grpc._calls._engine import (
+    NO_ARGS,
     AioMethods,
     CallArgs,
     Deserializer,
     Method,
     Serializer,
-    deadline_of,
     pick_aio,
 )
 from lookaside_grpc._channel import DEFAULT_INIT_TIMEOUT, pick_wait
@@ -36,17 +37,18 @@ from lookaside_grpc._xds_mode import AioXdsChannel, Xds, XdsModeName, XdsOptions
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+_now = time.monotonic
 
 
 class _Multi:
     """What the four aio multicallables share: the channel, the method and the shape."""
 
-    __slots__ = ("_channel", "_m", "_shape")
+    __slots__ = ("_channel", "_m", "_cls", "_retry")
 
     def __init__(self, channel: Channel, m: Method[grpc.aio.Channel, _aio.AioBackend], shape: str) -> None:
         self._channel = channel
         self._m = m
-        self._shape = shape
+        self._cls, self._retry = _aio.SHAPES[shape]
 
     def _start(
         self,
@@ -61,25 +63,26 @@ class _Multi:
         if ch._closed:
             raise grpc.aio.UsageError("Channel is closed.")  # as a closed grpc.aio channel
         balancer = ch._balancer
-        deadline = deadline_of(timeout)
-        args = CallArgs(metadata, credentials, wait_for_ready, compression)  # type: ignore[arg-type]
-        ep = balancer.resolver.pick_nowait(balancer.policy)
-        at: Endpoint | Callable[[], Awaitable[Endpoint]]
-        if ep is not None:
-            at = ep
+        deadline = None if timeout is None else _now() + timeout
+        if metadata is None and credentials is None and wait_for_ready is None and compression is None:
+            args = NO_ARGS
         else:
-            wait, code = pick_wait(timeout, wait_for_ready, ch._init_timeout)
+            args = CallArgs(metadata, credentials, wait_for_ready, compression)  # type: ignore[arg-type]
+        ep = balancer.resolver.pick_nowait(balancer.policy)
+        if ep is not None:  # the hot path
+            return self._cls(self._m, request, deadline, args, self._retry, ep)
+        wait, code = pick_wait(timeout, wait_for_ready, ch._init_timeout)
 
-            async def at() -> Endpoint:
-                try:
-                    return await pick_aio(balancer, wait, bool(wait_for_ready), code)
-                except PickError as e:
-                    raise aio_error(e) from None
+        async def at() -> Endpoint:
+            try:
+                return await pick_aio(balancer, wait, bool(wait_for_ready), code)
+            except PickError as e:
+                raise aio_error(e) from None
 
-        return _aio.start(self._shape, self._m, request, deadline, args, at)
+        return self._cls(self._m, request, deadline, args, self._retry, at)
 
 
-class _UnaryUnary(_Multi, grpc.aio.UnaryUnaryMultiCallable[Req, Resp]):
+class _UnaryUnary(_Multi, _compat.AioUnaryUnaryMultiCallable[Req, Resp]):
     __slots__ = ()
 
     def __call__(
@@ -93,11 +96,10 @@ class _UnaryUnary(_Multi, grpc.aio.UnaryUnaryMultiCallable[Req, Resp]):
         compression: grpc.Compression | None = None,
     ) -> grpc.aio.UnaryUnaryCall[Req, Resp]:
         call = self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
-        assert isinstance(call, grpc.aio.UnaryUnaryCall)
-        return call
+        return call  # type: ignore[return-value]  # a UnaryUnaryCall (no isinstance check per call)
 
 
-class _UnaryStream(_Multi, grpc.aio.UnaryStreamMultiCallable[Req, Resp]):
+class _UnaryStream(_Multi, _compat.AioUnaryStreamMultiCallable[Req, Resp]):
     __slots__ = ()
 
     def __call__(
@@ -111,11 +113,10 @@ class _UnaryStream(_Multi, grpc.aio.UnaryStreamMultiCallable[Req, Resp]):
         compression: grpc.Compression | None = None,
     ) -> grpc.aio.UnaryStreamCall[Req, Resp]:
         call = self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
-        assert isinstance(call, grpc.aio.UnaryStreamCall)
-        return call
+        return call  # type: ignore[return-value]  # a UnaryStreamCall (no isinstance check per call)
 
 
-class _StreamUnary(_Multi, grpc.aio.StreamUnaryMultiCallable[Req, Resp]):
+class _StreamUnary(_Multi, _compat.AioStreamUnaryMultiCallable[Req, Resp]):
     __slots__ = ()
 
     def __call__(
@@ -128,11 +129,10 @@ class _StreamUnary(_Multi, grpc.aio.StreamUnaryMultiCallable[Req, Resp]):
         compression: grpc.Compression | None = None,
     ) -> grpc.aio.StreamUnaryCall[Req, Resp]:
         call = self._start(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
-        assert isinstance(call, grpc.aio.StreamUnaryCall)
-        return call
+        return call  # type: ignore[return-value]  # a StreamUnaryCall (no isinstance check per call)
 
 
-class _StreamStream(_Multi, grpc.aio.StreamStreamMultiCallable[Req, Resp]):
+class _StreamStream(_Multi, _compat.AioStreamStreamMultiCallable[Req, Resp]):
     __slots__ = ()
 
     def __call__(
@@ -145,8 +145,7 @@ class _StreamStream(_Multi, grpc.aio.StreamStreamMultiCallable[Req, Resp]):
         compression: grpc.Compression | None = None,
     ) -> grpc.aio.StreamStreamCall[Req, Resp]:
         call = self._start(request_iterator, timeout, metadata, credentials, wait_for_ready, compression)
-        assert isinstance(call, grpc.aio.StreamStreamCall)
-        return call
+        return call  # type: ignore[return-value]  # a StreamStreamCall (no isinstance check per call)
 
 
 def _backend(m: object) -> Method[grpc.aio.Channel, _aio.AioBackend]:

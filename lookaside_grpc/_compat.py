@@ -1,5 +1,7 @@
-"""grpc's sync interfaces as generic bases: typed as grpc-stubs declares them (including its call-future and
-call-iterator types), and subscriptable at runtime, where grpc's own classes are not."""
+"""grpc's interfaces as generic bases: typed as grpc-stubs declares them (including its call-future and
+call-iterator types), and subscriptable at runtime, where grpc's own classes are not (sync: never; grpc.aio's
+multicallables: only from grpcio 1.84). Subclass these, never ``grpc.aio.X[Req, Resp]`` itself: that
+would raise TypeError at import on older grpcio."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import grpc
+import grpc.aio
 
 T = TypeVar("T")
 Req = TypeVar("Req")
@@ -20,6 +23,14 @@ if TYPE_CHECKING:
     UnaryStreamMultiCallable = grpc.UnaryStreamMultiCallable
     StreamUnaryMultiCallable = grpc.StreamUnaryMultiCallable
     StreamStreamMultiCallable = grpc.StreamStreamMultiCallable
+    AioUnaryUnaryMultiCallable = grpc.aio.UnaryUnaryMultiCallable
+    AioUnaryStreamMultiCallable = grpc.aio.UnaryStreamMultiCallable
+    AioStreamUnaryMultiCallable = grpc.aio.StreamUnaryMultiCallable
+    AioStreamStreamMultiCallable = grpc.aio.StreamStreamMultiCallable
+    AioUnaryUnaryCall = grpc.aio.UnaryUnaryCall
+    AioUnaryStreamCall = grpc.aio.UnaryStreamCall
+    AioStreamUnaryCall = grpc.aio.StreamUnaryCall
+    AioStreamStreamCall = grpc.aio.StreamStreamCall
 else:
 
     class Future(grpc.Future, Generic[T]):
@@ -42,3 +53,27 @@ else:
 
     class StreamStreamMultiCallable(grpc.StreamStreamMultiCallable, Generic[Req, Resp]):
         """grpc.StreamStreamMultiCallable, subscriptable."""
+
+    class AioUnaryUnaryMultiCallable(grpc.aio.UnaryUnaryMultiCallable, Generic[Req, Resp]):
+        """grpc.aio.UnaryUnaryMultiCallable, subscriptable on every grpcio."""
+
+    class AioUnaryStreamMultiCallable(grpc.aio.UnaryStreamMultiCallable, Generic[Req, Resp]):
+        """grpc.aio.UnaryStreamMultiCallable, subscriptable on every grpcio."""
+
+    class AioStreamUnaryMultiCallable(grpc.aio.StreamUnaryMultiCallable, Generic[Req, Resp]):
+        """grpc.aio.StreamUnaryMultiCallable, subscriptable on every grpcio."""
+
+    class AioStreamStreamMultiCallable(grpc.aio.StreamStreamMultiCallable, Generic[Req, Resp]):
+        """grpc.aio.StreamStreamMultiCallable, subscriptable on every grpcio."""
+
+    class AioUnaryUnaryCall(grpc.aio.UnaryUnaryCall, Generic[Req, Resp]):
+        """grpc.aio.UnaryUnaryCall, subscriptable on every grpcio."""
+
+    class AioUnaryStreamCall(grpc.aio.UnaryStreamCall, Generic[Req, Resp]):
+        """grpc.aio.UnaryStreamCall, subscriptable on every grpcio."""
+
+    class AioStreamUnaryCall(grpc.aio.StreamUnaryCall, Generic[Req, Resp]):
+        """grpc.aio.StreamUnaryCall, subscriptable on every grpcio."""
+
+    class AioStreamStreamCall(grpc.aio.StreamStreamCall, Generic[Req, Resp]):
+        """grpc.aio.StreamStreamCall, subscriptable on every grpcio."""

@@ -151,6 +151,12 @@ class RouterCore(Generic[B]):
             return None
         return r
 
+    def route_quiet(self, method: str) -> Route[B] | None:
+        """The route of ``method`` if it is already known to be routed, else None -- counting nothing: the
+        caller then takes the path of :meth:`route` (which builds, counts and raises when closed)."""
+        r = self._methods.get((self._loop_key(), method))
+        return r if type(r) is Route else None
+
     def _build(self, lk: object, method: str) -> Route[B] | str:
         service = method.split("/")[1] if method.count("/") == 2 else ""
         target = self.routes.get(service)

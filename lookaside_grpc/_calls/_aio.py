@@ -7,12 +7,14 @@ including while the pick is still pending (then ``cancelled()`` is True at once 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Generic, TypeVar
 
 import grpc
 import grpc.aio
 
+from lookaside_grpc import _compat
 from lookaside_grpc._calls._engine import Bound, CallArgs, Method, Req, Resp, remaining
 from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._health import retryable
@@ -23,12 +25,31 @@ M = TypeVar("M")
 AioBackend = Callable[..., grpc.aio.Call]
 AioMethod = Method[grpc.aio.Channel, AioBackend]
 DoneCallback = Callable[[object], None]
+_now = time.monotonic
 #: grpc's text for a call cancelled by the application.
 CANCELLED_DETAILS = "Locally cancelled by application!"
 
 
 class AioCall(Generic[Req, Resp]):
-    """What the four aio call shapes share: starting (now or after the pick), retry, cancel, status."""
+    """What the four aio call shapes share: starting (now or after the pick), retry, cancel, status.
+
+    Made on every call: slotted, and the hot path (a local pick, then awaiting a unary response) allocates
+    nothing beyond this object and grpc's own call (no coroutine of ours, no closure)."""
+
+    __slots__ = (
+        "_m",
+        "_request",
+        "_deadline",
+        "_args",
+        "_retry",
+        "_retried",
+        "_call",
+        "_slot",
+        "_cancelled",
+        "_callbacks",
+        "_task",
+        "_reading",
+    )
 
     def __init__(
         self,
@@ -48,8 +69,9 @@ class AioCall(Generic[Req, Resp]):
         self._call: grpc.aio.Call | None = None
         self._slot: Slot[grpc.aio.Channel] | None = None
         self._cancelled = False
-        self._callbacks: list[DoneCallback] = []
+        self._callbacks: tuple[DoneCallback, ...] = ()  # added before the backend call starts (rare)
         self._task: asyncio.Task[None] | None = None
+        self._reading = False
         if isinstance(start, Endpoint):
             self._begin(m.enter(start.address))
         else:
@@ -69,19 +91,21 @@ class AioCall(Generic[Req, Resp]):
             self._fire()
 
     def _fire(self) -> None:
-        callbacks, self._callbacks = self._callbacks, []
+        callbacks, self._callbacks = self._callbacks, ()
         for cb in callbacks:
             cb(self)
 
     def _begin(self, bound: Bound[grpc.aio.Channel, AioBackend]) -> None:
         m = self._m
-        t0 = m.clock()
+        observe = m.observe
+        t0 = _now() if observe is not None else 0.0
         a = self._args
         slot = bound.slot
+        deadline = self._deadline
         try:
             call = bound.call(
                 self._request,
-                timeout=remaining(self._deadline),
+                timeout=None if deadline is None else max(0.0, deadline - _now()),
                 metadata=a.metadata,
                 credentials=a.credentials,
                 wait_for_ready=a.wait_for_ready,
@@ -90,10 +114,12 @@ class AioCall(Generic[Req, Resp]):
         except BaseException:
             m.finished(slot, t0)
             raise
-        call.add_done_callback(lambda _c: m.finished(slot, t0))
+        # uncounted when the backend call is done (awaited or not): the slot's own method when the policy
+        # wants no latency feedback (no closure per call)
+        call.add_done_callback(slot.release if observe is None else lambda _c: m.finished(slot, t0))
         self._call, self._slot = call, slot
         if self._callbacks:
-            callbacks, self._callbacks = self._callbacks, []
+            callbacks, self._callbacks = self._callbacks, ()
             for cb in callbacks:
                 call.add_done_callback(self._relay(cb))
 
@@ -130,8 +156,9 @@ class AioCall(Generic[Req, Resp]):
         return self._call
 
     def _succeeded(self) -> None:
-        if self._slot is not None:
-            self._m.succeeded(self._slot.address)
+        m = self._m
+        if m.balancer.probation and self._slot is not None:
+            m.succeeded(self._slot.address)
 
     # RpcContext
     def cancelled(self) -> bool:
@@ -167,7 +194,7 @@ class AioCall(Generic[Req, Resp]):
         elif self.done():
             callback(self)
         else:
-            self._callbacks.append(callback)
+            self._callbacks += (callback,)
 
     # Call
     async def _settled(self) -> grpc.aio.Call | grpc.aio.AioRpcError | None:
@@ -222,19 +249,17 @@ class AioCall(Generic[Req, Resp]):
 
     # unary response
     def __await__(self) -> Generator[None, None, Resp]:
-        return self._response().__await__()
-
-    async def _response(self) -> Resp:
+        """Await the response (a generator, not a coroutine of ours: one frame less per call)."""
         call = self._call
         if call is None:
-            call = await self._started()
+            call = yield from self._started().__await__()
         try:
-            response: Resp = await call  # type: ignore[misc]
+            response: Resp = yield from call.__await__()  # type: ignore[attr-defined]
         except grpc.aio.AioRpcError as e:
             retry = self._failover(e)
             if retry is None:
                 raise
-            response = await retry  # type: ignore[misc]
+            response = yield from retry.__await__()  # type: ignore[attr-defined]
         self._succeeded()
         return response
 
@@ -265,7 +290,7 @@ class AioCall(Generic[Req, Resp]):
 
     async def read(self) -> object:
         call = await self._started()
-        first = not getattr(self, "_reading", False)
+        first = not self._reading
         self._reading = True
         try:
             response: object = await call.read()  # type: ignore[attr-defined]
@@ -294,19 +319,19 @@ class AioCall(Generic[Req, Resp]):
         return f"<{type(self).__name__} call={self._call!r} cancelled={self._cancelled}>"
 
 
-class UnaryUnaryCall(AioCall[Req, Resp], grpc.aio.UnaryUnaryCall[Req, Resp]):
+class UnaryUnaryCall(AioCall[Req, Resp], _compat.AioUnaryUnaryCall[Req, Resp]):
     """A balanced grpc.aio unary-unary call."""
 
 
-class UnaryStreamCall(AioCall[Req, Resp], grpc.aio.UnaryStreamCall[Req, Resp]):
+class UnaryStreamCall(AioCall[Req, Resp], _compat.AioUnaryStreamCall[Req, Resp]):
     """A balanced grpc.aio unary-stream call."""
 
 
-class StreamUnaryCall(AioCall[Req, Resp], grpc.aio.StreamUnaryCall[Req, Resp]):
+class StreamUnaryCall(AioCall[Req, Resp], _compat.AioStreamUnaryCall[Req, Resp]):
     """A balanced grpc.aio stream-unary call."""
 
 
-class StreamStreamCall(AioCall[Req, Resp], grpc.aio.StreamStreamCall[Req, Resp]):
+class StreamStreamCall(AioCall[Req, Resp], _compat.AioStreamStreamCall[Req, Resp]):
     """A balanced grpc.aio stream-stream call."""
 
 

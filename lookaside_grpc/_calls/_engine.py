@@ -40,6 +40,10 @@ class CallArgs(NamedTuple):
     compression: grpc.Compression | None = None
 
 
+#: The options of a call that sets none (most calls): shared, not made per call.
+NO_ARGS = CallArgs()
+
+
 def remaining(deadline: float | None) -> float | None:
     """Seconds left until the monotonic ``deadline`` (None = no deadline), never negative."""
     return None if deadline is None else max(0.0, deadline - _now())

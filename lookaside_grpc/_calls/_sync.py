@@ -140,12 +140,34 @@ def unary_unary(
 def unary_unary_with_call(
     m: SyncMethod[UU[Req, Resp]], ep: Endpoint, request: Req, deadline: float | None, a: CallArgs
 ) -> tuple[Resp, grpc.Call]:
-    """Blocking unary-unary ``with_call``."""
-
-    def invoke(mc: UU[Req, Resp], timeout: float | None) -> tuple[Resp, grpc.Call]:
-        return mc.with_call(request, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)
-
-    return _retrying(m, ep, deadline, invoke, retry=True)
+    """Blocking unary-unary ``with_call`` (the sync interceptor's hot path: inline, as ``unary_unary``)."""
+    bound = m.enter(ep.address)
+    observe = m.observe
+    t0 = time.monotonic() if observe is not None else 0.0
+    try:
+        result = bound.call.with_call(
+            request, remaining(deadline), a.metadata, a.credentials, a.wait_for_ready, a.compression
+        )
+    except grpc.RpcError as e:
+        m.finished(bound.slot, t0)
+        if not retryable(e):
+            raise
+        nxt = m.retry_bound(bound.slot.address, deadline)
+        if nxt is None:
+            raise
+        return _blocking(
+            m,
+            nxt,
+            deadline,
+            lambda mc, left: mc.with_call(
+                request, left, a.metadata, a.credentials, a.wait_for_ready, a.compression
+            ),
+        )
+    bound.slot.release()
+    if observe is not None:
+        observe(bound.slot.address, time.monotonic() - t0)
+    m.succeeded(bound.slot.address)
+    return result
 
 
 def stream_unary(
