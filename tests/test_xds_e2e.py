@@ -220,6 +220,21 @@ def test_stock_xds_channel_with_port_in_name(
         assert set(counts) == {want.address}
 
 
+def test_stock_xds_channel_dials_the_service_port(
+    backends: Callable[..., Backend],
+    static_file: pathlib.Path,
+    lookaside: Callable[..., RunningServer],
+    xds_client: Callable[[str, str], XdsClient],
+) -> None:
+    """``xds:///greet.default:80`` as inside the cluster: Service port 80, each pod on its own target port."""
+    group = [backends(), backends()]
+    items = [{"ip": "127.0.0.1", "port": g.port, "port_name": "grpc", "service_port": 80} for g in group]
+    static_file.write_text(json.dumps({TARGET: items}))
+    server = lookaside()
+    client = xds_client("xds:///greet.default:80", server.address)
+    warm_up(client, {g.address for g in group})
+
+
 def test_stock_xds_channel_follows_endpoint_changes(
     backends: Callable[..., Backend],
     static_file: pathlib.Path,
