@@ -672,10 +672,10 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
             "",
             "## Endpoint churn",
             "",
-            f"At +{st['churn_change_at']} s into a {st['churn_duration']} s run (concurrency"
+            f"At +{st['churn_change_at']:.2f} s into a {st['churn_duration']:g} s run (concurrency"
             f" {st['churn_concurrency']}) the static file swaps one backend"
             " for a new one (already listening,"
-            f" like a ready pod); the removed backend keeps serving for {st['churn_grace']} s, then stops."
+            f" like a ready pod); the removed backend keeps serving for {st['churn_grace']:.2f} s, then stops."
             " round_robin_redial re-reads the file at each redial (like DNS re-resolution). Delays from the"
             ' change (the file write), by call start time; "lookaside saw it" is when a Watch opened by the'
             f" harness got the new set (the server polls the file every {POLL_INTERVAL * 1000:.0f} ms),"
