@@ -515,12 +515,21 @@ _COMPARED: list[tuple[str, str, Any, bool]] = [
     ),
     ("steady", "client CPU s/1k", lambda v: v.get("client_cpu_s_per_1k"), False),
     ("steady", "client CPU × baseline", None, False),  # computed from client CPU when missing
-    ("steady", "p50 ms", lambda v: v.get("latency_ms", {}).get("p50"), False),
-    ("steady", "p99 ms", lambda v: v.get("latency_ms", {}).get("p99"), False),
+    ("steady", "p50 ms", lambda v: _lat(v, "p50"), False),
+    ("steady", "p99 ms", lambda v: _lat(v, "p99"), False),
     ("churn", "first call to new ms", lambda v: _s_ms(v.get("first_call_to_new_s")), False),
     ("churn_k8s", "first call to new ms", lambda v: _s_ms(v.get("first_call_to_new_s")), False),
     ("slow_backend", "p99 ms", lambda v: v.get("latency_ms", {}).get("p99"), False),
 ]
+
+
+_RATIOS = ("× baseline", "client CPU × baseline")
+
+
+def _lat(v: dict[str, Any], key: str) -> float | None:
+    """The median over rounds of a latency percentile (older files: the pooled percentile)."""
+    st = (v.get("rounds") or {}).get(f"latency_{key}_ms")
+    return float(st["median"]) if st else v.get("latency_ms", {}).get(key)
 
 
 def _s_ms(v: float | None) -> float | None:
@@ -555,7 +564,7 @@ def compare(old: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, Any]
     better = {label: hib for _, label, _, hib in _COMPARED}
     rows = []
     for key, new in now.items():
-        if key not in before:
+        if key not in before or (key[2] in _RATIOS and key[1] in (BASELINE, AIO_BASELINE)):
             continue
         was = before[key]
         change = (new - was) / was if was else None
@@ -573,6 +582,10 @@ def compare(old: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, Any]
     return rows
 
 
+def _num(x: float) -> str:
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
 def compare_text(rows: list[dict[str, Any]], old_path: str, threshold: float = 0.10) -> str:
     """The comparison as a markdown table; changes beyond ``threshold`` for the worse are marked."""
     if not rows:
@@ -586,8 +599,8 @@ def compare_text(rows: list[dict[str, Any]], old_path: str, threshold: float = 0
                 r["scenario"],
                 f"`{r['mode']}`",
                 r["figure"],
-                f"{r['old']:.3g}",
-                f"{r['new']:.3g}",
+                _num(r["old"]),
+                _num(r["new"]),
                 (f"{ch * 100:+.0f} %" if ch is not None else "–") + mark,
             ]
         )
@@ -675,7 +688,8 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
             f"At +{st['churn_change_at']:.2f} s into a {st['churn_duration']:g} s run (concurrency"
             f" {st['churn_concurrency']}) the static file swaps one backend"
             " for a new one (already listening,"
-            f" like a ready pod); the removed backend keeps serving for {st['churn_grace']:.2f} s, then stops."
+            f" like a ready pod); the removed backend keeps serving for {st['churn_grace']:.2f} s,"
+            " then stops."
             " round_robin_redial re-reads the file at each redial (like DNS re-resolution). Delays from the"
             ' change (the file write), by call start time; "lookaside saw it" is when a Watch opened by the'
             f" harness got the new set (the server polls the file every {POLL_INTERVAL * 1000:.0f} ms),"
