@@ -1,25 +1,47 @@
 """A client-only install (``pip install lookaside-grpc``, no server extra), as `python3 dev.py test-floor`
-has: the `lookaside` CLI works and `lookaside-server` says in one line what to install. Skipped where the
-server extra is installed (tests/test_cli.py covers the same by hiding the server's modules)."""
+has: the `lookaside` CLI works and `lookaside-server` says in one line what to install. Where the server
+extra is installed (the main venv), the installed programs run with its modules made unimportable."""
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("yaml") is not None and importlib.util.find_spec("kubernetes") is not None,
-    reason="the server extra is installed here",
-)
 BIN = pathlib.Path(sys.executable).parent
+#: The server extra's third-party modules; ``sys.modules[name] = None`` makes ``import name`` fail.
+SERVER_EXTRA_MODULES = (
+    "aiohttp",
+    "cryptography",
+    "envoy",
+    "google.rpc",
+    "grpc_health",
+    "grpc_reflection",
+    "grpc_status",
+    "kubernetes",
+    "prometheus_client",
+    "yaml",
+)
+_ENV: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def _without_server_extra(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A sitecustomize that hides the server extra from every program these tests start."""
+    if not _ENV:
+        site = tmp_path_factory.mktemp("client-only")
+        (site / "sitecustomize.py").write_text(
+            "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in SERVER_EXTRA_MODULES)
+        )
+        path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+        _ENV.update(os.environ, PYTHONPATH=path)
 
 
 def run(*argv: str | pathlib.Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=_ENV)
 
 
 def test_lookaside_server_asks_for_the_server_extra() -> None:
