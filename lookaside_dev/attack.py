@@ -49,8 +49,6 @@ def generation_of(ip: str) -> int:
     return (int(parts[1]) << 8) | int(parts[2])
 
 
-
-
 # --- the lookaside server as a subprocess ---------------------------------------------------------------
 
 _LISTENING = re.compile(r"listening on \S*:(\d+)")

@@ -193,8 +193,18 @@ def greet_backend(children: Children, delay: float = 0.0) -> tuple[Child, str]:
 def lookaside_server(children: Children, static_file: str, poll_interval: float = 0.05) -> tuple[Child, str]:
     """Start the lookaside server on a free loopback port over ``static_file``; return it and its address."""
     child = children.start(
-        "-m", "lookaside_server", "--host", "127.0.0.1", "--port", "0",
-        "--static-file", static_file, "--poll-interval", str(poll_interval), "--http-port", "0",
+        "-m",
+        "lookaside_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--static-file",
+        static_file,
+        "--poll-interval",
+        str(poll_interval),
+        "--http-port",
+        "0",
     )
     port = child.wait_for(r"listening on [\[\]0-9a-fA-F.:]*:(\d+)").group(1)
     return child, f"127.0.0.1:{port}"

@@ -105,10 +105,12 @@ async def test_kubernetes_api_down_slow_and_410_storm_under_resolve_load() -> No
         kube.apply(greet_slice(["10.0.0.1", "10.0.0.2"]))
         api = client.ApiClient(client.Configuration(host=kube.url))
         source = KubernetesSource(api, kind="endpointslices", timings=TIMINGS)
-        server = LookasideServer(ServerConfig(
-            listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
-            source=source,
-        ))
+        server = LookasideServer(
+            ServerConfig(
+                listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+                source=source,
+            )
+        )
         await server.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
         stub = pb.LookasideStub(channel)

@@ -20,13 +20,41 @@ E = lookaside_grpc.Endpoint
 
 
 def test_public_api() -> None:
-    names = ("channel", "Channel", "LookasideInterceptor", "intercepted_channel", "Watch", "PerCall",
-             "Settings", "ClientOptions", "Target", "InvalidTarget", "RoutingPolicy", "RoundRobin", "Random",
-             "LeastRequest", "PeakEwma", "Weighted", "Endpoint", "Mode", "Stats", "stats", "__version__")
+    names = (
+        "channel",
+        "Channel",
+        "LookasideInterceptor",
+        "intercepted_channel",
+        "Watch",
+        "PerCall",
+        "Settings",
+        "ClientOptions",
+        "Target",
+        "InvalidTarget",
+        "RoutingPolicy",
+        "RoundRobin",
+        "Random",
+        "LeastRequest",
+        "PeakEwma",
+        "Weighted",
+        "Endpoint",
+        "Mode",
+        "Stats",
+        "stats",
+        "__version__",
+    )
     for name in names:
         assert name in lookaside_grpc.__all__ and hasattr(lookaside_grpc, name), name
-    for name in ("channel", "Channel", "LookasideInterceptor", "interceptors", "Target", "InvalidTarget",
-                 "Watch", "PerCall"):
+    for name in (
+        "channel",
+        "Channel",
+        "LookasideInterceptor",
+        "interceptors",
+        "Target",
+        "InvalidTarget",
+        "Watch",
+        "PerCall",
+    ):
         assert name in lookaside_grpc.aio.__all__ and hasattr(lookaside_grpc.aio, name), name
     assert lookaside_grpc.aio.Target is lookaside_grpc.Target
     assert lookaside_grpc.aio.channel is not lookaside_grpc.channel
@@ -41,10 +69,19 @@ def test_one_option_set_for_every_flavour() -> None:
 
     shared = set(lookaside_grpc.ClientOptions.__annotations__)
     creds = grpc.ssl_channel_credentials()
-    opts = dict(policy="random", credentials=creds, options=[("grpc.max_receive_message_length", 1 << 24)],
-                lookaside_credentials=None, tls_server_name="greet.internal", max_staleness=60.0,
-                lookaside_keepalive=30.0, mode=lookaside_grpc.PerCall(batch=2, pick_cache_ttl=0.5),
-                retry_budget=lookaside_grpc.RetryBudget(ratio=0.1), slow_start=5.0, zone="a")
+    opts = dict(
+        policy="random",
+        credentials=creds,
+        options=[("grpc.max_receive_message_length", 1 << 24)],
+        lookaside_credentials=None,
+        tls_server_name="greet.internal",
+        max_staleness=60.0,
+        lookaside_keepalive=30.0,
+        mode=lookaside_grpc.PerCall(batch=2, pick_cache_ttl=0.5),
+        retry_budget=lookaside_grpc.RetryBudget(ratio=0.1),
+        slow_start=5.0,
+        zone="a",
+    )
     assert set(opts) == shared
     la = "127.0.0.1:1"
     with lookaside_grpc.channel("greet.default", lookaside=la, **opts) as ch:  # type: ignore[arg-type]

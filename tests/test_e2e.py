@@ -166,7 +166,9 @@ def test_demo_runs_and_reaches_the_new_backend() -> None:
     """The README's demo (``lookaside-demo``) at a small size: exit 0, a table, the 4th backend reached."""
     out = subprocess.run(
         [sys.executable, "-m", "examples.demo", "--calls", "60"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith("127.0.0.1:")]

@@ -58,10 +58,12 @@ def lookaside(
     write_addresses(
         path, {"default/greet": [b.address for b in group], "default/down": [f"127.0.0.1:{free_port()}"]}
     )
-    with run_in_thread(ServerConfig(
-        listen=ListenConfig(host="127.0.0.1", port=0),
-        source=StaticFileConfig(path, poll_interval=0.02),
-    )) as s:
+    with run_in_thread(
+        ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0),
+            source=StaticFileConfig(path, poll_interval=0.02),
+        )
+    ) as s:
         yield s, group
 
 

@@ -32,20 +32,23 @@ async def _error(stub: pb.LookasideStub, **fields: object) -> grpc.aio.AioRpcErr
     return info.value
 
 
-@pytest.mark.parametrize(("service", "namespace", "field"), [
-    ("", "default", "service"),
-    ("greet", "", "namespace"),
-    ("Greet", "default", "service"),
-    ("greet", "Default", "namespace"),
-    ("1greet", "default", "service"),  # RFC 1035: must start with a letter
-    ("greet-", "default", "service"),
-    ("gr_eet", "default", "service"),
-    ("greet.x", "default", "service"),
-    ("g" * 64, "default", "service"),
-    ("greet", "n" * 64, "namespace"),
-    ("greet", "-ns", "namespace"),
-    ("greet", "ns/x", "namespace"),
-])
+@pytest.mark.parametrize(
+    ("service", "namespace", "field"),
+    [
+        ("", "default", "service"),
+        ("greet", "", "namespace"),
+        ("Greet", "default", "service"),
+        ("greet", "Default", "namespace"),
+        ("1greet", "default", "service"),  # RFC 1035: must start with a letter
+        ("greet-", "default", "service"),
+        ("gr_eet", "default", "service"),
+        ("greet.x", "default", "service"),
+        ("g" * 64, "default", "service"),
+        ("greet", "n" * 64, "namespace"),
+        ("greet", "-ns", "namespace"),
+        ("greet", "ns/x", "namespace"),
+    ],
+)
 async def test_invalid_names(tmp_path: Path, service: str, namespace: str, field: str) -> None:
     async with serve(tmp_path, DATA) as s:
         err = await _error(s.stub, router=pb.ROUNDROBIN, service=service, namespace=namespace)
@@ -117,13 +120,15 @@ async def test_unavailable_when_nothing_eligible(tmp_path: Path, service: str) -
 
 async def test_serving_terminating_fallback(tmp_path: Path) -> None:
     async with serve(tmp_path, DATA) as s:
-        resp = await s.stub.Resolve(pb.Request(router=pb.ROUNDROBIN, service="draining", namespace="default",
-                                               count=4))
+        resp = await s.stub.Resolve(
+            pb.Request(router=pb.ROUNDROBIN, service="draining", namespace="default", count=4)
+        )
         # only serving-and-terminating ones, when none is ready
         assert [e.ip for e in resp.endpoints] == ["10.0.0.1", "10.0.0.3"] * 2
         # a ready endpoint always wins over terminating ones
-        resp = await s.stub.Resolve(pb.Request(router=pb.ROUNDROBIN, service="mixed", namespace="default",
-                                               count=3))
+        resp = await s.stub.Resolve(
+            pb.Request(router=pb.ROUNDROBIN, service="mixed", namespace="default", count=3)
+        )
         assert [e.ip for e in resp.endpoints] == ["10.0.0.2"] * 3
         assert ports(resp) == [80] * 3
 

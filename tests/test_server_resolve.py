@@ -88,16 +88,20 @@ async def test_random_roughly_uniform(tmp_path: Path) -> None:
 
 
 async def test_port_selection(tmp_path: Path) -> None:
-    data = {T: [
-        {"ip": "10.0.0.1", "port": 8080, "port_name": "http", "zone": "z1", "for_zones": ["z1", "z2"]},
-        {"ip": "10.0.0.1", "port": 50051, "port_name": "grpc", "zone": "z1"},
-        {"ip": "10.0.0.2", "port": 8080, "port_name": "http", "zone": "z2"},
-        {"ip": "10.0.0.2", "port": 50051, "port_name": "grpc", "zone": "z2"},
-    ]}
+    data = {
+        T: [
+            {"ip": "10.0.0.1", "port": 8080, "port_name": "http", "zone": "z1", "for_zones": ["z1", "z2"]},
+            {"ip": "10.0.0.1", "port": 50051, "port_name": "grpc", "zone": "z1"},
+            {"ip": "10.0.0.2", "port": 8080, "port_name": "http", "zone": "z2"},
+            {"ip": "10.0.0.2", "port": 50051, "port_name": "grpc", "zone": "z2"},
+        ]
+    }
     async with serve(tmp_path, data) as s:
         default = await s.stub.Resolve(rr(count=2))
         assert [(e.ip, e.port, e.port_name) for e in default.endpoints] == [
-            ("10.0.0.1", 8080, "http"), ("10.0.0.2", 8080, "http")]
+            ("10.0.0.1", 8080, "http"),
+            ("10.0.0.2", 8080, "http"),
+        ]
         assert default.endpoints[0].zone == "z1" and list(default.endpoints[0].for_zones) == ["z1", "z2"]
         by_name = await s.stub.Resolve(rr(count=2, port="grpc"))
         assert [(e.ip, e.port) for e in by_name.endpoints] == [("10.0.0.1", 50051), ("10.0.0.2", 50051)]
@@ -110,11 +114,16 @@ async def test_port_selection(tmp_path: Path) -> None:
 
 async def test_ipv6_and_unnamed_ports(tmp_path: Path) -> None:
     # unnamed ports are one port (as in a single-port Service): "" rotates over all of them
-    data = {T: [{"ip": "fd00::1", "port": 9000}, {"ip": "fd00::2", "port": 9000},
-                {"ip": "fd00::1", "port": 9001}]}
+    data = {
+        T: [{"ip": "fd00::1", "port": 9000}, {"ip": "fd00::2", "port": 9000}, {"ip": "fd00::1", "port": 9001}]
+    }
     async with serve(tmp_path, data) as s:
         resp = await s.stub.Resolve(rr(count=4))
         assert [(e.ip, e.port) for e in resp.endpoints] == [
-            ("fd00::1", 9000), ("fd00::2", 9000), ("fd00::1", 9001), ("fd00::1", 9000)]
+            ("fd00::1", 9000),
+            ("fd00::2", 9000),
+            ("fd00::1", 9001),
+            ("fd00::1", 9000),
+        ]
         resp = await s.stub.Resolve(rr(port="9001", count=2))
         assert [(e.ip, e.port) for e in resp.endpoints] == [("fd00::1", 9001)] * 2

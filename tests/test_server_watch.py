@@ -22,8 +22,10 @@ async def _first(stream: grpc.aio.UnaryStreamCall) -> pb.EndpointSet:
 
 
 async def test_initial_set_then_changes(tmp_path: Path) -> None:
-    data = {T: endpoints(2) + [{"ip": "127.0.0.1", "port": 60000, "ready": False}],
-            "default/other": endpoints(1)}
+    data = {
+        T: endpoints(2) + [{"ip": "127.0.0.1", "port": 60000, "ready": False}],
+        "default/other": endpoints(1),
+    }
     async with serve(tmp_path, data) as s:
         stream = s.stub.Watch(WATCH)
         first = await _first(stream)
@@ -67,9 +69,11 @@ async def test_many_subscribers_and_a_stuck_one(tmp_path: Path) -> None:
 
         async def all_watching() -> bool:
             return s.server.status()[0].watchers == 21
+
         await wait_until(all_watching, what="21 watchers")
-        big = tuple(BackendEndpoint(f"10.{i // 250}.{i % 250}.1", 8000 + j)
-                    for i in range(500) for j in range(2))
+        big = tuple(
+            BackendEndpoint(f"10.{i // 250}.{i % 250}.1", 8000 + j) for i in range(500) for j in range(2)
+        )
         for version in range(2, 52):  # 50 changes straight into the registry, ~30 KB each
             s.server.registry.publish(TARGET, big[: 500 + version])
         final = 51
@@ -85,6 +89,7 @@ async def test_many_subscribers_and_a_stuck_one(tmp_path: Path) -> None:
 
         async def only_left() -> bool:
             return s.server.status()[0].watchers == 0
+
         await wait_until(only_left, what="watchers to leave")
 
 

@@ -23,6 +23,7 @@ from lookaside_server._web.status_page import add_routes
 
 log = logging.getLogger(__name__)
 
+
 def _host_port(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
@@ -42,8 +43,9 @@ class LookasideServer:
         self.metrics = ServerMetrics(self.slots)
         #: The one access policy every RPC goes through.
         access = config.security.access
-        self.access = AccessPolicy(access.namespaces, access.services, access.client_identities,
-                                   on_deny=self.metrics.deny)
+        self.access = AccessPolicy(
+            access.namespaces, access.services, access.client_identities, on_deny=self.metrics.deny
+        )
         #: The TLS material in use (None: plaintext; valid after start).
         self.tls: CertificateStore | None = None
         self._server: grpc.aio.Server | None = None
@@ -66,23 +68,38 @@ class LookasideServer:
         self._source_started = True
         try:
             limits = self.config.limits
-            server = grpc.aio.server(interceptors=[ServerGuard(self.access, self.slots, self.metrics)],
-                                     options=limits.server_options(),
-                                     maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
+            server = grpc.aio.server(
+                interceptors=[ServerGuard(self.access, self.slots, self.metrics)],
+                options=limits.server_options(),
+                maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+            )
             servicer = LookasideServicer(
-                self.registry, allow_namespaces=self.config.security.access.namespaces, access=self.access,
-                load_limits=LoadLimits(limits.max_load_reports_per_peer, limits.max_load_reports_per_target,
-                                       limits.max_load_report_endpoints))
+                self.registry,
+                allow_namespaces=self.config.security.access.namespaces,
+                access=self.access,
+                load_limits=LoadLimits(
+                    limits.max_load_reports_per_peer,
+                    limits.max_load_reports_per_target,
+                    limits.max_load_report_endpoints,
+                ),
+            )
             add_to_server(servicer, server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
             xds_services = self._add_xds(server, servicer.load)
             # the client keeps lookaside.proto in a private pool; reflection reads the default one
             if not pb.add_to_default_pool():
-                log.warning("reflection cannot describe %s: another lookaside.proto is loaded",
-                            pb.SERVICE_NAME)
+                log.warning(
+                    "reflection cannot describe %s: another lookaside.proto is loaded", pb.SERVICE_NAME
+                )
             reflection.enable_server_reflection(
-                (pb.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME, *xds_services), server)
+                (
+                    pb.SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                    *xds_services,
+                ),
+                server,
+            )
             address = _host_port(self.config.listen.host, self.config.listen.port)
             if self.config.security.tls is not None:
                 credentials, self.tls = server_credentials(self.config.security.tls)
@@ -107,8 +124,11 @@ class LookasideServer:
         for service in ("", pb.SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         tls = self.config.security.tls
-        log.info("listening on %s (%s)", self.address,
-                 "plaintext" if tls is None else "mutual TLS" if tls.mutual else "TLS")
+        log.info(
+            "listening on %s (%s)",
+            self.address,
+            "plaintext" if tls is None else "mutual TLS" if tls.mutual else "TLS",
+        )
         return bound
 
     def _add_xds(self, server: grpc.aio.Server, load: LoadBoard | None = None) -> tuple[str, ...]:
@@ -121,15 +141,25 @@ class LookasideServer:
         except ImportError as e:
             log.warning("xDS is off: %s (install the xds-protos package)", e)
             return ()
-        self.xds = add_xds_to_server(self.registry, server, self.config.xds.options,
-                                     self.config.security.access.namespaces, access=self.access,
-                                     load=load, on_reject=self.metrics.xds_reject)
+        self.xds = add_xds_to_server(
+            self.registry,
+            server,
+            self.config.xds.options,
+            self.config.security.access.namespaces,
+            access=self.access,
+            load=load,
+            on_reject=self.metrics.xds_reject,
+        )
         return (SERVICE_NAME,)
 
     async def _start_http(self) -> None:
         assert self.config.http.port is not None
-        http = HttpServer(self.config.http.host or self.config.listen.host, self.config.http.port,
-                          self.config.http.limits, on_limit=self.metrics.limit_hit)
+        http = HttpServer(
+            self.config.http.host or self.config.listen.host,
+            self.config.http.port,
+            self.config.http.limits,
+            on_limit=self.metrics.limit_hit,
+        )
         add_routes(http, self.registry, lambda: self.address)
         self.metrics.add_route(http)
         try:

@@ -73,5 +73,10 @@ def run_in_thread(config: ServerConfig, timeout: float = 10.0) -> RunningServer:
     if "error" in result:
         thread.join(timeout)
         raise result["error"]  # type: ignore[misc]
-    return RunningServer(port=result["port"], server=result["server"], _loop=result["loop"],  # type: ignore[arg-type]
-                         _stop=result["stop"], _thread=thread)  # type: ignore[arg-type]
+    return RunningServer(
+        port=result["port"],
+        server=result["server"],
+        _loop=result["loop"],  # type: ignore[arg-type]
+        _stop=result["stop"],
+        _thread=thread,
+    )  # type: ignore[arg-type]

@@ -18,33 +18,81 @@ SOURCES = ("endpointslices", "endpoints", "static")
 
 def add_source_arguments(p: argparse.ArgumentParser) -> None:
     """The source flags; each falls back to an environment variable, then a built-in default."""
-    env_argument(p, "--source", env="LB_SOURCE", choices=SOURCES, type=one_of(SOURCES),
-                 help="where endpoints come from (default: 'static' when --static-file is given, else "
-                      "'endpointslices'; 'endpoints' reads core/v1 Endpoints on old clusters)")
-    p.add_argument("--kubeconfig", default=None,
-                   help="kubeconfig file when not running in a pod (default: KUBECONFIG, then "
-                        "~/.kube/config; in a pod the service account is used)")
+    env_argument(
+        p,
+        "--source",
+        env="LB_SOURCE",
+        choices=SOURCES,
+        type=one_of(SOURCES),
+        help="where endpoints come from (default: 'static' when --static-file is given, else "
+        "'endpointslices'; 'endpoints' reads core/v1 Endpoints on old clusters)",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="kubeconfig file when not running in a pod (default: KUBECONFIG, then "
+        "~/.kube/config; in a pod the service account is used)",
+    )
     s = p.add_argument_group("static file source")
-    env_argument(s, "--static-file", env="LB_STATIC_FILE",
-                 help="YAML/JSON file of 'namespace/service' -> endpoints; changes are seen at once through "
-                      "inotify where the platform has it, else by polling")
-    env_argument(s, "--poll-interval", env="LB_POLL_INTERVAL", type=number(above=0), default=1.0,
-                 help="seconds between looks at the static file (the only change detection without inotify, "
-                      "a safety net with it)")
+    env_argument(
+        s,
+        "--static-file",
+        env="LB_STATIC_FILE",
+        help="YAML/JSON file of 'namespace/service' -> endpoints; changes are seen at once through "
+        "inotify where the platform has it, else by polling",
+    )
+    env_argument(
+        s,
+        "--poll-interval",
+        env="LB_POLL_INTERVAL",
+        type=number(above=0),
+        default=1.0,
+        help="seconds between looks at the static file (the only change detection without inotify, "
+        "a safety net with it)",
+    )
     k = p.add_argument_group("Kubernetes sources")
-    env_argument(k, "--resync-interval", env="LB_RESYNC_INTERVAL", type=number(above=0), default=300.0,
-                 help="seconds between full re-lists of each watched namespace (its Services and endpoints)")
-    env_argument(k, "--watch-timeout", env="LB_WATCH_TIMEOUT", type=number(1), default=240.0,
-                 help="timeoutSeconds of each Kubernetes WATCH request before it is resumed")
-    env_argument(k, "--idle-timeout", env="LB_IDLE_TIMEOUT", type=number(0), default=600.0,
-                 help="stop watching a Service nobody resolved or watched for this many seconds; 0 = never")
-    env_argument(p, "--max-targets", env="LB_MAX_TARGETS", type=integer(1), default=1000,
-                 help="most Services tracked at once (static file: those still in the file); more answer "
-                      "RESOURCE_EXHAUSTED")
-    p.add_argument("--allow-namespace", action="append", default=None, metavar="NS[,NS...]",
-                   help="namespaces clients may resolve, repeatable or comma-separated, '*' for all "
-                        "(LB_ALLOW_NAMESPACES; default for Kubernetes sources: the server's own namespace; "
-                        "for the static source: all)")
+    env_argument(
+        k,
+        "--resync-interval",
+        env="LB_RESYNC_INTERVAL",
+        type=number(above=0),
+        default=300.0,
+        help="seconds between full re-lists of each watched namespace (its Services and endpoints)",
+    )
+    env_argument(
+        k,
+        "--watch-timeout",
+        env="LB_WATCH_TIMEOUT",
+        type=number(1),
+        default=240.0,
+        help="timeoutSeconds of each Kubernetes WATCH request before it is resumed",
+    )
+    env_argument(
+        k,
+        "--idle-timeout",
+        env="LB_IDLE_TIMEOUT",
+        type=number(0),
+        default=600.0,
+        help="stop watching a Service nobody resolved or watched for this many seconds; 0 = never",
+    )
+    env_argument(
+        p,
+        "--max-targets",
+        env="LB_MAX_TARGETS",
+        type=integer(1),
+        default=1000,
+        help="most Services tracked at once (static file: those still in the file); more answer "
+        "RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--allow-namespace",
+        action="append",
+        default=None,
+        metavar="NS[,NS...]",
+        help="namespaces clients may resolve, repeatable or comma-separated, '*' for all "
+        "(LB_ALLOW_NAMESPACES; default for Kubernetes sources: the server's own namespace; "
+        "for the static source: all)",
+    )
 
 
 @dataclass(frozen=True)
@@ -72,9 +120,14 @@ def choose_source(args: argparse.Namespace) -> SourceChoice:
 
     timings = KubeTimings(resync_interval=args.resync_interval, watch_timeout=args.watch_timeout)
     # Every namespace allowed ('*'): one cluster-wide watch instead of one per namespace in use.
-    source = KubernetesSource(kind=kind, kubeconfig=args.kubeconfig, timings=timings,
-                              idle_timeout=args.idle_timeout if args.idle_timeout > 0 else None,
-                              max_targets=args.max_targets, cluster_wide=bool(values) and allow is None)
+    source = KubernetesSource(
+        kind=kind,
+        kubeconfig=args.kubeconfig,
+        timings=timings,
+        idle_timeout=args.idle_timeout if args.idle_timeout > 0 else None,
+        max_targets=args.max_targets,
+        cluster_wide=bool(values) and allow is None,
+    )
     if not values:
         ns = own_namespace(args.kubeconfig) or "default"
         allow = frozenset({ns})

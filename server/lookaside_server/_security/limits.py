@@ -60,7 +60,8 @@ _FLAGS = {
 
 #: The recorder of limit hits for the RPC running in this context (set by the server interceptor).
 _recorder: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
-    "lookaside_limit_recorder", default=None)
+    "lookaside_limit_recorder", default=None
+)
 
 
 @dataclass(frozen=True)
@@ -174,12 +175,15 @@ class StreamSlots:
     def acquire(self, peer: str, kind: str) -> tuple[str, str] | None:
         """Take a slot for a stream from ``peer``; on refusal return (limit, message) and take nothing."""
         if self.total >= self.max_total:
-            return MAX_WATCHES, (f"too many watch streams: this server already serves its maximum of "
-                                 f"{self.max_total} Watch/xDS streams ({_FLAGS[MAX_WATCHES]})")
+            return MAX_WATCHES, (
+                f"too many watch streams: this server already serves its maximum of "
+                f"{self.max_total} Watch/xDS streams ({_FLAGS[MAX_WATCHES]})"
+            )
         if self._per_peer[peer] >= self.max_per_peer:
             return MAX_WATCHES_PER_PEER, (
                 f"too many watch streams from {peer}: at most {self.max_per_peer} Watch/xDS streams per "
-                f"client IP ({_FLAGS[MAX_WATCHES_PER_PEER]})")
+                f"client IP ({_FLAGS[MAX_WATCHES_PER_PEER]})"
+            )
         self.total += 1
         self._per_peer[peer] += 1
         self.by_kind[kind] += 1

@@ -23,8 +23,10 @@ class TooManyTargets(RuntimeError):
     """Raised by :meth:`EndpointSource.subscribe` when the source already tracks as many targets as it may."""
 
     def __init__(self, target: Target, limit: int) -> None:
-        super().__init__(f"target {target} not tracked: this server already tracks its maximum of {limit} "
-                         "targets (--max-targets)")
+        super().__init__(
+            f"target {target} not tracked: this server already tracks its maximum of {limit} "
+            "targets (--max-targets)"
+        )
         self.target = target
         self.limit = limit
 
