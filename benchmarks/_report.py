@@ -332,9 +332,9 @@ def _load_table(summ: dict[str, Any]) -> str:
         rows.append(
             [
                 f"`{m}`" + (" (aio)" if base == AIO_BASELINE else ""),
-                _mr(rd.get("client_cpu_ratio"), "{:.2f}x"),
+                "1.00x" if m == base else _mr(rd.get("client_cpu_ratio"), "{:.2f}x"),
                 _mr(rd.get("throughput")),
-                _mr(rd.get("ratio"), "{:.2f}x"),
+                "1.00x" if m == base else _mr(rd.get("ratio"), "{:.2f}x"),
                 _mr(rd.get("client_cpu_s_per_1k"), "{:.3f}"),
                 _mr(rd.get("latency_p50_ms"), "{:.2f}"),
                 _mr(rd.get("latency_p99_ms"), "{:.2f}"),
