@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import ipaddress
+import json
 import logging
 import os
 from pathlib import Path
@@ -36,6 +37,10 @@ _FIELDS = {"ip", "port", "port_name", "service_port", "zone", "for_zones", "read
 _FORCED_CHECK_EVERY = 10
 
 
+#: libyaml's safe loader when PyYAML was built with it (about 10x faster), else the pure-Python one.
+_YAML_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class StaticFileError(ValueError):
     """The static endpoint file cannot be used (unreadable, not YAML, or not in the expected shape)."""
 
@@ -43,9 +48,14 @@ class StaticFileError(ValueError):
 def parse_static(text: str | bytes) -> Contents:
     """Parse and validate the static file contents; raise :class:`StaticFileError` saying what is wrong."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise StaticFileError(f"not valid YAML/JSON: {e}") from e
+        # JSON (a subset of YAML) first: a 5,000-endpoint file parses in ms instead of seconds of pure-Python
+        # YAML; then YAML with libyaml's loader where PyYAML has it.
+        data = json.loads(text)
+    except ValueError:
+        try:
+            data = yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a SafeLoader
+        except yaml.YAMLError as e:
+            raise StaticFileError(f"not valid YAML/JSON: {e}") from e
     if data is None:
         raise StaticFileError("file is empty (write {} for no targets)")
     if not isinstance(data, dict):
