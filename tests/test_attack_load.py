@@ -139,14 +139,18 @@ async def one_resolve(stub: pb.LookasideStub, rng: random.Random, seen: Observed
         seen.problems.append(f"resolve: the stable target changed: {resp}")
 
 
-async def test_thousands_of_resolves_and_hundreds_of_watches_under_churn(tmp_path: Path) -> None:
+async def test_thousands_of_resolves_and_hundreds_of_watches_under_churn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = random.Random(5)
     path = tmp_path / "endpoints.json"
     gen = 1
     written: dict[int, list[dict[str, object]]] = {}
     write_static(path, {"default/churn": generation_set(gen, 4), "default/stable": STABLE})
     args, env = limit_args()
-    os.environ.update({k: v for k, v in env.items() if k not in os.environ})
+    for k, v in env.items():  # restored at teardown: later tests' servers must get the default limits
+        if k not in os.environ:
+            monkeypatch.setenv(k, v)
     server = ServerProcess(path, tmp_path / "server.log", poll_interval=0.02, extra=args).start()
     channels = [
         grpc.aio.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
