@@ -297,7 +297,8 @@ def test_cli_on_kubernetes_serves_and_exits_cleanly_on_sigterm(tmp_path: Path) -
                 with pytest.raises(grpc.RpcError) as err:
                     stub.Resolve(pb.Request(service="greet", namespace="prod"), timeout=10)
                 assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-                assert kube.wait_for_open_watches(1)
+                # namespace default: one watch of Services, one of EndpointSlices
+                assert kube.wait_for_open_watches(2)
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(timeout=15) == 0, "".join(lines)
                 stream.cancel()
