@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from lookaside_dev.backends import Backend
+from lookaside_dev.client_only import hide_modules_code
 from lookaside_dev.static_files import write_addresses
 from lookaside_grpc._cli import (
     EXIT_DEADLINE,
@@ -39,26 +40,12 @@ from lookaside_server import (
 
 TARGET = "default/greet"  # the static file's key
 CLI = [sys.executable, "-m", "lookaside_grpc"]
-#: The server's third-party dependencies (the `server` extra), made unimportable to run client-only code.
-SERVER_EXTRA_MODULES = (
-    "aiohttp",
-    "envoy",
-    "google.rpc",
-    "grpc_health",
-    "grpc_reflection",
-    "grpc_status",
-    "kubernetes",
-    "prometheus_client",
-    "yaml",
-)
 
 
 def without_server_extra(code: str, *also: str) -> list[str]:
     """``python -c code`` in a process where importing any server dependency (and ``also``) fails, as after a
     client-only ``pip install lookaside-grpc`` (``sys.modules[name] = None`` makes ``import name`` raise)."""
-    blocked = (*SERVER_EXTRA_MODULES, *also)
-    block = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
-    return [sys.executable, "-c", block + code]
+    return [sys.executable, "-c", hide_modules_code(*also) + code]
 
 
 def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -11,20 +11,9 @@ import sys
 
 import pytest
 
+from lookaside_dev.client_only import hide_modules_code
+
 BIN = pathlib.Path(sys.executable).parent
-#: The server extra's third-party modules; ``sys.modules[name] = None`` makes ``import name`` fail.
-SERVER_EXTRA_MODULES = (
-    "aiohttp",
-    "cryptography",
-    "envoy",
-    "google.rpc",
-    "grpc_health",
-    "grpc_reflection",
-    "grpc_status",
-    "kubernetes",
-    "prometheus_client",
-    "yaml",
-)
 _ENV: dict[str, str] = {}
 
 
@@ -33,9 +22,7 @@ def _without_server_extra(tmp_path_factory: pytest.TempPathFactory) -> None:
     """A sitecustomize that hides the server extra from every program these tests start."""
     if not _ENV:
         site = tmp_path_factory.mktemp("client-only")
-        (site / "sitecustomize.py").write_text(
-            "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in SERVER_EXTRA_MODULES)
-        )
+        (site / "sitecustomize.py").write_text(hide_modules_code())
         path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
         _ENV.update(os.environ, PYTHONPATH=path)
 
