@@ -114,7 +114,7 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
         default=_D.max_pending_requests,
         help="calls queued in grpc core for the server before new ones are cancelled (grpc's own default)",
     )
-    # --- HTTP/2 streams per connection (issue 12 item 6: rapid reset) ---
+    # HTTP/2 streams per connection (bounds rapid reset)
     env_argument(
         lim,
         "--max-streams-per-connection",
@@ -125,7 +125,6 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
         "server has released them; more are refused (REFUSED_STREAM). Bounds HTTP/2 rapid "
         "reset; keep it above the calls one client process runs at once on its channel",
     )
-    # --- end of HTTP/2 streams per connection ---
     env_argument(
         lim,
         "--keepalive-time",
@@ -167,7 +166,7 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
         help="close connections after this many seconds (streams get 30 s grace; clients "
         "reconnect, e.g. to another replica); 0 = never",
     )
-    # --- ReportLoad caps (issue 12 item 4; _api/load.py LoadLimits) ---
+    # ReportLoad caps (_api/load.py LoadLimits)
     env_argument(
         lim,
         "--max-load-reports-per-peer",
@@ -193,8 +192,7 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
         default=_D.max_load_report_endpoints,
         help="most endpoints one load report may name",
     )
-    # --- end of ReportLoad caps ---
-    # --- xDS name cap (issue 12 item 1; _xds XdsOptions.max_names) ---
+    # xDS names per ADS stream (_xds XdsOptions.max_names)
     env_argument(
         lim,
         "--xds-max-names",
@@ -205,9 +203,8 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
         "end the stream RESOURCE_EXHAUSTED (a stock gRPC client needs about 4 per target it "
         "dials)",
     )
-    # --- end of xDS name cap ---
 
-    # --- HTTP listener limits (issue 12 item 5; _web/http.py HttpLimits) ---
+    # HTTP listener limits (_web/http.py HttpLimits)
     h = p.add_argument_group("HTTP listener (status page, /healthz, /metrics)")
     env_argument(
         h,
@@ -238,7 +235,6 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="close keep-alive HTTP connections idle for this many seconds",
     )
-    # --- end of HTTP listener limits ---
 
     env_argument(
         p,
