@@ -5,8 +5,7 @@
 gRPC's own ``test.proto`` imports ``messages.proto`` and ``empty.proto``. ``server.InteropBackend`` runs the
 servicer in process on 127.0.0.1, signing every reply with its address.
 
-Regenerate the Python code after editing a .proto, from the repository root, with the oldest supported
-generator (``.venv-proto``, see ``generate.py``)::
-
-    .venv-proto/bin/python -m lookaside_dev.interop.generate
+Regenerate the Python code after editing a .proto with ``python3 dev.py proto`` (``proto/generate.py``, the
+one generator for every proto of the repository, run with the oldest supported grpcio-tools);
+``tests/test_codegen.py`` fails when the committed code is stale.
 """
