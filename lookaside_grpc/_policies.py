@@ -17,7 +17,6 @@ load-aware policies add no counter of their own; latency is measured only for po
 from __future__ import annotations
 
 import abc
-import heapq
 import itertools
 import math
 import random
@@ -28,6 +27,7 @@ from typing import Any, ClassVar
 
 from lookaside_grpc import protocol
 from lookaside_grpc._endpoints import Endpoint
+from lookaside_grpc._weights import weighted_schedule
 
 #: Default decay time of the latency EWMA (seconds), as Linkerd's and Finagle's default.
 DEFAULT_TAU = 10.0
@@ -56,10 +56,6 @@ MEAN_ALPHA_DOWN = 0.1
 #: A sample counts at most this many times the mean in it: a one-off stall (GC, a descheduled process)
 #: moves the mean a little, a backend that turned slow still moves it all the way within a few dozen calls.
 MEAN_CLIP = 2.0
-#: ``weighted``: weights are scaled so the largest is this many schedule slots (about 1.5 % resolution).
-WEIGHT_RESOLUTION = 64
-#: ``weighted``: the longest precomputed schedule.
-MAX_SCHEDULE = 8192
 
 
 class RoutingPolicy(abc.ABC):
@@ -335,40 +331,6 @@ class PeakEwma(LeastRequest):
             return chosen
         now = self._clock()
         return b if self.cost(b.address, now) < self.cost(a.address, now) else a
-
-
-def normalized_weights(weights: Sequence[int], resolution: int = WEIGHT_RESOLUTION) -> list[int]:
-    """Small positive integers proportional to ``weights``: 0 (unknown) counts as the mean of the known
-    ones, all unknown means equal; the largest becomes ``resolution``, none drops below 1."""
-    known = [w for w in weights if w > 0]
-    if not known:
-        return [1] * len(weights)
-    mean = sum(known) / len(known)
-    full = [w if w > 0 else mean for w in weights]
-    top = max(full)
-    scale = resolution / top
-    while True:
-        out = [max(1, round(w * scale)) for w in full]
-        if sum(out) <= MAX_SCHEDULE or scale * top <= 1:
-            return out
-        scale /= 2
-
-
-def weighted_schedule(weights: Sequence[int]) -> list[int]:
-    """Indexes in earliest-deadline-first order: index ``i`` appears in proportion to ``weights[i]``,
-    interleaved smoothly (EDF over deadlines ``(k + 0.5) / w``); one full cycle. Weights are normalized
-    with :func:`normalized_weights` first."""
-    ws = normalized_weights(weights)
-    if len(set(ws)) == 1:
-        return list(range(len(ws)))
-    heap = [(0.5 / w, i) for i, w in enumerate(ws)]
-    heapq.heapify(heap)
-    out: list[int] = []
-    for _ in range(sum(ws)):
-        d, i = heapq.heappop(heap)
-        out.append(i)
-        heapq.heappush(heap, (d + 1.0 / ws[i], i))
-    return out
 
 
 class Weighted(_LatencyTracking):

@@ -34,6 +34,7 @@ from lookaside_grpc._generated.lookaside_pb2_grpc import (
 )
 from lookaside_grpc._status_view import ago, iso_time, status_to_dict
 from lookaside_grpc._target import InvalidTarget, Target, canonical_port
+from lookaside_grpc._weights import weighted_schedule
 
 #: The full name of the service, for health checks and reflection.
 SERVICE_NAME: str = _pb2.DESCRIPTOR.services_by_name["Lookaside"].full_name
@@ -101,6 +102,7 @@ __all__ = [
     "add_to_default_pool",
     "ago",
     "canonical_port",
+    "weighted_schedule",
     "iso_time",
     "status_to_dict",
 ]

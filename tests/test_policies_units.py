@@ -18,11 +18,10 @@ from lookaside_grpc._policies import (
     LeastRequest,
     PeakEwma,
     Weighted,
-    normalized_weights,
     resolve_policy,
-    weighted_schedule,
 )
 from lookaside_grpc._pool import ChannelPool
+from lookaside_grpc._weights import normalized_weights, weighted_schedule
 from lookaside_server._api.load import LoadBoard, compute_weights, meaningful
 from lookaside_server._core.model import BackendEndpoint, Target
 

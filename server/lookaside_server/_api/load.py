@@ -33,7 +33,6 @@ weights of each ClusterLoadAssignment and, like Watch, republishes on every ``li
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import random
 import time
@@ -58,9 +57,6 @@ MIN_PUSH_INTERVAL = 0.5
 WEIGHT_SCALE = 100
 #: A weight change counts (and is pushed) when some endpoint's weight moves by this fraction of the larger.
 CHANGE_THRESHOLD = 0.2
-#: WEIGHTED Resolve: the largest weight becomes this many schedule slots; the longest schedule.
-WEIGHT_RESOLUTION = 64
-MAX_SCHEDULE = 8192
 
 #: Limit names (metrics label ``lookaside_limit_hits_total{limit}``) and the flags that set them.
 MAX_LOAD_REPORTS_PER_PEER = "max_load_reports_per_peer"
@@ -242,33 +238,6 @@ def meaningful(old: dict[Key, int], new: dict[Key, int]) -> bool:
         if abs(w - o) >= 2 and abs(w - o) > CHANGE_THRESHOLD * max(w, o):
             return True
     return False
-
-
-def weighted_schedule(weights: Sequence[int]) -> list[int]:
-    """Indexes in earliest-deadline-first order, index ``i`` in proportion to ``weights[i]`` (0: the mean of
-    the known ones; all 0: equal), interleaved smoothly; one cycle of at most :data:`MAX_SCHEDULE` picks
-    (the weights are scaled down to fit, none below 1)."""
-    known = [w for w in weights if w > 0]
-    if not known:
-        return list(range(len(weights)))
-    mean = sum(known) / len(known)
-    full = [w if w > 0 else mean for w in weights]
-    scale = WEIGHT_RESOLUTION / max(full)
-    while True:
-        ws = [max(1, round(w * scale)) for w in full]
-        if sum(ws) <= MAX_SCHEDULE or scale * max(full) <= 1:
-            break
-        scale /= 2
-    if len(set(ws)) == 1:
-        return list(range(len(ws)))
-    heap = [(0.5 / w, i) for i, w in enumerate(ws)]
-    heapq.heapify(heap)
-    out: list[int] = []
-    for _ in range(sum(ws)):
-        d, i = heapq.heappop(heap)
-        out.append(i)
-        heapq.heappush(heap, (d + 1.0 / ws[i], i))
-    return out
 
 
 class LoadBoard:
@@ -600,7 +569,7 @@ class LoadBoard:
         if sched is None:
             if len(tl.schedules) > 16:
                 tl.schedules.clear()
-            sched = tl.schedules[key] = weighted_schedule([w for _, w in key])
+            sched = tl.schedules[key] = pb.weighted_schedule([w for _, w in key])
         start = tl.rr
         tl.rr = start + count
         return [candidates[sched[(start + i) % len(sched)]] for i in range(count)]
