@@ -52,6 +52,8 @@ def generation_of(ip: str) -> int:
 # --- the lookaside server as a subprocess ---------------------------------------------------------------
 
 _LISTENING = re.compile(r"listening on \S*:(\d+)")
+#: The start of a record of the server's text log format ("2026-12-02 06:45:04,055 LEVEL ...").
+_LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
 
 
 class ServerProcess:
@@ -166,15 +168,58 @@ class ServerProcess:
             return ""
 
     def errors_logged(self) -> list[str]:
-        """Lines of the server log at ERROR level or with a traceback."""
+        """Every ERROR record and every traceback in the server log, each with the lines that follow it up
+        to the next log record (so that a failing assertion shows the exception, not just its first line).
+
+        Left out, and only after the server logged "shutting down": grpc.aio's own report of an RPC task it
+        cancelled itself at shutdown (``Exception not handled by _handle_exceptions`` with a bare
+        CancelledError and no frame of ours), which grpc logs and prints for a handler that had not run yet
+        when its call was cancelled; see ``_app._drain_handlers`` for the part of it the server prevents."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return [line for line in text.splitlines() if " ERROR " in line or line.startswith("Traceback")]
+        found: list[list[str]] = []
+        during_shutdown: list[bool] = []  # per block: logged after "shutting down"
+        block: list[str] | None = None  # the ERROR record or traceback being collected
+        stopping = False
+        for line in text.splitlines():
+            if _LOG_RECORD.match(line):
+                stopping = stopping or "shutting down" in line
+                block = [line] if " ERROR " in line else None
+            elif block is None and line.startswith("Traceback"):
+                block = [line]
+            elif block is not None:
+                block.append(line)
+                continue
+            else:
+                continue
+            if block is not None:
+                found.append(block)
+                during_shutdown.append(stopping)
+        return [
+            "\n".join(b)
+            for b, late in zip(found, during_shutdown, strict=True)
+            if not (late and _grpc_shutdown_cancellation(b))
+        ]
 
     def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _grpc_shutdown_cancellation(block: list[str]) -> bool:
+    """Whether a logged block is grpc.aio reporting (or printing) a CancelledError of one of its own RPC
+    tasks, with no frame of this project in the traceback."""
+    first = block[0]
+    if " ERROR " in first and "Exception not handled by _handle_exceptions" not in first:
+        return False
+    tracebacks = [line for line in block if line.startswith("Traceback")]
+    ends = [line.strip() for line in block[1:] if line and not line.startswith((" ", "Traceback"))]
+    return (
+        bool(tracebacks)
+        and all(e in ("asyncio.exceptions.CancelledError", "CancelledError") for e in ends)
+        and not any("lookaside" in line for line in block[1:])
+    )
 
 
 # --- raw HTTP/2 -----------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -22,6 +23,11 @@ from lookaside_server._web.metrics import ServerMetrics
 from lookaside_server._web.status_page import add_routes
 
 log = logging.getLogger(__name__)
+
+#: Name prefixes grpc.aio gives the tasks of the RPCs it serves (the call's and its handler's).
+_GRPC_RPC_TASKS = ("rpc_task", "HandleExceptions[")
+#: Longest wait at shutdown for RPC handlers that grpc has already ended in core to run to their end.
+_HANDLER_DRAIN_SECONDS = 2.0
 
 
 def _host_port(host: str, port: int) -> str:
@@ -185,6 +191,7 @@ class LookasideServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+            await _drain_handlers(_HANDLER_DRAIN_SECONDS)
         if self._source_started:
             await self.registry.unsubscribe_all()
             await self.source.stop()
@@ -199,3 +206,16 @@ class LookasideServer:
     def status(self) -> list[TargetStatus]:
         """The status view of every subscribed target."""
         return self.registry.snapshot()
+
+
+async def _drain_handlers(timeout: float) -> None:
+    """Let the RPC handlers grpc has already ended in core (cancelled by the client or by the end of the
+    grace period) run to their end: once the process leaves ``asyncio.run``, its final cancel-all would cut
+    them half-way and grpc logs each as "Exception not handled by _handle_exceptions" with a traceback."""
+    me = asyncio.current_task()
+    pending = [t for t in asyncio.all_tasks() if t is not me and t.get_name().startswith(_GRPC_RPC_TASKS)]
+    if not pending:
+        return
+    _, still = await asyncio.wait(pending, timeout=timeout)
+    if still:
+        log.warning("%d RPC handler(s) still running %.0f s after the server stopped", len(still), timeout)
