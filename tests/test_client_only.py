@@ -31,8 +31,12 @@ def run(*argv: str | pathlib.Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=_ENV)
 
 
-def test_lookaside_server_asks_for_the_server_extra() -> None:
-    proc = run(BIN / "lookaside-server", "--help")
+@pytest.mark.parametrize(
+    "argv", [("lookaside-server",), ("-m", "lookaside_server")], ids=["script", "module"]
+)
+def test_lookaside_server_asks_for_the_server_extra(argv: tuple[str, ...]) -> None:
+    program = (BIN / argv[0],) if len(argv) == 1 else (sys.executable, *argv)
+    proc = run(*program, "--help")
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "pip install 'lookaside-grpc[server]'" in proc.stderr
 
