@@ -74,7 +74,7 @@ def _free_port() -> int:
 class Server:
     """One lookaside server process over a static file, limits raised for thousands of streams."""
 
-    def __init__(self, folder: Path, size: int, http: bool = False) -> None:
+    def __init__(self, folder: Path, size: int, http: bool = False, extra: tuple[str, ...] = ()) -> None:
         self.file = folder / "endpoints.json"
         self.targets: dict[str, list[dict[str, Any]]] = {f"{NAMESPACE}/{SERVICE}": endpoints(1, size)}
         write_file(self.file, self.targets)
@@ -113,6 +113,7 @@ class Server:
                 "100000",
                 "--max-message-bytes",
                 str(4 << 20),
+                *extra,
             ],
             stdout=self.log,
             stderr=self.log,
@@ -445,9 +446,9 @@ def _http_load(port: int, stop: threading.Event, counts: dict[str, int]) -> None
             counts["errors"] = counts.get("errors", 0) + 1
 
 
-def resolve_busy(folder: Path, seconds: float, streams: int) -> dict[str, Any]:
+def resolve_busy(folder: Path, seconds: float, streams: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Resolve/s at concurrency 64, idle and then with the HTTP listener and xDS/Watch streams busy."""
-    server = Server(folder, 100, http=True)
+    server = Server(folder, 100, http=True, extra=extra)
     workers: list[Worker] = []
     try:
         server.set_target(f"{NAMESPACE}/churn", endpoints(50, 100))
@@ -475,6 +476,17 @@ def resolve_busy(folder: Path, seconds: float, streams: int) -> dict[str, Any]:
         stop.set()
         http.join(10)
         churner.join(5)
+        # then the scrapers alone (no Resolve load): the server's CPU per HTTP request
+        alone: dict[str, int] = {}
+        stop = threading.Event()
+        http = threading.Thread(target=_http_load, args=(server.http_port, stop, alone), daemon=True)
+        cpu1 = server.cpu_s()
+        http.start()
+        time.sleep(seconds)  # a measuring window, not synchronisation
+        stop.set()
+        http.join(10)
+        scrape_cpu = server.cpu_s() - cpu1
+        scrapes = sum(v for k, v in alone.items() if k != "errors")
         return {
             "idle": idle,
             "busy": busy,
@@ -483,6 +495,10 @@ def resolve_busy(folder: Path, seconds: float, streams: int) -> dict[str, Any]:
             "changes fanned out": int(seconds),
             "http requests/s": {k: round(v / seconds, 1) for k, v in http_counts.items()},
             "server CPU share while busy": round(cpu / seconds, 2),
+            "scrapers alone: requests/s": round(scrapes / seconds, 1),
+            "scrapers alone: server CPU ms per request": round(1000 * scrape_cpu / scrapes, 2)
+            if scrapes
+            else None,
         }
     finally:
         for w in workers:
@@ -503,6 +519,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--kinds", default="watch,xds", help="watch,xds")
     p.add_argument("--skip-resolve", action="store_true")
+    p.add_argument(
+        "--only-resolve-busy",
+        action="store_true",
+        help="only the Resolve-while-busy step, with and without "
+        "the HTTP render budget (--http-renders-per-second 4 vs 1e9), same run",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "capacity.json")
     p.add_argument(
         "--worker", nargs=5, metavar=("KIND", "ADDRESS", "N", "SERVICE", "DEADLINE"), help=argparse.SUPPRESS
@@ -524,6 +546,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} cores; server and clients share them\n", flush=True)
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
+        if args.only_resolve_busy:
+            secs = 3.0 if args.quick else 6.0
+            for label, rate in (("no render budget", "1e9"), ("render budget 4/s (default)", "4")):
+                r = resolve_busy(folder, secs, 1000, ("--http-renders-per-second", rate))
+                print(f"Resolve while busy, {label}:", r, flush=True)
+            return 0
         if not args.skip_resolve:
             print("Resolve (closed loop, 4 HTTP/2 connections, idle server):", flush=True)
             steps = (1, 16, 64, 256) if args.quick else (1, 16, 64, 256, 1000)

@@ -345,3 +345,62 @@ def test_out_of_file_descriptors_the_listener_pauses_and_recovers(start) -> None
     assert busy < 0.3, busy  # no busy accept loop
     assert t.server.alive()
     assert t.server.errors_logged() == [], t.server.errors_logged()[:5]  # one warning, no tracebacks
+
+
+def test_scraping_back_to_back_gets_bounded_renders_and_grpc_keeps_being_served(start) -> None:  # type: ignore[no-untyped-def]
+    """Four scrapers fetch /status.json and /metrics back to back (bounded in count and time) while Resolve
+    runs: each rendering is made fresh at most --http-renders-per-second (4) times a second plus its burst,
+    the others get the newest rendering again with an Age header, counted as limit hits; Resolve is served
+    throughout."""
+    import threading
+
+    t: HttpTarget = start()
+    stop = threading.Event()
+    lock = threading.Lock()
+    fresh: dict[str, int] = {"/status.json": 0, "/metrics": 0}
+    reused: dict[str, int] = {"/status.json": 0, "/metrics": 0}
+    failures: list[str] = []
+
+    def scrape(path: str) -> None:
+        for _ in range(400):
+            if stop.is_set():
+                return
+            req = urllib.request.Request(f"http://127.0.0.1:{t.http_port}{path}")
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    resp.read()
+                    aged = resp.headers.get("Age") is not None
+            except OSError as e:
+                failures.append(f"{path}: {e!r}")
+                return
+            with lock:
+                (reused if aged else fresh)[path] += 1
+
+    scrapers = [threading.Thread(target=scrape, args=(p,)) for p in ("/status.json", "/metrics") * 2]
+    started = time.monotonic()
+    for s in scrapers:
+        s.start()
+    resolves = 0
+    while any(s.is_alive() for s in scrapers) and time.monotonic() - started < 8.0:
+        t.resolve_ms(fresh=False)
+        resolves += 1
+    stop.set()
+    for s in scrapers:
+        s.join(15)
+    seconds = time.monotonic() - started
+    FIGURES["render budget"] = {
+        "seconds": round(seconds, 1),
+        "fresh renders": dict(fresh),
+        "answered again (Age)": dict(reused),
+        "resolves during the scraping": resolves,
+    }
+    print("\nrender budget:", FIGURES["render budget"])
+    assert not failures, failures[:3]
+    for path in fresh:
+        # at most 4 renders a second plus the burst of 4; the two scrapers of a path may share each one
+        assert fresh[path] <= 2 * (4 * seconds + 4), (path, fresh[path], seconds)
+        assert reused[path] > 0, path
+    assert resolves > 0
+    # /metrics itself is under the budget: a fresh rendering shows every hit within the refill time
+    wait_for(lambda: t.limit_hits("http_render_budget") >= sum(reused.values()), timeout=10, what="the hits")
+    assert t.server.errors_logged() == [], t.server.errors_logged()[:5]

@@ -235,6 +235,17 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="close keep-alive HTTP connections idle for this many seconds",
     )
+    env_argument(
+        h,
+        "--http-renders-per-second",
+        env="LB_HTTP_RENDERS_PER_SECOND",
+        type=number(above=0),
+        default=_H.renders_per_second,
+        metavar="N",
+        help="fresh renders per second of each of /, /status.json and /metrics (a burst of as many); "
+        "beyond it a request gets the newest rendering again with an Age header, counted as a limit "
+        "hit, so scraping cannot starve gRPC",
+    )
 
     env_argument(
         p,
@@ -312,4 +323,5 @@ def http_limits_config(args: argparse.Namespace) -> HttpLimits:
         max_connections=args.http_max_connections,
         header_timeout=args.http_header_timeout,
         idle_timeout=args.http_idle_timeout,
+        renders_per_second=args.http_renders_per_second,
     )

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 #: ``lookaside_limit_hits_total{limit}`` labels of the HTTP listener.
 HTTP_MAX_CONNECTIONS = "http_max_connections"
 HTTP_HEADER_TIMEOUT = "http_header_timeout"
-HTTP_LIMITS = (HTTP_MAX_CONNECTIONS, HTTP_HEADER_TIMEOUT)
+HTTP_RENDER_BUDGET = "http_render_budget"  # a request answered with an earlier rendering (render_budget.py)
+HTTP_LIMITS = (HTTP_MAX_CONNECTIONS, HTTP_HEADER_TIMEOUT, HTTP_RENDER_BUDGET)
 
 #: File descriptors the rest of the server needs besides HTTP connections (gRPC listener and connections,
 #: the static file, inotify, /proc reads of the process collector, logs): below this headroom under the
@@ -69,12 +70,16 @@ class HttpLimits:
     max_connections: int = 256
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
+    #: Fresh renders per second of each status/metrics rendering (see ``render_budget.py``).
+    renders_per_second: float = 4.0
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         if self.header_timeout <= 0 or self.idle_timeout <= 0:
             raise ValueError("header_timeout and idle_timeout must be positive")
+        if not self.renders_per_second > 0:
+            raise ValueError("renders_per_second must be positive")
 
 
 @dataclass
@@ -330,6 +335,10 @@ class HttpServer:
             "evicted": b.evicted,
             "header_timeouts": b.header_timeouts,
         }
+
+    def limit_hit(self, limit: str) -> None:
+        """Count a hit of one of this listener's limits (``lookaside_limit_hits_total{limit}``)."""
+        self._board.hit(limit)
 
     def route(self, path: str, handler: Handler, methods: tuple[str, ...] = ("GET", "HEAD")) -> None:
         """Serve ``path`` (exact match) with ``handler`` for ``methods`` (GET/HEAD only: no bodies)."""

@@ -74,6 +74,7 @@ from lookaside_server._api.load import (
 from lookaside_server._core.registry import Registry
 from lookaside_server._security.limits import MAX_TARGETS, MAX_WATCHES, MAX_WATCHES_PER_PEER, StreamSlots
 from lookaside_server._web.http import HTTP_LIMITS, HttpRequest, HttpResponse, HttpServer
+from lookaside_server._web.render_budget import RenderBudget
 
 log = logging.getLogger(__name__)
 
@@ -424,14 +425,24 @@ class ServerMetrics:
         by the Accept header (OpenMetrics or the classic text format), gzip by Accept-Encoding, ``name[]``
         query filters. The registry is read on the loop; encoding and compression run in a worker thread."""
         self._http = http
+        budget = RenderBudget(http.limits.renders_per_second, on_limit=http.limit_hit)
 
         async def handler(req: HttpRequest) -> HttpResponse:
-            rows = self._collector._rows() if self._collector is not None else None
-            token = _SNAPSHOT.set(rows)
-            try:
-                return await asyncio.to_thread(self._scrape, req)
-            finally:
-                _SNAPSHOT.reset(token)
+            async def fresh() -> HttpResponse:
+                rows = self._collector._rows() if self._collector is not None else None
+                token = _SNAPSHOT.set(rows)
+                try:
+                    return await asyncio.to_thread(self._scrape, req)
+                finally:
+                    _SNAPSHOT.reset(token)
+
+            # one rendering per format, compression and name filter asked for (the budget keeps 16 at most)
+            key = (
+                exposition.choose_encoder(req.headers.get("accept", ""))[1],
+                exposition.gzip_accepted(req.headers.get("accept-encoding", "")),
+                req.query,
+            )
+            return await budget.get(key, fresh)
 
         http.route(path, handler)
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from lookaside_server._api.status import StatusView, TargetView, ago, collect, iso, to_dict
 from lookaside_server._core.registry import Registry
 from lookaside_server._web.http import HttpRequest, HttpResponse, HttpServer
+from lookaside_server._web.render_budget import RenderBudget
 from lookaside_server._web.status_script import REFRESH_SECONDS, STATUS_JS
 
 _CSS = """
@@ -174,11 +175,16 @@ def add_routes(
     """Serve ``/`` (HTML), ``/status.js`` (its script), ``/status.json`` and ``/healthz`` on ``http``; the
     handlers run on the server's event loop and read the registry directly."""
 
+    budget = RenderBudget(http.limits.renders_per_second, on_limit=http.limit_hit)
+
     async def render(make: Callable[[StatusView], HttpResponse]) -> HttpResponse:
-        view = collect(registry)  # on the loop: a consistent snapshot of immutable views
-        if sum(len(t.endpoints) for t in view.targets) <= RENDER_INLINE_MAX:
-            return make(view)
-        return await asyncio.to_thread(make, view)
+        async def fresh() -> HttpResponse:
+            view = collect(registry)  # on the loop: a consistent snapshot of immutable views
+            if sum(len(t.endpoints) for t in view.targets) <= RENDER_INLINE_MAX:
+                return make(view)
+            return await asyncio.to_thread(make, view)
+
+        return await budget.get(make, fresh)
 
     def html_page(view: StatusView) -> HttpResponse:
         return HttpResponse(
