@@ -7,6 +7,10 @@ alternative, the channel argument ``grpc.TEST_ONLY_DO_NOT_USE_IN_PROD.xds_bootst
 1.85 but is marked test-only by grpc (one private xDS client per channel, CSDS broken, no stability promise),
 so the library sets ``GRPC_XDS_BOOTSTRAP_CONFIG`` in this process at first use and refuses a second,
 different lookaside address (or a bootstrap the application set itself for another server).
+
+The client's zone (``zone=``, default ``$LOOKASIDE_ZONE``, as for the Python policies) goes into the
+bootstrap's ``node.locality.zone``, from which the lookaside serves zone-aware endpoints (local zone first);
+being process-wide too, a second channel naming another zone is refused.
 """
 
 from __future__ import annotations
@@ -54,10 +58,10 @@ BOOTSTRAP_ENV = "GRPC_XDS_BOOTSTRAP"
 BOOTSTRAP_CONFIG_ENV = "GRPC_XDS_BOOTSTRAP_CONFIG"
 
 #: The shared options that mean something in xds mode (C-core dials and picks; the rest is refused).
-XDS_OPTION_NAMES = frozenset({"mode", "credentials", "options", "tls_server_name"})
+XDS_OPTION_NAMES = frozenset({"mode", "credentials", "options", "tls_server_name", "zone"})
 #: Factory arguments that do nothing in xds mode (a call waits as on any grpc channel).
 _REFUSED_HINTS = {
-    "policy": "the policy is the Cluster's (ROUND_ROBIN from the lookaside), picked by C-core",
+    "policy": "the Cluster's (the lookaside's --xds-lb-policy or --xds-hash-header), picked by C-core",
     "max_staleness": "grpc's xDS client keeps the last resources while the control plane is away",
     "lookaside_keepalive": "grpc's xDS client manages its own ADS stream",
     "lookaside_credentials": "the bootstrap's channel_creds: set GRPC_XDS_BOOTSTRAP yourself for TLS",
@@ -67,11 +71,13 @@ _REFUSED_HINTS = {
 
 class XdsOptions(TypedDict, total=False):
     """The options ``channel(..., mode="xds")`` takes: ``credentials``/``options``/``tls_server_name`` of the
-    connections to the backends (grpc's own xds channel)."""
+    connections to the backends (grpc's own xds channel); ``zone``: the client's zone, for the lookaside's
+    zone-aware endpoints (default ``$LOOKASIDE_ZONE``; ``""`` = none)."""
 
     credentials: grpc.ChannelCredentials | None
     options: Options
     tls_server_name: str | None
+    zone: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,14 +88,24 @@ class XdsSettings:
     lookaside: str
     xds_target: str
     options: tuple[tuple[str, OptionValue], ...]
+    #: The client's zone, sent in the bootstrap (``node.locality.zone``); "" = none.
+    zone: str = ""
 
 
 _lock = threading.Lock()
 _bootstrapped: str | None = None  # the lookaside address this process's xDS bootstrap names
+_zone = ""  # the zone it names
 
 
-def bootstrap_config(lookaside: str) -> str:
-    """The xDS bootstrap (JSON) naming the lookaside as the ADS server (plaintext)."""
+def bootstrap_config(lookaside: str, zone: str = "") -> str:
+    """The xDS bootstrap (JSON) naming the lookaside as the ADS server (plaintext) and, if given, the
+    client's zone (``node.locality.zone``)."""
+    node: dict[str, Any] = {
+        "id": f"lookaside-grpc/{socket.gethostname()}/{os.getpid()}",
+        "cluster": "lookaside-grpc",
+    }
+    if zone:
+        node["locality"] = {"zone": zone}
     return json.dumps(
         {
             "xds_servers": [
@@ -99,12 +115,17 @@ def bootstrap_config(lookaside: str) -> str:
                     "server_features": ["xds_v3"],
                 }
             ],
-            "node": {
-                "id": f"lookaside-grpc/{socket.gethostname()}/{os.getpid()}",
-                "cluster": "lookaside-grpc",
-            },
+            "node": node,
         }
     )
+
+
+def _zone_of(text: str) -> str:
+    try:
+        zone = json.loads(text)["node"]["locality"]["zone"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return zone if isinstance(zone, str) else ""
 
 
 def _server_of(text: str) -> str | None:
@@ -125,15 +146,21 @@ def _same_address(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-def ensure_bootstrap(lookaside: str) -> None:
-    """Point this process's grpc xDS client at ``lookaside`` (once); refuse a conflicting bootstrap."""
-    global _bootstrapped
+def ensure_bootstrap(lookaside: str, zone: str = "") -> None:
+    """Point this process's grpc xDS client at ``lookaside`` (once), in ``zone``; refuse a conflicting
+    bootstrap (another server, or another zone than the first channel's or the application's bootstrap's)."""
+    global _bootstrapped, _zone
     with _lock:
         if _bootstrapped is not None:
             if not _same_address(_bootstrapped, lookaside):
                 raise ValueError(
                     f"xds mode: this process already uses the lookaside {_bootstrapped!r} for xDS; grpc reads"
                     f" one xDS bootstrap per process, so {lookaside!r} cannot be used too (use mode='watch')"
+                )
+            if zone and zone != _zone:
+                raise ValueError(
+                    f"xds mode: this process's xDS bootstrap names zone {_zone!r}; grpc reads one xDS "
+                    f"bootstrap per process, so zone {zone!r} cannot be used too"
                 )
             return
         path = os.environ.get(BOOTSTRAP_ENV)
@@ -153,9 +180,16 @@ def ensure_bootstrap(lookaside: str) -> None:
                     f"xds mode: {source} names the xDS server {server!r}, not the lookaside {lookaside!r}; "
                     "grpc reads one xDS bootstrap per process"
                 )
+            given_zone = _zone_of(given)  # the application's bootstrap wins; only a contradiction is refused
+            if zone and given_zone and zone != given_zone:
+                raise ValueError(
+                    f"xds mode: {source} names zone {given_zone!r} (node.locality.zone), not {zone!r}; "
+                    "grpc reads one xDS bootstrap per process"
+                )
+            zone = given_zone
         else:
-            os.environ[BOOTSTRAP_CONFIG_ENV] = bootstrap_config(lookaside)
-        _bootstrapped = lookaside
+            os.environ[BOOTSTRAP_CONFIG_ENV] = bootstrap_config(lookaside, zone)
+        _bootstrapped, _zone = lookaside, zone
 
 
 def xds_settings(
@@ -180,7 +214,12 @@ def xds_settings(
     o: XdsOptions = options  # type: ignore[assignment]
     opts = backend_options(t, o.get("credentials"), o.get("options", ()), o.get("tls_server_name"))
     opts = tuple((str(k), v) for k, v in opts)
-    return XdsSettings(t, lookaside or default_lookaside(), f"xds:///{t}", opts)
+    zone = o.get("zone")
+    if zone is None:
+        zone = os.environ.get("LOOKASIDE_ZONE", "")
+    if not isinstance(zone, str):
+        raise TypeError(f"zone must be a string, got {zone!r}")
+    return XdsSettings(t, lookaside or default_lookaside(), f"xds:///{t}", opts, zone)
 
 
 class XdsChannel(grpc.Channel):
@@ -188,7 +227,7 @@ class XdsChannel(grpc.Channel):
 
     def __init__(self, settings: XdsSettings, credentials: grpc.ChannelCredentials | None) -> None:
         self.settings = settings
-        ensure_bootstrap(settings.lookaside)
+        ensure_bootstrap(settings.lookaside, settings.zone)
         if credentials is None:
             self._channel = grpc.insecure_channel(settings.xds_target, options=settings.options)
         else:
@@ -232,7 +271,7 @@ class AioXdsChannel(grpc.aio.Channel):
 
     def __init__(self, settings: XdsSettings, credentials: grpc.ChannelCredentials | None) -> None:
         self.settings = settings
-        ensure_bootstrap(settings.lookaside)
+        ensure_bootstrap(settings.lookaside, settings.zone)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(settings.xds_target, options=settings.options)
         else:

@@ -10,6 +10,9 @@ symbols (package ``lookaside``). A process that wants the file in the default po
 reflection) calls :func:`add_to_default_pool`.
 """
 
+from collections.abc import Sequence as _Sequence
+from typing import TypeVar as _TypeVar
+
 from google.protobuf import descriptor_pool as _descriptor_pool
 
 from lookaside_grpc._generated import lookaside_pb2 as _pb2
@@ -35,6 +38,8 @@ from lookaside_grpc._generated.lookaside_pb2_grpc import (
 from lookaside_grpc._status_view import ago, iso_time, status_to_dict
 from lookaside_grpc._target import InvalidTarget, Target, canonical_port
 from lookaside_grpc._weights import weighted_schedule
+
+_Zoned = _TypeVar("_Zoned")  # anything with ``zone`` and ``for_zones`` (client or server endpoints)
 
 #: The full name of the service, for health checks and reflection.
 SERVICE_NAME: str = _pb2.DESCRIPTOR.services_by_name["Lookaside"].full_name
@@ -71,6 +76,18 @@ WEIGHTED: int = Request.WEIGHTED
 #: Router types the server answers from the load clients report (ReportLoad).
 LOAD_ROUTERS: frozenset[int] = frozenset({LEAST_REQUEST, PEAK_EWMA, WEIGHTED})
 
+
+def zone_split(
+    endpoints: _Sequence[_Zoned], zone: str
+) -> tuple[tuple[_Zoned, ...], tuple[_Zoned, ...], float]:
+    """(local, spill-over, fraction kept local) for a client in ``zone``: the client's zone-aware rule
+    (``_policies.zone_split``), shared with the server's zone-aware xDS endpoints. Imported on first use
+    (the policies import this module)."""
+    from lookaside_grpc._policies import zone_split as split
+
+    return split(endpoints, zone)  # type: ignore[arg-type, return-value]
+
+
 __all__ = [
     "DESCRIPTOR",
     "POOL",
@@ -103,6 +120,7 @@ __all__ = [
     "ago",
     "canonical_port",
     "weighted_schedule",
+    "zone_split",
     "iso_time",
     "status_to_dict",
 ]

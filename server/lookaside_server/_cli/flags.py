@@ -9,6 +9,7 @@ value (``LB_PORT=abc``) is then a usage error (exit 2) naming the variable, neve
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Callable
 from importlib import metadata
@@ -21,6 +22,7 @@ from lookaside_server._config import (
     ListenConfig,
     ServerConfig,
     StaticFileConfig,
+    XdsConfig,
 )
 
 #: The status page's port when --http-port is not given (if it is busy the server runs without the page).
@@ -206,8 +208,67 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve xDS (ADS) on the gRPC port for stock clients dialing "
         "xds:///<service>.<namespace> (LB_XDS=0 or --no-xds turns it off; default on)",
     )
+    _add_xds_routing_arguments(p)
     add_security_arguments(p)
     return p
+
+
+def _add_xds_routing_arguments(p: argparse.ArgumentParser) -> None:
+    """The xDS routing flags (zones, consistent hashing, WRR); see the README's xDS section."""
+    from lookaside_server._xds import LB_POLICIES, MAX_ZONES, ROUND_ROBIN
+
+    x = p.add_argument_group("xDS routing (stock xds:/// clients)")
+    env_argument(
+        x,
+        "--xds-max-zones",
+        env="LB_XDS_MAX_ZONES",
+        type=integer(0),
+        default=MAX_ZONES,
+        help="zone-aware endpoints for clients whose xDS bootstrap names a zone (node.locality.zone): "
+        "their zone at priority 0, spill-over weighted in when it is short of endpoints, other zones "
+        "at priority 1; at most this many distinct client zones at once (streams of further zones get "
+        "zone-unaware endpoints, counted as the limit xds_max_zones); 0 = ignore zones",
+    )
+    env_argument(
+        x,
+        "--xds-lb-policy",
+        env="LB_XDS_LB_POLICY",
+        type=one_of(LB_POLICIES),
+        default=ROUND_ROBIN,
+        help="endpoint picking of targets without a hash header: round_robin, or wrr (gRPC's "
+        "client_side_weighted_round_robin from the backends' ORCA endpoint-load-metrics-bin "
+        "trailers; grpcio >= 1.55, older clients fall back to round_robin)",
+    )
+    x.add_argument(
+        "--xds-hash-header",
+        action="append",
+        default=None,
+        metavar="[NS/SVC=]HEADER",
+        help="consistent hashing (RING_HASH) on a request header: HEADER for every target or "
+        "ns/svc=HEADER for one (wins over the first form); repeatable or comma-separated "
+        "(LB_XDS_HASH_HEADERS)",
+    )
+
+
+def _xds_routing(args: argparse.Namespace, xds: XdsConfig) -> XdsConfig:
+    """``xds`` with the xDS routing flags applied; ValueError for a bad value."""
+    from lookaside_server._xds import MAX_ZONES, ROUND_ROBIN, parse_hash_headers
+
+    raw = args.xds_hash_header or ([v] if (v := env_text("LB_XDS_HASH_HEADERS")) else [])
+    headers = parse_hash_headers(raw)
+    if args.xds_max_zones == MAX_ZONES and args.xds_lb_policy == ROUND_ROBIN and not headers:
+        return xds
+    try:
+        from lookaside_server._xds.resources import XdsOptions
+    except ImportError:  # no xds-protos: xDS is off anyway (the server says so at start)
+        return xds
+    options = dataclasses.replace(
+        xds.options or XdsOptions(),
+        max_zones=args.xds_max_zones,
+        lb_policy=args.xds_lb_policy,
+        hash_headers=headers,
+    )
+    return dataclasses.replace(xds, options=options)
 
 
 def _http(flag: int | None) -> HttpConfig:
@@ -242,5 +303,5 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         http=HttpConfig(
             port=http.port, host=args.http_host, optional=http.optional, limits=http_limits_config(args)
         ),
-        xds=xds_config(args),
+        xds=_xds_routing(args, xds_config(args)),
     )

@@ -19,10 +19,12 @@ Counted as things happen (by the server interceptor, the access policy and the l
   Status, ReportLoad, health checks), kept likewise: prefer ``grpc_server_handling_seconds``;
 * ``lookaside_access_denied_total{reason}``: denials by ``namespace``, ``service`` or ``identity``;
 * ``lookaside_limit_hits_total{limit}``: ``max_watches``, ``max_watches_per_peer``, ``max_targets``,
-  ``xds_max_names`` (an xDS stream subscribing to more names than ``--xds-max-names``),
+  ``xds_max_names`` (an xDS stream subscribing to more names than ``--xds-max-names``), ``xds_max_zones``
+  (an xDS client zone beyond ``--xds-max-zones``: served the zone-unaware encoding),
   ``max_load_reports_per_peer``, ``max_load_reports_per_target``, ``max_load_report_endpoints`` (ReportLoad),
-  and of the HTTP listener ``http_max_connections`` (a connection closed at the cap) and
-  ``http_header_timeout`` (request headers too slow) (grpc refuses oversize messages, RPCs above
+  and of the HTTP listener ``http_max_connections`` (a connection closed at the cap),
+  ``http_header_timeout`` (request headers too slow) and ``http_render_budget`` (answered with an earlier
+  rendering, or 429) (grpc refuses oversize messages, RPCs above
   ``--max-concurrent-rpcs`` and streams above ``--max-streams-per-connection`` itself: not counted here).
 * ``lookaside_xds_rejects_total{reason}``: xDS request parts not served (``nack``, ``unknown_type``,
   ``unknown_name``, ``invalid_name``, ``not_found``, ``denied``, ``too_many_names``, ``invalid_request``).
@@ -100,9 +102,11 @@ LATENCY_BUCKETS = (
     5.0,
 )
 STREAM_KINDS = ("watch", "xds")
-#: The limit label of ``--xds-max-names`` (``_xds.stream.MAX_NAMES_LIMIT``; that module needs the optional
-#: xds-protos package, so the name is repeated here to show the series at 0 from the start).
+#: The limit labels of ``--xds-max-names`` and ``--xds-max-zones`` (``_xds.stream.MAX_NAMES_LIMIT`` and
+#: ``MAX_ZONES_LIMIT``; that module needs the optional xds-protos package, so the names are repeated here to
+#: show the series at 0 from the start).
 XDS_MAX_NAMES = "xds_max_names"
+XDS_MAX_ZONES = "xds_max_zones"
 
 #: ``grpc_server_handling_seconds``: the sub-millisecond buckets of Resolve, then up to an hour for the
 #: lifetime of Watch and xDS streams.
@@ -368,6 +372,7 @@ class ServerMetrics:
             MAX_WATCHES_PER_PEER,
             MAX_TARGETS,
             XDS_MAX_NAMES,
+            XDS_MAX_ZONES,
             MAX_LOAD_REPORTS_PER_PEER,
             MAX_LOAD_REPORTS_PER_TARGET,
             MAX_LOAD_REPORT_ENDPOINTS,

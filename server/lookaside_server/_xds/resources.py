@@ -8,7 +8,12 @@ everything behind it is named canonically, ``str(Target.parse(name))`` (``greet.
 ``greet.default.svc:05001``): the Listener routes to the RouteConfiguration and Cluster of the canonical name,
 whose ClusterLoadAssignment has that name too. The server chooses those names, so a client asks for them only
 canonically; every spelling of one (target, port) shares one Cluster and one ClusterLoadAssignment, encoded
-once per endpoint version (see ``stream.ResourceCache``).
+once per endpoint version (see ``stream.ResourceCache``) and client zone.
+
+Routing: the ClusterLoadAssignment of a client in a zone puts its zone first (:func:`placements`, priorities
+and spill-over weights by the client library's zone rule); a target with a hash header gets a RING_HASH
+Cluster and a route hashing that header; ``lb_policy="wrr"`` asks for gRPC's client_side_weighted_round_robin
+and groups the endpoints into one locality per zone, where WRR can weigh them.
 """
 
 from __future__ import annotations
@@ -17,16 +22,30 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, extension_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v3 import (
+    client_side_weighted_round_robin_pb2 as cswrr_pb2,
+)
+from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
+from envoy.extensions.load_balancing_policies.wrr_locality.v3 import wrr_locality_pb2
 from google.protobuf import any_pb2, duration_pb2, message, wrappers_pb2
 
-from lookaside_server._core.model import BackendEndpoint, Endpoints
-from lookaside_server._xds import MAX_NAMES
+from lookaside_grpc.protocol import zone_split
+from lookaside_server._core.model import BackendEndpoint, Endpoints, Target
+from lookaside_server._xds import (
+    HASH_ALL,
+    LB_POLICIES,
+    MAX_NAMES,
+    MAX_ZONES,
+    ROUND_ROBIN,
+    WRR,
+    check_hash_header,
+)
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -96,12 +115,52 @@ class XdsOptions:
     #: Seconds between two log lines of one kind (NACK, unknown type, unknown name, ...) about one client IP;
     #: the ones in between are counted (``lookaside_xds_rejects_total``) and summed up in the next line.
     log_interval: float = 30.0
+    #: Zone-aware endpoints: most distinct client zones (bootstrap ``node.locality.zone``) served their own
+    #: ClusterLoadAssignment at once; a stream naming another zone gets the zone-unaware one (logged,
+    #: counted as the limit ``xds_max_zones``). 0 = zones are ignored.
+    max_zones: int = MAX_ZONES
+    #: Endpoint-picking policy of the Clusters without a hash header: ``round_robin`` (one locality per
+    #: endpoint, so locality weights carry the endpoint weights) or ``wrr`` (gRPC's
+    #: client_side_weighted_round_robin over the backends' ORCA reports, endpoints grouped per zone).
+    lb_policy: str = ROUND_ROBIN
+    #: Consistent hashing (RING_HASH + a route hash policy on a request header): header name by
+    #: ``namespace/service``, or :data:`HASH_ALL` (``*``) for every target without an entry of its own.
+    hash_headers: Mapping[str, str] = field(default_factory=dict)
+    #: client_side_weighted_round_robin's ``blackout_period`` (seconds an endpoint must report before its
+    #: weight counts) and ``weight_update_period``; None = gRPC's defaults (10 s, 1 s).
+    wrr_blackout_period: float | None = None
+    wrr_weight_update_period: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_names < 1:
             raise ValueError("max_names must be at least 1")
         if self.max_queued_requests < 1:
             raise ValueError("max_queued_requests must be at least 1")
+        if self.max_zones < 0:
+            raise ValueError("max_zones must be at least 0")
+        if self.lb_policy not in LB_POLICIES:
+            raise ValueError(f"lb_policy must be one of {', '.join(LB_POLICIES)}, not {self.lb_policy!r}")
+        for key, header in self.hash_headers.items():
+            check_hash_header(header)
+            if key != HASH_ALL:
+                ns, _, svc = key.partition("/")
+                if not ns or not svc:
+                    raise ValueError(f"hash header target {key!r}: expected namespace/service or {HASH_ALL}")
+        for name in ("wrr_blackout_period", "wrr_weight_update_period"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 86400:
+                raise ValueError(f"{name} must be within [0, 86400) seconds")
+
+    def hash_header(self, target: Target) -> str | None:
+        """The request header whose value picks the backend of ``target`` (consistent hashing), if any."""
+        if not self.hash_headers:
+            return None
+        return self.hash_headers.get(f"{target.namespace}/{target.service}", self.hash_headers.get(HASH_ALL))
+
+    def grouped(self, target: Target) -> bool:
+        """Whether ``target``'s endpoints are grouped into one locality per zone (WRR) rather than one
+        locality each."""
+        return self.lb_policy == WRR and self.hash_header(target) is None
 
 
 def pack(msg: message.Message) -> any_pb2.Any:
@@ -111,8 +170,17 @@ def pack(msg: message.Message) -> any_pb2.Any:
     return out
 
 
-def route_configuration(name: str) -> route_pb2.RouteConfiguration:
-    """One virtual host for every domain, routing every path to the cluster ``name``."""
+def route_configuration(name: str, hash_header: str | None = None) -> route_pb2.RouteConfiguration:
+    """One virtual host for every domain, routing every path to the cluster ``name``; with ``hash_header``
+    the route hashes that request header (for the cluster's RING_HASH; a call without it gets a random
+    hash, as in gRPC)."""
+    action = route_components_pb2.RouteAction(cluster=name)
+    if hash_header is not None:
+        action.hash_policy.append(
+            route_components_pb2.RouteAction.HashPolicy(
+                header=route_components_pb2.RouteAction.HashPolicy.Header(header_name=hash_header)
+            )
+        )
     return route_pb2.RouteConfiguration(
         name=name,
         virtual_hosts=[
@@ -120,10 +188,7 @@ def route_configuration(name: str) -> route_pb2.RouteConfiguration:
                 name=name,
                 domains=["*"],
                 routes=[
-                    route_components_pb2.Route(
-                        match=route_components_pb2.RouteMatch(prefix=""),
-                        route=route_components_pb2.RouteAction(cluster=name),
-                    )
+                    route_components_pb2.Route(match=route_components_pb2.RouteMatch(prefix=""), route=action)
                 ],
             )
         ],
@@ -136,9 +201,12 @@ def _ads() -> config_source_pb2.ConfigSource:
     )
 
 
-def listener(name: str, options: XdsOptions, canonical: str | None = None) -> listener_pb2.Listener:
+def listener(
+    name: str, options: XdsOptions, canonical: str | None = None, hash_header: str | None = None
+) -> listener_pb2.Listener:
     """An API listener named ``name`` (the name the client dialled) whose HttpConnectionManager routes
-    (inline or via RDS) to the cluster ``canonical`` (default: ``name``) and ends with the router."""
+    (inline or via RDS) to the cluster ``canonical`` (default: ``name``) and ends with the router; an inline
+    route hashes ``hash_header`` (see :func:`route_configuration`)."""
     canonical = name if canonical is None else canonical
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=canonical,
@@ -147,21 +215,70 @@ def listener(name: str, options: XdsOptions, canonical: str | None = None) -> li
     if options.rds:
         hcm.rds.CopyFrom(hcm_pb2.Rds(config_source=_ads(), route_config_name=canonical))
     else:
-        hcm.route_config.CopyFrom(route_configuration(canonical))
+        hcm.route_config.CopyFrom(route_configuration(canonical, hash_header))
     return listener_pb2.Listener(name=name, api_listener=api_listener_pb2.ApiListener(api_listener=pack(hcm)))
 
 
-def cluster(name: str, options: XdsOptions) -> cluster_pb2.Cluster:
-    """An EDS cluster (endpoints over ADS under the same name), round robin, with the outlier detection."""
+def cluster(name: str, options: XdsOptions, hash_header: str | None = None) -> cluster_pb2.Cluster:
+    """An EDS cluster (endpoints over ADS under the same name) with the outlier detection: RING_HASH (xxHash,
+    as gRPC requires) when the target hashes a header, else round robin, or with ``options.lb_policy`` wrr
+    gRPC's client_side_weighted_round_robin under wrr_locality (round robin as the fallback for clients
+    without it)."""
     out = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=name),
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
     )
+    if hash_header is not None:
+        out.lb_policy = cluster_pb2.Cluster.RING_HASH
+        out.ring_hash_lb_config.CopyFrom(
+            cluster_pb2.Cluster.RingHashLbConfig(
+                minimum_ring_size=wrappers_pb2.UInt64Value(value=1024),
+                hash_function=cluster_pb2.Cluster.RingHashLbConfig.XX_HASH,
+            )
+        )
+    elif options.lb_policy == WRR:
+        out.load_balancing_policy.CopyFrom(_wrr_policy(options))
     if options.outlier_detection is not None:
         out.outlier_detection.CopyFrom(options.outlier_detection)
     return out
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    out.FromNanoseconds(round(seconds * 1e9))
+    return out
+
+
+def _wrr_policy(options: XdsOptions) -> cluster_pb2.LoadBalancingPolicy:
+    """wrr_locality { client_side_weighted_round_robin, else round_robin } (gRFC A52/A58): the locality
+    weights pick a locality, WRR picks within it by the ORCA-reported weights."""
+    wrr = cswrr_pb2.ClientSideWeightedRoundRobin()
+    if options.wrr_blackout_period is not None:
+        wrr.blackout_period.CopyFrom(_duration(options.wrr_blackout_period))
+    if options.wrr_weight_update_period is not None:
+        wrr.weight_update_period.CopyFrom(_duration(options.wrr_weight_update_period))
+    endpoint_picking = cluster_pb2.LoadBalancingPolicy(
+        policies=[
+            _policy("envoy.load_balancing_policies.client_side_weighted_round_robin", wrr),
+            _policy("envoy.load_balancing_policies.round_robin", round_robin_pb2.RoundRobin()),
+        ]
+    )
+    return cluster_pb2.LoadBalancingPolicy(
+        policies=[
+            _policy(
+                "envoy.load_balancing_policies.wrr_locality",
+                wrr_locality_pb2.WrrLocality(endpoint_picking_policy=endpoint_picking),
+            )
+        ]
+    )
+
+
+def _policy(name: str, config: message.Message) -> cluster_pb2.LoadBalancingPolicy.Policy:
+    return cluster_pb2.LoadBalancingPolicy.Policy(
+        typed_extension_config=extension_pb2.TypedExtensionConfig(name=name, typed_config=pack(config))
+    )
 
 
 def endpoint_weights(
@@ -182,36 +299,121 @@ def endpoint_weights(
     return [max(1, int(options.weight(e))) for e in endpoints]
 
 
+#: Total locality weight of priority 0 when the client's zone keeps only part of its calls (the local and
+#: spill-over shares are scaled to it; well within gRPC's uint32 limit on a priority's weights).
+ZONE_WEIGHT_TOTAL = 1_000_000
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one endpoint goes in a ClusterLoadAssignment: its priority and weight."""
+
+    endpoint: BackendEndpoint
+    priority: int
+    weight: int
+
+
+def placements(endpoints: Endpoints, weights: list[int], zone: str = "") -> tuple[list[Placement], bool]:
+    """Each endpoint's priority and weight for a client in ``zone``, and whether the placement is zone-aware,
+    by the client library's zone rule (:func:`lookaside_grpc.protocol.zone_split`: EndpointSlice hints,
+    else Envoy's zone-aware rule).
+
+    No zone, or zones ignored (fewer than 6 endpoints, none local): all at priority 0 with ``weights``,
+    today's encoding. Otherwise the local endpoints are priority 0 and the other zones priority 1 (gRPC's
+    priority policy fails over to it only when priority 0 has no READY endpoint). When the local zone has
+    less than its share of the endpoints, the spill-over endpoints join priority 0 too, weighted so that
+    the local ones carry exactly the kept fraction of the calls (gRPC's weighted_target picks a locality
+    by weight): the client keeps ``keep`` of its calls local and no local endpoint gets more than an even
+    share.
+    """
+    everything = [Placement(e, 0, w) for e, w in zip(endpoints, weights, strict=True)]
+    if not zone:
+        return everything, False
+    local, spill, keep = zone_split(endpoints, zone)
+    if len(local) == len(endpoints):
+        return everything, False
+    local_ids = {id(e) for e in local}
+    spill_ids = {id(e) for e in spill} if keep < 1.0 else set()
+    local_total = sum(w for e, w in zip(endpoints, weights, strict=True) if id(e) in local_ids)
+    spill_total = sum(w for e, w in zip(endpoints, weights, strict=True) if id(e) in spill_ids)
+    out = []
+    for e, w in zip(endpoints, weights, strict=True):
+        if id(e) in local_ids:
+            out.append(Placement(e, 0, _scaled(w, keep, local_total) if spill_ids else w))
+        elif id(e) in spill_ids:
+            out.append(Placement(e, 0, _scaled(w, 1.0 - keep, spill_total)))
+        else:
+            out.append(Placement(e, 1, w))
+    return out, True
+
+
+def _scaled(weight: int, share: float, group_total: int) -> int:
+    return max(1, round(ZONE_WEIGHT_TOTAL * share * weight / group_total))
+
+
 def load_assignment(
-    name: str, endpoints: Endpoints, options: XdsOptions, load: Mapping[tuple[str, int], int] | None = None
+    name: str,
+    endpoints: Endpoints,
+    options: XdsOptions,
+    load: Mapping[tuple[str, int], int] | None = None,
+    zone: str = "",
+    grouped: bool = False,
 ) -> endpoint_pb2.ClusterLoadAssignment:
     """The endpoints as ONE LOCALITY EACH, weighted by :func:`endpoint_weights` (the load weights of the
-    target when clients report load, else ``options.weight``).
+    target when clients report load, else ``options.weight``), placed in priorities for a client in ``zone``
+    (:func:`placements`).
 
     gRPC's ROUND_ROBIN ignores per-endpoint weights but honours locality weights (weighted_target), so a
     locality per endpoint is how endpoint weights take effect; a locality without a weight would be dropped.
     The sub-zone is ``ip:port`` so localities are distinct; the zone is the endpoint's topology zone.
+
+    ``grouped`` (client_side_weighted_round_robin): one locality per (priority, zone), or one per priority
+    for a client without zone-aware placement, weighted by the sum of its endpoints' weights: WRR picks
+    among the endpoints of one locality, so with a locality each its ORCA weights would change nothing.
     """
-    weights = endpoint_weights(endpoints, options, load)
-    return endpoint_pb2.ClusterLoadAssignment(
-        cluster_name=name,
-        endpoints=[
-            endpoint_components_pb2.LocalityLbEndpoints(
-                locality=base_pb2.Locality(zone=e.zone, sub_zone=_host_port(e)),
-                load_balancing_weight=wrappers_pb2.UInt32Value(value=w),
-                priority=0,
-                lb_endpoints=[
-                    endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(
-                            address=address_pb2.Address(
-                                socket_address=address_pb2.SocketAddress(address=e.ip, port_value=e.port)
-                            )
-                        ),
-                        health_status=health_check_pb2.HEALTHY,
-                    )
-                ],
+    placed, zoned = placements(endpoints, endpoint_weights(endpoints, options, load), zone)
+    if not grouped:
+        localities = [
+            _locality(
+                base_pb2.Locality(zone=p.endpoint.zone, sub_zone=_host_port(p.endpoint)), p.priority, [p]
             )
-            for e, w in zip(endpoints, weights, strict=True)
+            for p in placed
+        ]
+    else:
+        groups: dict[tuple[int, str], list[Placement]] = {}
+        for p in placed:
+            groups.setdefault((p.priority, p.endpoint.zone if zoned else ""), []).append(p)
+        localities = [
+            _locality(base_pb2.Locality(zone=z, sub_zone=f"p{priority}"), priority, members)
+            for (priority, z), members in sorted(groups.items())
+        ]
+    return endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=localities)
+
+
+def _locality(
+    locality: base_pb2.Locality, priority: int, members: list[Placement]
+) -> endpoint_components_pb2.LocalityLbEndpoints:
+    return endpoint_components_pb2.LocalityLbEndpoints(
+        locality=locality,
+        load_balancing_weight=wrappers_pb2.UInt32Value(value=min(sum(p.weight for p in members), 2**32 - 1)),
+        priority=priority,
+        lb_endpoints=[
+            endpoint_components_pb2.LbEndpoint(
+                endpoint=endpoint_components_pb2.Endpoint(
+                    address=address_pb2.Address(
+                        socket_address=address_pb2.SocketAddress(
+                            address=p.endpoint.ip, port_value=p.endpoint.port
+                        )
+                    )
+                ),
+                health_status=health_check_pb2.HEALTHY,
+                **(
+                    {"load_balancing_weight": wrappers_pb2.UInt32Value(value=p.weight)}
+                    if len(members) > 1
+                    else {}
+                ),
+            )
+            for p in members
         ],
     )
 

@@ -29,7 +29,12 @@ names and resources). Per ADS stream:
 * NACKs, unknown type URLs and unknown, invalid, missing or forbidden names are counted
   (``lookaside_xds_rejects_total{reason}``) and logged at most once per ``log_interval`` per client IP and
   reason;
-* the node id comes only with the stream's first request and is remembered for the stream;
+* the node id comes only with the stream's first request and is remembered for the stream, and so is the
+  client's zone (``node.locality.zone``): a client in a zone gets a zone-aware ClusterLoadAssignment
+  (``resources.placements``: its zone at priority 0, spill-over weighted in when its zone is short of
+  endpoints, the other zones at priority 1), built once per (target, version, weights, zone); at most
+  ``max_zones`` distinct zones at once (streams of further zones get the zone-unaware encoding; logged and
+  counted as the limit ``xds_max_zones``);
 * a client that goes away (cancel, broken connection), also in the middle of a write, ends the stream quietly
   (DEBUG).
 
@@ -87,6 +92,11 @@ CONTROL_PLANE = "lookaside-server"
 #: The limit name of ``max_names`` (``lookaside_limit_hits_total{limit}``) and its flag.
 MAX_NAMES_LIMIT = "xds_max_names"
 MAX_NAMES_FLAG = "--xds-max-names"
+#: The limit name of ``max_zones`` and its flag.
+MAX_ZONES_LIMIT = "xds_max_zones"
+MAX_ZONES_FLAG = "--xds-max-zones"
+#: Longest zone name taken from a client's bootstrap (Kubernetes label values have at most 63 characters).
+MAX_ZONE_LENGTH = 128
 
 #: Why a request (or part of one) was not served: the ``reason`` of ``lookaside_xds_rejects_total``.
 NACK = "nack"
@@ -192,10 +202,9 @@ class _Shared:
     state: TargetState | None = None
     endpoints: Endpoints | None = None
     problem: str = ""
-    #: The ClusterLoadAssignment for ``state`` with the load weights ``weights`` (compared by identity).
-    eds: bytes | None = None
-    eds_state: TargetState | None = None
-    weights: object = None
+    #: The ClusterLoadAssignment by client zone ("" = zone-unaware): (blob, the state and the load weights it
+    #: was built for; weights compared by identity).
+    eds: dict[str, tuple[bytes, TargetState, object]] = field(default_factory=dict)
     cluster: bytes | None = None
     route: bytes | None = None
 
@@ -217,6 +226,8 @@ class ResourceCache:
         self._entries: dict[Target, _Shared] = {}
         #: Resources built, by type (for tests and status views).
         self.builds: Counter[str] = Counter()
+        #: Client zones of the open streams (admitted ones), with how many streams are in each.
+        self.zones: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -249,32 +260,39 @@ class ResourceCache:
             entry.state, entry.endpoints, entry.problem = state, result, problem
         return result
 
-    def load_assignment(self, entry: _Shared, state: TargetState) -> bytes:
+    def load_assignment(self, entry: _Shared, state: TargetState, zone: str = "") -> bytes:
+        """The ClusterLoadAssignment of ``state`` for a client in ``zone`` ("" = zone-unaware), cached per
+        zone; zones no stream uses any more (see :meth:`AdsServicer.admit_zone`) are dropped."""
         weights = self.load.weights(entry.target.with_port("")) if self.load is not None else None
+        cached = entry.eds.get(zone)
         if (
-            entry.eds is not None
-            and entry.eds_state is state
-            and (entry.weights is weights or (not entry.weights and not weights))
+            cached is not None
+            and cached[1] is state
+            and (cached[2] is weights or (not cached[2] and not weights))
         ):
-            return entry.eds
+            return cached[0]
         endpoints = self.endpoints(entry, state) or ()
-        blob = load_assignment(entry.name, endpoints, self.options, weights).SerializeToString(
-            deterministic=True
-        )
+        blob = load_assignment(
+            entry.name, endpoints, self.options, weights, zone, self.options.grouped(entry.target)
+        ).SerializeToString(deterministic=True)
         self.builds[ENDPOINTS] += 1
-        if not _older(state, entry.eds_state):
-            entry.eds, entry.eds_state, entry.weights = blob, state, weights
+        if cached is None or not _older(state, cached[1]):
+            for stale in [z for z in entry.eds if z and z not in self.zones]:
+                del entry.eds[stale]
+            entry.eds[zone] = (blob, state, weights)
         return blob
 
     def cluster(self, entry: _Shared) -> bytes:
         if entry.cluster is None:
-            entry.cluster = cluster(entry.name, self.options).SerializeToString(deterministic=True)
+            header = self.options.hash_header(entry.target)
+            entry.cluster = cluster(entry.name, self.options, header).SerializeToString(deterministic=True)
             self.builds[CLUSTER] += 1
         return entry.cluster
 
     def route(self, entry: _Shared) -> bytes:
         if entry.route is None:
-            entry.route = route_configuration(entry.name).SerializeToString(deterministic=True)
+            header = self.options.hash_header(entry.target)
+            entry.route = route_configuration(entry.name, header).SerializeToString(deterministic=True)
             self.builds[ROUTE] += 1
         return entry.route
 
@@ -303,6 +321,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.cache = ResourceCache(self.options, self.load)
         #: Rejected request parts by reason (see :data:`REJECT_REASONS`), also passed to ``on_reject``.
         self.rejects: Counter[str] = Counter()
+        #: Streams whose zone was not admitted (``max_zones`` distinct zones in use, or a bad zone name).
+        self.zone_refusals = 0
         self._on_reject = on_reject
         self.log_limited = RateLimitedLog(self.options.log_interval)
         self._streams: set[_AdsStream] = set()
@@ -357,7 +377,57 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             await stream.release()
+            self.release_zone(stream.zone)
             log.info("ADS stream %d (node %r) ended", stream.id, stream.node)
+
+    def admit_zone(self, stream: _AdsStream, zone: str) -> str:
+        """The zone ``stream`` is served for: ``zone`` if zones are on, it is sane and it is in use or fewer
+        than ``max_zones`` zones are; else "" (zone-unaware; logged and counted)."""
+        zones = self.cache.zones
+        limit = self.options.max_zones
+        if not zone or not limit:
+            return ""
+        if len(zone) > MAX_ZONE_LENGTH or not zone.isprintable():
+            self.zone_refusals += 1
+            self.log_limited(
+                logging.WARNING,
+                stream.client,
+                "zone",
+                "ADS stream %d (node %r, %s): zone %s is not a zone name; serving it zone-unaware endpoints",
+                stream.id,
+                stream.node,
+                stream.peer,
+                _quote(zone),
+            )
+            return ""
+        if zone not in zones and len(zones) >= limit:
+            self.zone_refusals += 1
+            record_hit(MAX_ZONES_LIMIT)
+            self.log_limited(
+                logging.WARNING,
+                stream.client,
+                MAX_ZONES_LIMIT,
+                "limit %s reached: ADS stream %d (node %r, %s) is in zone %s, but %d zones are in use "
+                "(%s); serving it zone-unaware endpoints",
+                MAX_ZONES_LIMIT,
+                stream.id,
+                stream.node,
+                stream.peer,
+                _quote(zone),
+                limit,
+                MAX_ZONES_FLAG,
+            )
+            return ""
+        zones[zone] += 1
+        return zone
+
+    def release_zone(self, zone: str) -> None:
+        """A stream admitted in ``zone`` ended."""
+        zones = self.cache.zones
+        if zone and zones.get(zone, 0) > 0:
+            zones[zone] -= 1
+            if zones[zone] <= 0:
+                del zones[zone]
 
     def close(self) -> None:
         """End every stream (server shutdown) and refuse new ones; idempotent."""
@@ -435,6 +505,8 @@ class _AdsStream:
         #: The client IP (the key of rate-limited logs).
         self.client = peer_ip(peer)
         self.node = ""
+        #: The client's zone (bootstrap ``node.locality.zone``) as admitted: "" = zone-unaware endpoints.
+        self.zone = ""
         self._types = {t: _TypeState() for t in TYPES}
         self._requests: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue(
             maxsize=servicer.options.max_queued_requests
@@ -522,13 +594,15 @@ class _AdsStream:
     async def _handle(self, request: discovery_pb2.DiscoveryRequest) -> None:
         if not self.node and request.node.id:
             self.node = request.node.id[:_QUOTE]
+            self.zone = self.servicer.admit_zone(self, request.node.locality.zone)
             log.info(
-                "ADS stream %d from node %r (cluster %r, %s, %s)",
+                "ADS stream %d from node %r (cluster %r, %s, %s%s)",
                 self.id,
                 self.node,
                 request.node.cluster[:_QUOTE],
                 request.node.user_agent_name[:_QUOTE] or "unknown agent",
                 self.peer,
+                f", zone {self.zone!r}" if self.zone else "",
             )
         state = self._types.get(request.type_url)
         if state is None:
@@ -768,7 +842,8 @@ class _AdsStream:
         cache = self.servicer.cache
         if type_url == LISTENER:
             if n.listener is None:
-                n.listener = listener(n.name, cache.options, n.shared.name).SerializeToString(
+                header = cache.options.hash_header(n.shared.target)
+                n.listener = listener(n.name, cache.options, n.shared.name, header).SerializeToString(
                     deterministic=True
                 )
             return n.listener
@@ -779,7 +854,7 @@ class _AdsStream:
         if type_url == CLUSTER:
             return cache.cluster(n.shared)
         assert type_url == ENDPOINTS
-        return cache.load_assignment(n.shared, state)
+        return cache.load_assignment(n.shared, state, self.zone)
 
     def _response(self, type_url: str) -> discovery_pb2.DiscoveryResponse | None:
         state = self._types[type_url]
@@ -818,6 +893,7 @@ class _AdsStream:
         return {
             "stream": self.id,
             "node": self.node,
+            "zone": self.zone,
             "peer": self.peer,
             "subscriptions": {TYPE_NAMES[t]: sorted(s.names) for t, s in self._types.items() if s.names},
             "versions": {TYPE_NAMES[t]: s.version for t, s in self._types.items() if s.version},
