@@ -59,6 +59,8 @@ ROUTER_FILTER = "envoy.filters.http.router"
 
 #: Default of :attr:`XdsOptions.max_queued_requests`.
 MAX_QUEUED_REQUESTS = 8
+#: Bytes of xDS responses being built and written at once, all streams together (see ``XdsOptions``).
+MAX_SENDING_BYTES = 32 << 20
 
 
 def _default_outlier_detection() -> outlier_detection_pb2.OutlierDetection:
@@ -130,8 +132,15 @@ class XdsOptions:
     #: weight counts) and ``weight_update_period``; None = gRPC's defaults (10 s, 1 s).
     wrr_blackout_period: float | None = None
     wrr_weight_update_period: float | None = None
+    #: Bytes of responses being built and written at once, all streams together. A response is a copy of
+    #: its shared resources per stream, so a change of a large target reaching thousands of streams at once
+    #: would otherwise hold a copy per stream (10,000 streams of a 5,000-endpoint target: about 2.5 GB); over
+    #: the budget, streams wait their turn (one response bigger than the budget is sent alone).
+    max_sending_bytes: int = MAX_SENDING_BYTES
 
     def __post_init__(self) -> None:
+        if self.max_sending_bytes < 1:
+            raise ValueError("max_sending_bytes must be at least 1")
         if self.max_names < 1:
             raise ValueError("max_names must be at least 1")
         if self.max_queued_requests < 1:

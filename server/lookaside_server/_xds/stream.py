@@ -45,6 +45,7 @@ disappears or its port goes away the ClusterLoadAssignment becomes empty (calls 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -319,6 +320,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.access = access if access is not None else AccessPolicy(allow_namespaces)
         #: The canonical resources, shared by every stream.
         self.cache = ResourceCache(self.options, self.load)
+        self.sending = SendingBudget(self.options.max_sending_bytes)
         #: Rejected request parts by reason (see :data:`REJECT_REASONS`), also passed to ``on_reject``.
         self.rejects: Counter[str] = Counter()
         #: Streams whose zone was not admitted (``max_zones`` distinct zones in use, or a bad zone name).
@@ -353,9 +355,10 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         reader = asyncio.create_task(stream.read(request_iterator), name=f"ads-{stream.id}-reader")
         try:
             async with contextlib.aclosing(stream.run()) as responses:
-                async for response in responses:
+                async for pending in responses:
                     try:
-                        await context.write(response)
+                        async with self.sending.hold(pending.size):
+                            await context.write(pending.message())
                     except asyncio.CancelledError:
                         raise
                     except Exception as e:  # noqa: BLE001 - the call is over (client cancel, broken connection)
@@ -442,6 +445,78 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def allowed(self, namespace: str) -> bool:
         """Whether ``namespace`` may be served (the same allow-list as Resolve/Watch)."""
         return self.access.allow_namespaces is None or namespace in self.access.allow_namespaces
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A response owed to a stream: the shared resource bytes, not yet copied into a message."""
+
+    type_url: str
+    version: str
+    nonce: str
+    resources: tuple[bytes, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(len(r) for r in self.resources) + 256
+
+    def message(self) -> discovery_pb2.DiscoveryResponse:
+        return discovery_pb2.DiscoveryResponse(
+            version_info=self.version,
+            resources=[any_pb2.Any(type_url=self.type_url, value=blob) for blob in self.resources],
+            type_url=self.type_url,
+            nonce=self.nonce,
+            control_plane=base_pb2.ControlPlane(identifier=CONTROL_PLANE),
+        )
+
+
+class SendingBudget:
+    """Bounds the bytes of responses being built and written at once, over all streams: each stream builds
+    its message (a copy of the shared resources) only once its bytes fit, first come first served; a
+    response bigger than the whole budget waits until nothing else is being sent."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        #: Responses that had to wait for room (a fan-out bigger than the budget).
+        self.waited = 0
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        size = min(size, self.limit)
+        if self._waiting or self.used + size > self.limit:
+            self.waited += 1
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            entry = (size, fut)
+            self._waiting.append(entry)
+            try:
+                await fut
+            except BaseException:
+                if fut.done() and not fut.cancelled():
+                    self._release(size)  # granted just as we were cancelled: pass it on
+                else:
+                    self._waiting.remove(entry)
+                    self._grant()
+                raise
+        else:
+            self.used += size
+        try:
+            yield
+        finally:
+            self._release(size)
+
+    def _release(self, size: int) -> None:
+        self.used -= size
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting and self.used + self._waiting[0][0] <= self.limit:
+            size, fut = self._waiting.popleft()
+            if fut.done():
+                continue
+            self.used += size
+            fut.set_result(None)
 
 
 @dataclass
@@ -569,8 +644,9 @@ class _AdsStream:
 
     # --- the loop -----------------------------------------------------------------------------------------
 
-    async def run(self) -> AsyncGenerator[discovery_pb2.DiscoveryResponse, None]:
-        """Handle requests and endpoint changes; yield each response to send."""
+    async def run(self) -> AsyncGenerator[_Pending, None]:
+        """Handle requests and endpoint changes; yield each response to send (not built yet: see
+        :class:`SendingBudget`)."""
         options = self.servicer.options
         while True:
             if self._requests.empty() and not (self._ended or self._closed or self.failure):
@@ -856,7 +932,7 @@ class _AdsStream:
         assert type_url == ENDPOINTS
         return cache.load_assignment(n.shared, state, self.zone)
 
-    def _response(self, type_url: str) -> discovery_pb2.DiscoveryResponse | None:
+    def _response(self, type_url: str) -> _Pending | None:
         state = self._types[type_url]
         if not state.names and not state.pending:
             return None
@@ -881,13 +957,7 @@ class _AdsStream:
             state.nonce,
             sorted(resources),
         )
-        return discovery_pb2.DiscoveryResponse(
-            version_info=str(state.version),
-            resources=[any_pb2.Any(type_url=type_url, value=blob) for blob in resources.values()],
-            type_url=type_url,
-            nonce=state.nonce,
-            control_plane=base_pb2.ControlPlane(identifier=CONTROL_PLANE),
-        )
+        return _Pending(type_url, str(state.version), state.nonce, tuple(resources.values()))
 
     def describe(self) -> dict[str, object]:
         return {
