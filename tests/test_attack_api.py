@@ -388,7 +388,9 @@ def test_report_load_flood_from_one_client_is_capped_and_resolve_stays_fast(tmp_
     big = big_set(1, 1000)
     write_static(path, {"default/big": big, "default/small": SMALL})
     reports = 400
-    with ServerProcess(path, tmp_path / "server.log") as server:
+    # the stored-reports cap is what this flood meets: the report rate limit (tested below) is raised
+    unlimited_rate = ["--max-load-report-rate-per-peer", "1000000"]
+    with ServerProcess(path, tmp_path / "server.log", extra=unlimited_rate) as server:
         prober = Prober(server.address, [("small", pb.ROUNDROBIN), ("big", pb.PEAK_EWMA)])
         rss0 = server.memory_kb()["VmRSS"]
         time.sleep(1.0)  # a baseline of the prober's own latency (not synchronisation)
@@ -513,3 +515,75 @@ async def test_report_load_refusals_name_the_limit_and_are_counted(tmp_path: Pat
         assert hits == 1
     finally:
         await server.stop(0.5)
+
+
+async def test_report_load_rate_per_client_ip_is_capped_and_counted(tmp_path: Path) -> None:
+    """50 reports back to back from one IP with --max-load-report-rate-per-peer 5: at most the burst (5)
+    plus 5 a second of the time they took get through; the rest are RESOURCE_EXHAUSTED naming the flag and
+    counted, and Resolve is unaffected."""
+    path = tmp_path / "endpoints.json"
+    write_static(path, {"default/small": SMALL})
+    server = LookasideServer(
+        ServerConfig(
+            listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
+            source=StaticFileConfig(str(path)),
+            limits=Limits(max_load_report_rate_per_peer=5),
+            xds=XdsConfig(enabled=False),
+        )
+    )
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb.LookasideStub(channel)
+            loads = [pb.EndpointLoad(ip=e["ip"], port=e["port"], outstanding=1) for e in SMALL]
+            ok, refused, details = 0, 0, set()
+            start = time.monotonic()
+            for i in range(50):
+                report = pb.LoadReport(
+                    service="small", namespace="default", client_id=f"c{i % 3}", endpoints=loads
+                )
+                try:
+                    await stub.ReportLoad(report)
+                    ok += 1
+                except grpc.aio.AioRpcError as e:
+                    assert e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                    refused += 1
+                    details.add(e.details())
+            took = time.monotonic() - start
+            await stub.Resolve(pb.Request(service="small", namespace="default"), timeout=5)
+        print(f"\nreport rate 5/s: {ok} accepted, {refused} refused in {took:.2f} s")
+        assert 5 <= ok <= 5 + 5 * took + 1 and ok + refused == 50
+        assert all("--max-load-report-rate-per-peer" in d for d in details), details
+        hits = server.metrics.limit_hits.labels("max_load_report_rate_per_peer")._value.get()
+        assert hits == refused
+    finally:
+        await server.stop(0.5)
+
+
+def test_report_rate_buckets_refill_and_stay_bounded() -> None:
+    """The per-IP report rate on a fake clock: the burst, the refill, other IPs unaffected, and the table of
+    buckets bounded (refilled ones dropped first, then the oldest)."""
+    from lookaside_server import Target
+    from lookaside_server._api.load import MAX_LOAD_REPORT_RATE, LoadBoard, LoadLimits, ReportRefused
+
+    now = [0.0]
+    board = LoadBoard(
+        clock=lambda: now[0], limits=LoadLimits(max_reports_per_target=2, max_report_rate_per_peer=2)
+    )
+    board.max_rate_peers = 8
+    t = Target.parse("small.default")
+    board.take_report_token(t, "10.0.0.1")
+    board.take_report_token(t, "10.0.0.1")
+    with pytest.raises(ReportRefused) as refused:
+        board.take_report_token(t, "10.0.0.1")
+    assert refused.value.limit == MAX_LOAD_REPORT_RATE
+    board.take_report_token(t, "10.0.0.2")  # another IP has its own bucket
+    now[0] = 0.5  # one token back at 2/s
+    board.take_report_token(t, "10.0.0.1")
+    with pytest.raises(ReportRefused):
+        board.take_report_token(t, "10.0.0.1")
+    now[0] = 10.0
+    for i in range(20):  # many IPs at once: the table stays within max_rate_peers, the newest kept
+        board.take_report_token(t, f"10.1.0.{i}")
+        assert len(board._rates) <= 8
+    assert "10.1.0.19" in board._rates and "10.0.0.1" not in board._rates

@@ -87,6 +87,7 @@ class LookasideServer:
                     limits.max_load_reports_per_peer,
                     limits.max_load_reports_per_target,
                     limits.max_load_report_endpoints,
+                    limits.max_load_report_rate_per_peer,
                 ),
             )
             add_to_server(servicer, server)

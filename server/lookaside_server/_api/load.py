@@ -18,6 +18,8 @@ Bounded and incremental, as a client may be hostile (:class:`LoadLimits`):
   target) and one target at most ``max_reports_per_target``; a report beyond a limit is refused with
   :class:`ReportRefused` (the servicer answers RESOURCE_EXHAUSTED naming the limit); a client's own next
   report always replaces its previous one;
+* one client IP may send at most ``max_report_rate_per_peer`` reports a second (a token bucket per IP, at
+  most :data:`MAX_RATE_PEERS` IPs tracked), checked first (``take_report_token``);
 * a report's interval counts at most :data:`MAX_INTERVAL` s, so a stored report expires within
   ``EXPIRY_INTERVALS x MAX_INTERVAL`` s;
 * aggregation is incremental: per endpoint slot the board keeps running sums, a report adds its entries and
@@ -62,7 +64,11 @@ CHANGE_THRESHOLD = 0.2
 MAX_LOAD_REPORTS_PER_PEER = "max_load_reports_per_peer"
 MAX_LOAD_REPORTS_PER_TARGET = "max_load_reports_per_target"
 MAX_LOAD_REPORT_ENDPOINTS = "max_load_report_endpoints"
+MAX_LOAD_REPORT_RATE = "max_load_report_rate_per_peer"
+#: Client IPs whose report rate is tracked at once (see ``LoadBoard.take_report_token``).
+MAX_RATE_PEERS = 4096
 FLAGS = {
+    MAX_LOAD_REPORT_RATE: "--max-load-report-rate-per-peer / LB_MAX_LOAD_REPORT_RATE_PER_PEER",
     MAX_LOAD_REPORTS_PER_PEER: "--max-load-reports-per-peer / LB_MAX_LOAD_REPORTS_PER_PEER",
     MAX_LOAD_REPORTS_PER_TARGET: "--max-load-reports-per-target / LB_MAX_LOAD_REPORTS_PER_TARGET",
     MAX_LOAD_REPORT_ENDPOINTS: "--max-load-report-endpoints / LB_MAX_LOAD_REPORT_ENDPOINTS",
@@ -81,11 +87,16 @@ class LoadLimits:
     max_reports_per_target: int = 1000
     #: Endpoints one report may name (the client library sends at most 1000).
     max_report_endpoints: int = 1000
+    #: Reports per second one client IP may send (a burst of as many): clients report every
+    #: ``REPORT_INTERVAL`` per target, so the default leaves twice the room ``max_reports_per_peer`` needs.
+    max_report_rate_per_peer: float = 128.0
 
     def __post_init__(self) -> None:
         for name in ("max_reports_per_peer", "max_reports_per_target", "max_report_endpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not self.max_report_rate_per_peer > 0:
+            raise ValueError("max_report_rate_per_peer must be positive")
 
 
 class ReportRefused(Exception):
@@ -257,6 +268,10 @@ class LoadBoard:
         self._by_peer: dict[str, set[tuple[Target, str]]] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self.reports = 0
+        #: Report rate per client IP: peer -> (tokens, when refilled), most recent last; beyond
+        #: ``max_rate_peers`` the refilled ones are dropped, then the oldest (whose next report starts full).
+        self._rates: dict[str, tuple[float, float]] = {}
+        self.max_rate_peers = MAX_RATE_PEERS
 
     @property
     def report_interval(self) -> float:
@@ -333,6 +348,26 @@ class LoadBoard:
         if old is None or old.peer != peer:
             self._check_room(target, tl, peer, now)
         return tl
+
+    def take_report_token(self, target: Target, peer: str, now: float | None = None) -> None:
+        """Spend one of ``peer``'s report tokens or raise ReportRefused (``max_report_rate_per_peer``): once
+        per ReportLoad call, before anything else is looked at."""
+        now = self._clock() if now is None else now
+        rate = self.limits.max_report_rate_per_peer
+        tokens, at = self._rates.get(peer, (rate, now))
+        tokens = min(rate, tokens + (now - at) * rate)
+        if tokens < 1.0:
+            self._rates[peer] = (tokens, now)
+            raise ReportRefused(
+                MAX_LOAD_REPORT_RATE,
+                f"target {target}: more than {rate:g} load reports a second from {peer or 'this client'} "
+                f"({FLAGS[MAX_LOAD_REPORT_RATE]})",
+            )
+        self._rates.pop(peer, None)
+        self._rates[peer] = (tokens - 1.0, now)  # newest last
+        if len(self._rates) > self.max_rate_peers:  # bounded: drop the refilled ones, then the oldest
+            kept = [(p, ta) for p, ta in self._rates.items() if ta[0] + (now - ta[1]) * rate < rate]
+            self._rates = dict(kept[-(self.max_rate_peers // 2) :])
 
     def _check_room(self, target: Target, tl: _TargetLoad, peer: str, now: float) -> None:
         """Raise ReportRefused if a new report from ``peer`` on ``target`` would exceed a cap (expired

@@ -242,6 +242,7 @@ class LookasideServicer(pb.LookasideServicer):
         peer = peer_ip(context.peer())
         try:
             # refused before waiting for a turn; the report checks again in its turn
+            self.load.take_report_token(target, peer)
             self.load.admit(target, request.client_id, len(request.endpoints), peer)
             async with self._report_turn:  # one report per loop iteration: a flood never stalls the loop
                 await asyncio.sleep(0)

@@ -192,6 +192,16 @@ def add_security_arguments(p: argparse.ArgumentParser) -> None:
         default=_D.max_load_report_endpoints,
         help="most endpoints one load report may name",
     )
+    env_argument(
+        lim,
+        "--max-load-report-rate-per-peer",
+        env="LB_MAX_LOAD_REPORT_RATE_PER_PEER",
+        type=number(above=0),
+        default=_D.max_load_report_rate_per_peer,
+        metavar="N",
+        help="most ReportLoad calls a second from one client IP (a burst of as many); more get "
+        "RESOURCE_EXHAUSTED (clients report once a second per target)",
+    )
     # xDS names per ADS stream (_xds XdsOptions.max_names)
     env_argument(
         lim,
@@ -303,6 +313,7 @@ def limits_config(args: argparse.Namespace) -> Limits:
         max_load_reports_per_peer=args.max_load_reports_per_peer,
         max_load_reports_per_target=args.max_load_reports_per_target,
         max_load_report_endpoints=args.max_load_report_endpoints,
+        max_load_report_rate_per_peer=args.max_load_report_rate_per_peer,
     )
 
 

@@ -87,6 +87,8 @@ class Limits:
     max_load_reports_per_peer: int = 64
     max_load_reports_per_target: int = 1000
     max_load_report_endpoints: int = 1000
+    #: ReportLoad calls per second from one client IP (a burst of as many); beyond: RESOURCE_EXHAUSTED.
+    max_load_report_rate_per_peer: float = 128.0
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1 * KIB:
@@ -102,6 +104,8 @@ class Limits:
         for name in ("max_load_reports_per_peer", "max_load_reports_per_target", "max_load_report_endpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not self.max_load_report_rate_per_peer > 0:
+            raise ValueError("max_load_report_rate_per_peer must be positive")
 
     def server_options(self) -> list[tuple[str, Any]]:
         """The channel arguments of the gRPC server."""

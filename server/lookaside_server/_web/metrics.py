@@ -21,7 +21,8 @@ Counted as things happen (by the server interceptor, the access policy and the l
 * ``lookaside_limit_hits_total{limit}``: ``max_watches``, ``max_watches_per_peer``, ``max_targets``,
   ``xds_max_names`` (an xDS stream subscribing to more names than ``--xds-max-names``), ``xds_max_zones``
   (an xDS client zone beyond ``--xds-max-zones``: served the zone-unaware encoding),
-  ``max_load_reports_per_peer``, ``max_load_reports_per_target``, ``max_load_report_endpoints`` (ReportLoad),
+  ``max_load_reports_per_peer``, ``max_load_reports_per_target``, ``max_load_report_endpoints``,
+  ``max_load_report_rate_per_peer`` (ReportLoad),
   and of the HTTP listener ``http_max_connections`` (a connection closed at the cap),
   ``http_header_timeout`` (request headers too slow) and ``http_render_budget`` (answered with an earlier
   rendering, or 429) (grpc refuses oversize messages, RPCs above
@@ -70,6 +71,7 @@ from prometheus_client.registry import Collector
 
 from lookaside_server._api.load import (
     MAX_LOAD_REPORT_ENDPOINTS,
+    MAX_LOAD_REPORT_RATE,
     MAX_LOAD_REPORTS_PER_PEER,
     MAX_LOAD_REPORTS_PER_TARGET,
 )
@@ -376,6 +378,7 @@ class ServerMetrics:
             MAX_LOAD_REPORTS_PER_PEER,
             MAX_LOAD_REPORTS_PER_TARGET,
             MAX_LOAD_REPORT_ENDPOINTS,
+            MAX_LOAD_REPORT_RATE,
             *HTTP_LIMITS,
         ):
             self.limit_hits.labels(limit)
