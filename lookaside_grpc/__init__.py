@@ -28,8 +28,9 @@ from lookaside_grpc._settings import (
     Settings,
     Watch,
 )
-from lookaside_grpc._stats import Stats, register_prometheus, stats
+from lookaside_grpc._stats import Histogram, Stats, register_prometheus, stats
 from lookaside_grpc._target import InvalidTarget, Target
+from lookaside_grpc._wrr import WeightedRoundRobin
 from lookaside_grpc._xds_mode import XDS, Xds, XdsChannel
 
 try:
@@ -47,6 +48,7 @@ __all__ = [
     "DEFAULT_MAX_STALENESS",
     "DEFAULT_ROUTE_WAIT",
     "Endpoint",
+    "Histogram",
     "InterceptedChannel",
     "InvalidTarget",
     "LeastRequest",
@@ -65,6 +67,7 @@ __all__ = [
     "WATCH",
     "Watch",
     "Weighted",
+    "WeightedRoundRobin",
     "XDS",
     "Xds",
     "XdsChannel",

@@ -68,14 +68,14 @@ class _Multi:
             args = NO_ARGS
         else:
             args = CallArgs(metadata, credentials, wait_for_ready, compression)  # type: ignore[arg-type]
-        ep = balancer.resolver.pick_nowait(balancer.policy)
+        ep = balancer.resolver.pick_nowait(balancer.policy, metadata)
         if ep is not None:  # the hot path
             return self._cls(self._m, request, deadline, args, self._retry, ep)
         wait, code = pick_wait(timeout, wait_for_ready, ch._init_timeout)
 
         async def at() -> Endpoint:
             try:
-                return await pick_aio(balancer, wait, bool(wait_for_ready), code)
+                return await pick_aio(balancer, wait, bool(wait_for_ready), code, metadata)
             except PickError as e:
                 raise aio_error(e) from None
 

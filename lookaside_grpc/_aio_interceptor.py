@@ -56,11 +56,11 @@ def _fast(
     if route is None:
         return _NO_ROUTE
     balancer = route.balancer
-    ep = balancer.resolver.pick_nowait(balancer.policy)
+    metadata, credentials, wait_for_ready = details.metadata, details.credentials, details.wait_for_ready
+    ep = balancer.resolver.pick_nowait(balancer.policy, metadata)
     if ep is None:
         return None
     # grpc.aio does not show compression to interceptors: the channel's default applies
-    metadata, credentials, wait_for_ready = details.metadata, details.credentials, details.wait_for_ready
     if not metadata and credentials is None and wait_for_ready is None:
         args = NO_ARGS
     else:
@@ -85,7 +85,9 @@ async def _intercept(
     if route is not None:
         balancer = route.balancer
         try:
-            ep = await pick_aio(balancer, core.wait_for(details.timeout), False, grpc.StatusCode.UNAVAILABLE)
+            ep = await pick_aio(
+                balancer, core.wait_for(details.timeout), False, grpc.StatusCode.UNAVAILABLE, details.metadata
+            )
         except PickError as e:
             balancer.counters.fallback(e.reason)
         else:

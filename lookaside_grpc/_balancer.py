@@ -41,6 +41,7 @@ from lookaside_grpc._resolvers import (
     SyncResolver,
     WatchResolver,
 )
+from lookaside_grpc._ring_hash import Metadata, RingHash, request_hash
 from lookaside_grpc._settings import OptionValue, PerCall, Settings, Watch
 from lookaside_grpc._stats import Counters, Stats, track, untrack
 
@@ -91,7 +92,9 @@ class BalancerBase(Generic[C]):
             settings.target, settings.lookaside, mode.batch if isinstance(mode, PerCall) else 1
         )
         self.target = settings.target
-        self.policy: RoutingPolicy = resolve_policy(settings.policy)
+        self.policy: RoutingPolicy = (
+            RingHash(settings.hash_key) if settings.hash_key is not None else resolve_policy(settings.policy)
+        )
         #: Slow start (watch mode; per_call: the lookaside picks): ``policy`` is this wrapper only while an
         #: endpoint ramps up (swapped at set changes), so calls pay nothing for it otherwise.
         self._slow_start: SlowStart | None = None
@@ -123,6 +126,8 @@ class BalancerBase(Generic[C]):
     def _finish_init(self, pool: ChannelPool[C]) -> None:
         self.pool: ChannelPool[C] = pool
         self.policy.bind(pool)
+        if isinstance(self.policy, RingHash):  # its ring spans the whole set: ejected ones are walked past
+            self.policy.follow(self.resolver.candidates)
         #: The retry budget (None = unlimited), consulted at the one retry decision.
         self.budget: Budget | None = None
         if self.settings.retry_budget is not None:
@@ -236,14 +241,18 @@ class BalancerBase(Generic[C]):
         """A call to ``address`` got a response: a restored address leaves probation."""
         self.ejector.succeeded(address)
 
-    def repick(self, failed: str) -> Endpoint | None:
-        """Another endpoint than ``failed`` for the one retry, from the known set; None if there is none."""
+    def repick(self, failed: str, metadata: Metadata | None = None) -> Endpoint | None:
+        """Another endpoint than ``failed`` for the one retry, from the known set; None if there is none.
+        A hashing policy (``ring_hash``) takes the next ring entry of another endpoint for the call's key."""
         cands = tuple(e for e in self.resolver.candidates() if e.address != failed)
         if not cands:
             return None
         ejected = self.ejector.ejected
         healthy = tuple(e for e in cands if e.address not in ejected)
-        return self.policy.pick(healthy or cands)
+        policy = self.policy
+        if policy.hash_key is not None:
+            return policy.pick_hashed(healthy or cands, request_hash(metadata, policy.hash_key))
+        return policy.pick(healthy or cands)
 
     def stats(self) -> Stats:
         """A snapshot of this balancer's counters."""

@@ -69,7 +69,13 @@ class _Multi(Generic[M]):
         self._channel = channel
         self._m = m
 
-    def _later(self, timeout: float | None, wait_for_ready: bool | None, start: Callable[[Endpoint], T]) -> T:
+    def _later(
+        self,
+        metadata: Metadata | None,
+        timeout: float | None,
+        wait_for_ready: bool | None,
+        start: Callable[[Endpoint], T],
+    ) -> T:
         """A non-blocking call: started at once on a local pick, else returned at once as a call that
         starts once its pick arrives (grpc never blocks in ``future()`` or a response stream's call)."""
         ch = self._channel
@@ -78,30 +84,34 @@ class _Multi(Generic[M]):
         balancer = ch._balancer
         resolver = balancer.resolver
         try:
-            ep = resolver.pick_nowait(balancer.policy) or resolver.ready(
-                balancer.policy, bool(wait_for_ready)
+            ep = resolver.pick_nowait(balancer.policy, metadata) or resolver.ready(
+                balancer.policy, bool(wait_for_ready), metadata
             )
             if ep is None and isinstance(resolver, PerCallResolver) and not wait_for_ready:
                 if resolver.connectivity() is grpc.ChannelConnectivity.READY:  # a Resolve takes one RTT
-                    ep = self._pick(timeout, wait_for_ready)
+                    ep = self._pick(timeout, wait_for_ready, metadata)
         except PickError as e:  # failing fast, as grpc in TRANSIENT_FAILURE: a failed call, at once
             return cast(T, FailedCall(e))
         if ep is not None:
             return start(ep)
         wait, code = pick_wait(timeout, wait_for_ready, ch._init_timeout)
-        deferred = _sync.DeferredCall(lambda: start(pick_sync(balancer, wait, bool(wait_for_ready), code)))
+        deferred = _sync.DeferredCall(
+            lambda: start(pick_sync(balancer, wait, bool(wait_for_ready), code, metadata))
+        )
         return cast(T, deferred)  # it delegates every call method to the call ``start`` makes
 
-    def _pick(self, timeout: float | None, wait_for_ready: bool | None) -> Endpoint:
+    def _pick(
+        self, timeout: float | None, wait_for_ready: bool | None, metadata: Metadata | None = None
+    ) -> Endpoint:
         ch = self._channel
         if ch._closed:
             raise ValueError(CLOSED)
         balancer = ch._balancer
-        ep = balancer.resolver.pick_nowait(balancer.policy)
+        ep = balancer.resolver.pick_nowait(balancer.policy, metadata)
         if ep is not None:
             return ep
         wait, code = pick_wait(timeout, wait_for_ready, ch._init_timeout)
-        return pick_sync(balancer, wait, bool(wait_for_ready), code)
+        return pick_sync(balancer, wait, bool(wait_for_ready), code, metadata)
 
 
 class _UnaryUnary(
@@ -123,10 +133,10 @@ class _UnaryUnary(
             raise ValueError(CLOSED)
         balancer = ch._balancer
         deadline = None if timeout is None else _now() + timeout
-        ep = balancer.resolver.pick_nowait(balancer.policy)
+        ep = balancer.resolver.pick_nowait(balancer.policy, metadata)
         if ep is None:
             try:
-                ep = self._pick(timeout, wait_for_ready)
+                ep = self._pick(timeout, wait_for_ready, metadata)
             except PickError as e:
                 raise FailedCall(e) from None
             timeout = remaining(deadline)
@@ -144,7 +154,7 @@ class _UnaryUnary(
     ) -> tuple[Resp, grpc.Call]:
         deadline = deadline_of(timeout)
         try:
-            ep = self._pick(timeout, wait_for_ready)
+            ep = self._pick(timeout, wait_for_ready, metadata)
         except PickError as e:
             raise FailedCall(e) from None
         args = CallArgs(metadata, credentials, wait_for_ready, compression)
@@ -163,7 +173,10 @@ class _UnaryUnary(
         args = CallArgs(metadata, credentials, wait_for_ready, compression)
         m = self._m
         return self._later(
-            timeout, wait_for_ready, lambda ep: _sync.UnaryUnaryFuture(m, ep, request, deadline, args)
+            metadata,
+            timeout,
+            wait_for_ready,
+            lambda ep: _sync.UnaryUnaryFuture(m, ep, request, deadline, args),
         )
 
 
@@ -185,7 +198,7 @@ class _UnaryStream(
         args = CallArgs(metadata, credentials, wait_for_ready, compression)
         m = self._m
         return self._later(
-            timeout, wait_for_ready, lambda ep: _sync.unary_stream(m, ep, request, deadline, args)
+            metadata, timeout, wait_for_ready, lambda ep: _sync.unary_stream(m, ep, request, deadline, args)
         )
 
 
@@ -205,7 +218,7 @@ class _StreamUnary(
     ) -> Resp:
         deadline = deadline_of(timeout)
         try:
-            ep = self._pick(timeout, wait_for_ready)
+            ep = self._pick(timeout, wait_for_ready, metadata)
         except PickError as e:
             raise FailedCall(e) from None
         args = CallArgs(metadata, credentials, wait_for_ready, compression)
@@ -222,7 +235,7 @@ class _StreamUnary(
     ) -> tuple[Resp, grpc.Call]:
         deadline = deadline_of(timeout)
         try:
-            ep = self._pick(timeout, wait_for_ready)
+            ep = self._pick(timeout, wait_for_ready, metadata)
         except PickError as e:
             raise FailedCall(e) from None
         args = CallArgs(metadata, credentials, wait_for_ready, compression)
@@ -241,6 +254,7 @@ class _StreamUnary(
         args = CallArgs(metadata, credentials, wait_for_ready, compression)
         m = self._m
         return self._later(
+            metadata,
             timeout,
             wait_for_ready,
             lambda ep: _sync.stream_unary_future(m, ep, request_iterator, deadline, args),
@@ -265,6 +279,7 @@ class _StreamStream(
         args = CallArgs(metadata, credentials, wait_for_ready, compression)
         m = self._m
         return self._later(
+            metadata,
             timeout,
             wait_for_ready,
             lambda ep: _sync.stream_stream(m, ep, request_iterator, deadline, args),

@@ -145,7 +145,10 @@ class LookasideInterceptor(
         balancer = route.balancer
         resolver = balancer.resolver
         try:
-            ep = resolver.pick_nowait(balancer.policy) or resolver.ready(balancer.policy, False)
+            metadata = details.metadata
+            ep = resolver.pick_nowait(balancer.policy, metadata) or resolver.ready(
+                balancer.policy, False, metadata
+            )
         except PickError as e:
             balancer.counters.fallback(e.reason)
             return continuation(details, request)
@@ -158,7 +161,7 @@ class LookasideInterceptor(
 
         def later() -> object:
             try:
-                ep = pick_sync(balancer, wait, False, grpc.StatusCode.UNAVAILABLE)
+                ep = pick_sync(balancer, wait, False, grpc.StatusCode.UNAVAILABLE, metadata)
             except PickError as e:
                 balancer.counters.fallback(e.reason)
                 return continuation(details, request)
@@ -335,13 +338,13 @@ class _RoutedUnaryUnary(_compat.UnaryUnaryMultiCallable[Req, Resp]):
         self._method = method
         self._intercepted = intercepted
 
-    def _local(self) -> tuple[Method[grpc.Channel, object], Endpoint] | None:
+    def _local(self, metadata: Metadata | None) -> tuple[Method[grpc.Channel, object], Endpoint] | None:
         """The engine's method and a local pick, when the call can go straight to a backend."""
         route = self._core.route_quiet(self._method)
         if route is None:
             return None
         balancer = route.balancer
-        ep = balancer.resolver.pick_nowait(balancer.policy)
+        ep = balancer.resolver.pick_nowait(balancer.policy, metadata)
         return None if ep is None else (_method(route, "unary_unary"), ep)
 
     def __call__(
@@ -353,7 +356,7 @@ class _RoutedUnaryUnary(_compat.UnaryUnaryMultiCallable[Req, Resp]):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Resp:
-        local = self._local()
+        local = self._local(metadata)
         if local is None:
             return self._intercepted(request, timeout, metadata, credentials, wait_for_ready, compression)
         m, ep = local
@@ -370,7 +373,7 @@ class _RoutedUnaryUnary(_compat.UnaryUnaryMultiCallable[Req, Resp]):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> tuple[Resp, grpc.Call]:
-        local = self._local()
+        local = self._local(metadata)
         if local is None:
             return self._intercepted.with_call(
                 request, timeout, metadata, credentials, wait_for_ready, compression

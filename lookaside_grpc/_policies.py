@@ -2,16 +2,28 @@
 
 ``round_robin`` and ``random`` look at nothing but the set. The load-aware ones look at this client's own
 view of each endpoint: ``least_request`` (power of two choices over the calls in flight, as Envoy's
-least_request) and ``peak_ewma`` (power of two choices over latency EWMA x (in flight + 1), as Finagle and
-Linkerd). Both are latency-aware in one more way: of the two candidates, one whose mean latency is
-:data:`SLOW_FACTOR` times the other's is *slow* and gets only probe calls (one at a time, one per
-:data:`PROBE_INTERVAL`), whose answer replaces its estimate, so it regains its share as soon as it is fast
-again. Equal in-flight counts alone still send a 7x slower backend a seventh of a fast one's calls, and a
-time-decayed peak EWMA keeps a fast backend's one-off spike for about tau: that is why plain P2C cut no
-tail. ``weighted`` rotates over the per-endpoint weights the lookaside computes from the load every
-client reports (server-assisted). In-flight counts are the channel pool's own (``Slot._inflight``), so the
-load-aware policies add no counter of their own; latency is measured only for policies that ask for it
-(``needs_latency``).
+least_request and gRPC's least_request_experimental, gRFC A48) and ``peak_ewma`` (power of two choices over
+latency EWMA x (in flight + 1), as Finagle's ``PeakEwma.scala`` and Linkerd). Both are latency-aware in one
+more way: of the two candidates, one whose mean latency is :data:`SLOW_FACTOR` times the other's is *slow*
+and gets only probe calls, bounded in rate rather than in share: one at a time, the first
+:data:`PROBE_INTERVAL` after it was found slow, each next one twice as long after while it stays slow, up to
+:data:`PROBE_INTERVAL_MAX` (the backoff of Envoy's outlier ejection, ``base_ejection_time`` x ejections up
+to ``max_ejection_time``, with a cap short enough to come back within seconds). A probe's answer replaces
+the estimate; a fast one sends the next probe at once, and two fast answers in a row end the probation (as
+Envoy's health checks' ``healthy_threshold``: one lucky sample on a busy host must not), so a backend that
+is fast again regains its share one probe round trip after its next probe. A probe answering twice as fast
+as the estimate but still slow brings the next one forward to :data:`PROBE_INTERVAL`.
+
+Why: in-flight counts alone (Envoy's and gRPC's least_request) send a 7x slower backend a seventh of a fast
+one's calls, and Finagle's cost (peak EWMA x (pending + 1)) sends the slow one a call whenever a fast one's
+queue times its latency exceeds the slow one's latency: with one of three backends 20 ms slower at
+concurrency 16 they left it 9-12 % of the calls, while p99 stays the slow one's as long as it gets over
+1 %. Rate-bounded probes are at most 2 calls/s per client, 1 per 1.5 s once the backoff is at its cap.
+
+``weighted`` rotates over the per-endpoint weights the lookaside computes from the load every client reports
+(server-assisted, like gRPC's weighted_round_robin, gRFC A58, where the backends report). In-flight counts
+are the channel pool's own (``Slot._inflight``), so the load-aware policies add no counter of their own;
+latency is measured only for policies that ask for it (``needs_latency``).
 """
 
 from __future__ import annotations
@@ -46,9 +58,16 @@ SLOW_FACTOR = 2.0
 SLOW_EXIT = 1.3
 #: Seconds; latency differences below this never make a candidate slow (sub-millisecond noise).
 SLOW_GAP = 0.002
-#: Seconds between two probe calls to a slow endpoint (from one client; one probe in flight at a time):
-#: 2 calls a second, about 0.1 % at a few thousand calls a second, so p99 is the fast ones'.
+#: Seconds from finding an endpoint slow to its first probe call (from one client; one probe in flight at a
+#: time); each further probe while it stays slow comes twice as long after the previous one.
 PROBE_INTERVAL = 0.5
+#: Longest gap between two probes of a slow endpoint (seconds): one call per 1.5 s per client, 0.7 % even at
+#: 100 calls/s (p99 needs under 1 %), and a backend that is fast again is back within this plus two probe
+#: round trips: well inside 5 s even on a busy host.
+PROBE_INTERVAL_MAX = 1.5
+#: A probe answering this many times faster than the slow endpoint's estimate (yet not fast enough to end its
+#: probation, e.g. one sample taken during a stall) brings the next probe forward to :data:`PROBE_INTERVAL`.
+PROBE_BETTER = 2.0
 #: Weight of one sample above the mean in the per-sample mean latency (about the last 50 calls); one below
 #: weighs :data:`MEAN_ALPHA_DOWN` (the mean drops fast after a stall or a slow first call that connected).
 MEAN_ALPHA = 0.02
@@ -69,10 +88,18 @@ class RoutingPolicy(abc.ABC):
     needs_latency: ClassVar[bool] = False
     #: Whether the balancer reports this client's load to the lookaside (ReportLoad) periodically.
     reports_load: ClassVar[bool] = False
+    #: The call metadata key this policy hashes (``ring_hash``): only then do calls look at their metadata
+    #: and pick with :meth:`pick_hashed`; None = the policy ignores call metadata (calls pay nothing).
+    hash_key: str | None = None
 
     @abc.abstractmethod
     def pick(self, endpoints: Sequence[Endpoint]) -> Endpoint:
         """Return one of ``endpoints`` (never empty)."""
+
+    def pick_hashed(self, endpoints: Sequence[Endpoint], request_hash: int | None) -> Endpoint:
+        """Pick for a call whose ``hash_key`` metadata value hashed to ``request_hash`` (None: the call has
+        none); only called when :attr:`hash_key` is set."""
+        return self.pick(endpoints)
 
     def bind(self, pool: Any) -> None:  # noqa: B027 - optional hook
         """Called once by the balancer with its channel pool, whose slots count the calls in flight per
@@ -212,16 +239,25 @@ class LeastRequest(_LatencyTracking):
         tau: float = DEFAULT_TAU,
         clock: Callable[[], float] = time.monotonic,
         probe_interval: float = PROBE_INTERVAL,
+        probe_interval_max: float = PROBE_INTERVAL_MAX,
     ) -> None:
         _LatencyTracking.__init__(self, tau, clock)
         self._random = random.Random(seed).random
         self._slots: dict[str, Any] = {}
         self.probe_interval = probe_interval
-        #: address -> when its last probe was sent, for the endpoints found slow
+        self.probe_interval_max = max(probe_interval, probe_interval_max)
+        #: address -> when its next probe may go, for the endpoints found slow (its keys: the slow ones)
         self._probe_at: dict[str, float] = {}
+        #: address -> the gap before the probe after that one (doubles per probe up to the cap)
+        self._probe_gap: dict[str, float] = {}
         #: addresses with a probe in flight: the next answer replaces the estimate
         self._probing: set[str] = set()
-        self._probe_lock = threading.Lock()  # taken only when a probe looks due (at most 1/probe_interval)
+        #: slow addresses whose last probe answer has not been judged yet
+        self._answered: set[str] = set()
+        #: slow addresses found fast enough once: the next probe goes at once, and if it is fast too they
+        #: are no longer slow (two in a row, as Envoy's health checks' ``healthy_threshold``)
+        self._passed: set[str] = set()
+        self._probe_lock = threading.Lock()  # taken only when a probe looks due or answered (rarely)
 
     def bind(self, pool: Any) -> None:
         self._slots = pool._slots  # the live dict: in-flight counts are read per pick, never copied
@@ -237,8 +273,10 @@ class LeastRequest(_LatencyTracking):
 
     def _slow_choice(self, a: Endpoint, b: Endpoint) -> Endpoint | None:
         """If one candidate is slow next to the other: the other one, or the slow one when a probe of it is
-        due (none of this client's calls in flight on it and :attr:`probe_interval` since its last probe);
-        None when neither is slow (or either is unmeasured)."""
+        due (none of this client's calls in flight on it and its probe time reached); None when neither is
+        slow (or either is unmeasured). Found slow: first probe :attr:`probe_interval` later, then gaps
+        doubling up to :attr:`probe_interval_max`; no longer slow once two probe answers in a row were fast
+        enough (see :meth:`_judge`): then that state is dropped."""
         ewma = self._ewma
         ea = ewma.get(a.address)
         if ea is None:
@@ -247,40 +285,97 @@ class LeastRequest(_LatencyTracking):
         if eb is None:
             return None
         la, lb = ea.mean, eb.mean
-        if la >= lb:
+        probe_at = self._probe_at
+        if probe_at and (a.address in probe_at) is not (b.address in probe_at):
+            # one is on probation: it stays the one judged, even after a first answer below its partner's
+            slow, fast, ls, lf = (a, b, la, lb) if a.address in probe_at else (b, a, lb, la)
+        elif la >= lb:
             slow, fast, ls, lf = a, b, la, lb
         else:
             slow, fast, ls, lf = b, a, lb, la
         address = slow.address
-        probe_at = self._probe_at  # its keys: the endpoints found slow (probe calls only)
-        if ls < lf * (SLOW_EXIT if address in probe_at else SLOW_FACTOR) or ls - lf < SLOW_GAP:
-            if address in probe_at:
-                probe_at.pop(address, None)  # no longer slow
-            return None
+        due = probe_at.get(address)
+        fast_enough = ls < lf * (SLOW_FACTOR if due is None else SLOW_EXIT) or ls - lf < SLOW_GAP
+        if due is None:
+            if fast_enough:
+                return None  # the common case: neither is slow
+            with self._probe_lock:  # just found slow: its first probe one interval from now
+                if address not in probe_at:
+                    probe_at[address] = self._clock() + self.probe_interval
+                    self._probe_gap[address] = self.probe_interval
+            return fast
         now = self._clock()
-        interval = self.probe_interval
-        if now - probe_at.get(address, -math.inf) >= interval and not _inflight(self._slots, address):
+        if address in self._answered or (fast_enough and address not in self._passed):
+            if self._judge(address, fast_enough, now):
+                return None
+            due = probe_at.get(address, math.inf)
+        if now >= due and not _inflight(self._slots, address):
             with self._probe_lock:  # one thread sends the probe
-                if now - probe_at.get(address, -math.inf) >= interval:
-                    probe_at[address] = now
+                if now >= probe_at.get(address, math.inf):
+                    gap = self._probe_gap.get(address, self.probe_interval)
+                    gap = self._probe_gap[address] = min(gap * 2.0, self.probe_interval_max)
+                    probe_at[address] = now + gap
                     self._probing.add(address)
                     return slow
         return fast
+
+    def _judge(self, address: str, fast_enough: bool, now: float) -> bool:
+        """A slow endpoint's latest probe answer (or, between answers, a partner that got as slow as it):
+        True when it ends the probation (fast enough, and the check before was too); a first pass brings
+        the next probe forward to now; a slow answer clears the pass. One sample on a busy host can be
+        lucky: two in a row rarely are."""
+        with self._probe_lock:
+            answered = address in self._answered
+            self._answered.discard(address)
+            if address not in self._probe_at:
+                return True  # ended by another thread
+            if not fast_enough:
+                self._passed.discard(address)
+                return False
+            if address in self._passed:
+                if not answered:
+                    return False  # waiting for the confirming probe
+                self._drop(address)
+                return True
+            self._passed.add(address)
+            self._probe_at[address] = min(self._probe_at[address], now)
+            return False
+
+    def _drop(self, address: str) -> None:
+        """Forget ``address``'s probation (under the probe lock)."""
+        self._probe_at.pop(address, None)
+        self._probe_gap.pop(address, None)
+        self._passed.discard(address)
+        self._answered.discard(address)
 
     def observe(self, address: str, seconds: float) -> None:
         if self._probing and address in self._probing:
             self._probing.discard(address)
             e = self._ewma.get(address)
             if e is not None:
+                if seconds * PROBE_BETTER <= e.mean:
+                    self._probe_sooner(address)
                 e.reset(seconds)  # a probe's answer is the news: slow again or fast again, at once
+                self._answered.add(address)  # judged at the next pick that draws it
                 return
         _LatencyTracking.observe(self, address, seconds)
 
+    def _probe_sooner(self, address: str) -> None:
+        """A probe answered much faster than the estimate it replaces, yet maybe not fast enough to leave
+        the slow ones (one sample on a busy host): the next probe goes :attr:`probe_interval` from now and
+        the backoff starts over, instead of waiting out a gap of up to :attr:`probe_interval_max`."""
+        with self._probe_lock:
+            due = self._probe_at.get(address)
+            if due is not None:
+                self._probe_at[address] = min(due, self._clock() + self.probe_interval)
+                self._probe_gap[address] = self.probe_interval
+
     def retain(self, addresses: set[str]) -> None:
         _LatencyTracking.retain(self, addresses)
-        for a in [a for a in self._probe_at if a not in addresses]:
-            self._probe_at.pop(a, None)
-        self._probing.intersection_update(addresses)
+        with self._probe_lock:
+            for a in [a for a in self._probe_at if a not in addresses]:
+                self._drop(a)
+            self._probing.intersection_update(addresses)
 
     def pick(self, endpoints: Sequence[Endpoint]) -> Endpoint:
         if len(endpoints) < 2:
@@ -310,8 +405,9 @@ class PeakEwma(LeastRequest):
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
         probe_interval: float = PROBE_INTERVAL,
+        probe_interval_max: float = PROBE_INTERVAL_MAX,
     ) -> None:
-        LeastRequest.__init__(self, seed, tau, clock, probe_interval)
+        LeastRequest.__init__(self, seed, tau, clock, probe_interval, probe_interval_max)
 
     def cost(self, address: str, now: float | None = None) -> float:
         """The cost of sending one more call to ``address``."""
@@ -584,6 +680,14 @@ POLICIES: dict[str, type[RoutingPolicy]] = {
     "peak_ewma": PeakEwma,
     "weighted": Weighted,
 }
+
+from lookaside_grpc._ring_hash import RingHash  # noqa: E402 - it subclasses RoutingPolicy (above)
+
+POLICIES["ring_hash"] = RingHash
+
+from lookaside_grpc._wrr import WeightedRoundRobin  # noqa: E402 - it subclasses RoutingPolicy (above)
+
+POLICIES["weighted_round_robin"] = WeightedRoundRobin
 
 
 def resolve_policy(policy: str | RoutingPolicy) -> RoutingPolicy:

@@ -1,5 +1,7 @@
 """Resolution modes behind one interface: ``pick_nowait(policy)`` (hot path) and ``pick(policy, ...)``.
 
+Both take the call's metadata, read only when the policy hashes a key of it (``ring_hash``).
+
 ``per_call``: one lookaside ``Resolve`` per call as in the original design (``batch`` > 1 asks for that many
 picks at once and serves them in order). ``watch``: one background ``Watch`` stream per target keeps the local
 endpoint set; calls pick locally with the policy, with no extra round trip. The state handling is sans-I/O
@@ -31,6 +33,7 @@ from lookaside_grpc._endpoints import Endpoint, EndpointState
 from lookaside_grpc._errors import CALLER_ERRORS, PickError, from_lookaside_error
 from lookaside_grpc._health import AdaptiveThrottle
 from lookaside_grpc._policies import RoutingPolicy
+from lookaside_grpc._ring_hash import Metadata, request_hash
 from lookaside_grpc._stats import LOCAL_ROTATION, STALE, THROTTLED, Counters
 from lookaside_grpc._target import Target
 
@@ -142,8 +145,10 @@ class ResolverBase(Protocol):
 
     query: Query
 
-    def pick_nowait(self, policy: RoutingPolicy) -> Endpoint | None: ...
-    def ready(self, policy: RoutingPolicy, wait_for_ready: bool) -> Endpoint | None: ...
+    def pick_nowait(self, policy: RoutingPolicy, metadata: Metadata | None = None) -> Endpoint | None: ...
+    def ready(
+        self, policy: RoutingPolicy, wait_for_ready: bool, metadata: Metadata | None = None
+    ) -> Endpoint | None: ...
     def set_ejected(self, ejected: frozenset[str]) -> None: ...
     def population(self) -> int: ...
     def candidates(self) -> tuple[Endpoint, ...]: ...
@@ -154,7 +159,12 @@ class SyncResolver(ResolverBase, Protocol):
     """How a sync balancer gets endpoints."""
 
     def pick(
-        self, policy: RoutingPolicy, wait: float | None, wait_for_ready: bool, on_timeout: grpc.StatusCode
+        self,
+        policy: RoutingPolicy,
+        wait: float | None,
+        wait_for_ready: bool,
+        on_timeout: grpc.StatusCode,
+        metadata: Metadata | None = None,
     ) -> Endpoint: ...
     def connect(self) -> None: ...
     def close(self) -> None: ...
@@ -165,7 +175,12 @@ class AioResolver(ResolverBase, Protocol):
     """How an aio balancer gets endpoints."""
 
     async def pick(
-        self, policy: RoutingPolicy, wait: float | None, wait_for_ready: bool, on_timeout: grpc.StatusCode
+        self,
+        policy: RoutingPolicy,
+        wait: float | None,
+        wait_for_ready: bool,
+        on_timeout: grpc.StatusCode,
+        metadata: Metadata | None = None,
     ) -> Endpoint: ...
     def connect(self) -> None: ...
     async def aclose(self) -> None: ...
@@ -323,16 +338,21 @@ class _WatchCore:
             len(self.state.endpoints),
         )
 
-    def ready(self, policy: RoutingPolicy, wait_for_ready: bool) -> Endpoint | None:
+    def ready(
+        self, policy: RoutingPolicy, wait_for_ready: bool, metadata: Metadata | None = None
+    ) -> Endpoint | None:
         """A pick if a ready endpoint is known; None to wait; raise to fail the call now."""
-        return self._ready(policy, wait_for_ready)
+        return self._ready(policy, wait_for_ready, metadata)
 
-    def _ready(self, policy: RoutingPolicy, wait_for_ready: bool) -> Endpoint | None:
+    def _ready(
+        self, policy: RoutingPolicy, wait_for_ready: bool, metadata: Metadata | None = None
+    ) -> Endpoint | None:
         """A pick if a ready endpoint is known; None to wait; raise to fail the call now."""
         state = self.state
         eps = state.endpoints
         if eps:
-            return policy.pick(eps)
+            key = policy.hash_key
+            return policy.pick(eps) if key is None else policy.pick_hashed(eps, request_hash(metadata, key))
         err = state.error
         if isinstance(err, PickError) and err.code in CALLER_ERRORS and not state.received:
             raise err
@@ -351,10 +371,13 @@ class _WatchCore:
             raise PickError(err.code, err.details, err.reason)
         return None
 
-    def pick_nowait(self, policy: RoutingPolicy) -> Endpoint | None:
-        """The hot path: pick from the known set, no I/O."""
+    def pick_nowait(self, policy: RoutingPolicy, metadata: Metadata | None = None) -> Endpoint | None:
+        """The hot path: pick from the known set, no I/O (the metadata is read only by a hashing policy)."""
         eps = self.state.endpoints
-        return policy.pick(eps) if eps else None
+        if not eps:
+            return None
+        key = policy.hash_key
+        return policy.pick(eps) if key is None else policy.pick_hashed(eps, request_hash(metadata, key))
 
 
 def _cancel(call: object) -> None:
@@ -403,13 +426,18 @@ class WatchResolver(_WatchCore):
             self._thread.start()
 
     def pick(
-        self, policy: RoutingPolicy, wait: float | None, wait_for_ready: bool, on_timeout: grpc.StatusCode
+        self,
+        policy: RoutingPolicy,
+        wait: float | None,
+        wait_for_ready: bool,
+        on_timeout: grpc.StatusCode,
+        metadata: Metadata | None = None,
     ) -> Endpoint:
         """Wait up to ``wait`` seconds (None = no limit) for a ready endpoint, then pick."""
         deadline = None if wait is None else time.monotonic() + wait
         with self._cond:
             while True:
-                ep = self._ready(policy, wait_for_ready)
+                ep = self._ready(policy, wait_for_ready, metadata)
                 if ep is not None:
                     return ep
                 if self._stop.is_set():
@@ -511,10 +539,11 @@ class AioWatchResolver(_WatchCore):
             return Connectivity.IDLE
         return super().connectivity()
 
-    def pick_nowait(self, policy: RoutingPolicy) -> Endpoint | None:
+    def pick_nowait(self, policy: RoutingPolicy, metadata: Metadata | None = None) -> Endpoint | None:
         eps = self.state.endpoints
         if eps:
-            return policy.pick(eps)
+            key = policy.hash_key
+            return policy.pick(eps) if key is None else policy.pick_hashed(eps, request_hash(metadata, key))
         if self._task is None:
             self.connect()
         return None
@@ -526,14 +555,19 @@ class AioWatchResolver(_WatchCore):
         return self._changed
 
     async def pick(
-        self, policy: RoutingPolicy, wait: float | None, wait_for_ready: bool, on_timeout: grpc.StatusCode
+        self,
+        policy: RoutingPolicy,
+        wait: float | None,
+        wait_for_ready: bool,
+        on_timeout: grpc.StatusCode,
+        metadata: Metadata | None = None,
     ) -> Endpoint:
         """Wait up to ``wait`` seconds (None = no limit) for a ready endpoint, then pick."""
         self.connect()
         deadline = None if wait is None else time.monotonic() + wait
         while True:
             changed = self.changed()
-            ep = self._ready(policy, wait_for_ready)
+            ep = self._ready(policy, wait_for_ready, metadata)
             if ep is not None:
                 return ep
             if self._closed:
@@ -651,7 +685,9 @@ class _PerCallCore:
             self._state = state
             self._on_state()
 
-    def ready(self, policy: RoutingPolicy, wait_for_ready: bool) -> Endpoint | None:
+    def ready(
+        self, policy: RoutingPolicy, wait_for_ready: bool, metadata: Metadata | None = None
+    ) -> Endpoint | None:
         """A pick on hand (batched or cached), or None: a Resolve is needed."""
         return self.pick_nowait(policy)
 
@@ -668,8 +704,9 @@ class _PerCallCore:
             return policy.pick(eligible or eps)
         return policy.pick(eps)
 
-    def pick_nowait(self, policy: RoutingPolicy) -> Endpoint | None:
-        """A pick left over from the last batch, or from the pick cache, if any."""
+    def pick_nowait(self, policy: RoutingPolicy, metadata: Metadata | None = None) -> Endpoint | None:
+        """A pick left over from the last batch, or from the pick cache, if any (the lookaside picked: the
+        call's metadata plays no part; hashing policies are refused in per_call mode)."""
         while self._picks:
             try:
                 ep = self._picks.popleft()
@@ -774,7 +811,12 @@ class PerCallResolver(_PerCallCore):
         self._stop = threading.Event()
 
     def pick(
-        self, policy: RoutingPolicy, wait: float | None, wait_for_ready: bool, on_timeout: grpc.StatusCode
+        self,
+        policy: RoutingPolicy,
+        wait: float | None,
+        wait_for_ready: bool,
+        on_timeout: grpc.StatusCode,
+        metadata: Metadata | None = None,
     ) -> Endpoint:
         deadline = None if wait is None else time.monotonic() + wait
         delay = _READY_POLL
@@ -855,7 +897,12 @@ class AioPerCallResolver(_PerCallCore):
         self._probe_task: asyncio.Task[None] | None = None
 
     async def pick(
-        self, policy: RoutingPolicy, wait: float | None, wait_for_ready: bool, on_timeout: grpc.StatusCode
+        self,
+        policy: RoutingPolicy,
+        wait: float | None,
+        wait_for_ready: bool,
+        on_timeout: grpc.StatusCode,
+        metadata: Metadata | None = None,
     ) -> Endpoint:
         deadline = None if wait is None else time.monotonic() + wait
         delay = _READY_POLL

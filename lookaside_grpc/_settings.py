@@ -6,6 +6,7 @@ balancer is built from and shared by (channels and interceptors with equal setti
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias, TypedDict
@@ -114,7 +115,9 @@ class ClientOptions(TypedDict, total=False):
     the retries to a fraction of the calls (default 20 % plus 10 a second; None = no limit); ``slow_start``:
     seconds over which an endpoint joining the set ramps up to a full share (``True`` = 30, as Envoy's
     window; default None = a full share at once, Envoy's slow start is opt-in too); ``zone``: the client's
-    zone for zone-aware routing (default ``$LOOKASIDE_ZONE``; ``""`` = ignore zones).
+    zone for zone-aware routing (default ``$LOOKASIDE_ZONE``; ``""`` = ignore zones); ``hash_key``: the
+    call metadata key that ``policy="ring_hash"`` hashes (required there, refused with any other policy;
+    lowercase, not ``-bin``).
     """
 
     mode: Mode | ModeName
@@ -128,6 +131,7 @@ class ClientOptions(TypedDict, total=False):
     retry_budget: RetryBudget | None
     slow_start: float | bool | None
     zone: str | None
+    hash_key: str | None
 
 
 OPTION_NAMES = frozenset(ClientOptions.__annotations__)
@@ -150,6 +154,7 @@ class Settings:
     retry_budget: RetryBudget | None = DEFAULT_RETRY_BUDGET
     slow_start: float | None = None
     zone: str = ""
+    hash_key: str | None = None
 
     def for_target(self, target: Target) -> Settings:
         """The same settings for another target (interceptor routes)."""
@@ -201,6 +206,7 @@ def _replace_target(s: Settings, target: Target) -> Settings:
         s.retry_budget,
         s.slow_start,
         s.zone,
+        s.hash_key,
     )
 
 
@@ -284,14 +290,28 @@ def make_settings(target: Target, lookaside: str | None, options: Mapping[str, o
     if slow_start is not None and not slow_start > 0:
         raise ValueError(f"slow_start must be seconds > 0, True or None, got {ramp!r}")
     zone = o.get("zone")
+    explicit_zone = bool(zone)
     if zone is None:
         zone = os.environ.get("LOOKASIDE_ZONE", "")
     if not isinstance(zone, str):
         raise TypeError(f"zone must be a string, got {zone!r}")
+    mode = parse_mode(o.get("mode", Watch()))
+    hash_key = _hash_key(policy, o.get("hash_key"))
+    if hash_key is not None or (isinstance(policy, RoutingPolicy) and policy.hash_key is not None):
+        if isinstance(mode, PerCall):
+            raise ValueError(
+                "policy='ring_hash' needs mode='watch': in per_call mode the lookaside's Resolve picks, and "
+                "it knows no call metadata"
+            )
+        if slow_start is not None:
+            raise ValueError("slow_start does not apply to ring_hash (a ramp would move keys twice)")
+        if explicit_zone:
+            raise ValueError("zone does not apply to ring_hash (one ring spans every zone, as in grpc's A42)")
+        zone = ""  # $LOOKASIDE_ZONE, set for the process's other channels: not for this one
     return Settings(
         target=target,
         lookaside=lookaside,
-        mode=parse_mode(o.get("mode", Watch())),
+        mode=mode,
         policy=policy,
         credentials=o.get("credentials"),
         options=tuple((str(k), v) for k, v in o.get("options", ())),
@@ -302,4 +322,26 @@ def make_settings(target: Target, lookaside: str | None, options: Mapping[str, o
         retry_budget=retry_budget,
         slow_start=slow_start,
         zone=zone,
+        hash_key=hash_key,
     )
+
+
+#: What a ``hash_key`` may be: a gRPC metadata key (lowercase; grpc refuses others).
+_HEADER_NAME = re.compile(r"[0-9a-z_.\-]+")
+
+
+def _hash_key(policy: str | RoutingPolicy, key: object) -> str | None:
+    """Validate ``hash_key`` against the policy: required by ``"ring_hash"``, refused by any other."""
+    if key is None:
+        if policy == "ring_hash":
+            raise ValueError("policy='ring_hash' needs hash_key=<a call metadata key>, e.g. 'x-user-id'")
+        return None
+    if not isinstance(key, str):
+        raise TypeError(f"hash_key must be a metadata key string, got {key!r}")
+    if policy != "ring_hash":
+        raise ValueError(f"hash_key applies to policy='ring_hash' only (policy is {policy!r})")
+    if not _HEADER_NAME.fullmatch(key):
+        raise ValueError(f"hash_key must be a lowercase gRPC metadata key ([0-9a-z_.-]), got {key!r}")
+    if key.endswith("-bin") or key.startswith("grpc-"):
+        raise ValueError(f"hash_key {key!r}: binary (-bin) and reserved (grpc-) keys are not hashed")
+    return key

@@ -66,6 +66,7 @@ _REFUSED_HINTS = {
     "lookaside_keepalive": "grpc's xDS client manages its own ADS stream",
     "lookaside_credentials": "the bootstrap's channel_creds: set GRPC_XDS_BOOTSTRAP yourself for TLS",
     "init_timeout": "calls wait as on any grpc channel (wait_for_ready, deadlines)",
+    "hash_key": "the hash header is the lookaside's --xds-hash-header (the Cluster's RING_HASH)",
 }
 
 

@@ -52,9 +52,13 @@ class Group:
     private_pool: bool = False
 
 
+_CLIENT_GENERATED = "lookaside_grpc/_generated"
+
 #: Every generated file of the repository. Add a Group per proto root.
 GROUPS: tuple[Group, ...] = (
     Group("proto", ("lookaside/v1/lookaside.proto",), out="lookaside_grpc/_generated", private_pool=True),
+    # ORCA load reports (cncf/xds) for lookaside_grpc.orca: private too (the server's xds-protos define them).
+    Group("proto", ("xds/data/orca/v3/orca_load_report.proto",), out=_CLIENT_GENERATED, private_pool=True),
     Group("proto", ("greet/v1/greet.proto",), out="examples/greet"),
     # The interop test service (gRPC's interop test.proto layout), named by its real module path.
     Group(".", tuple(f"lookaside_dev/interop/v1/{name}.proto" for name in ("empty", "messages", "test"))),
@@ -63,7 +67,7 @@ GROUPS: tuple[Group, ...] = (
 #: Replaces ``_descriptor_pool.Default()`` in the private-pool modules (see the module docstring).
 PRIVATE_POOL = (
     "# lookaside_grpc keeps these messages in a descriptor pool of its own, so that an application may also\n"
-    "# hold stubs generated from the original lookaside.proto (same symbols) in the default pool.\n"
+    "# hold the same symbols (the original lookaside.proto, xds-protos' ORCA) in the default pool.\n"
     "# Written by proto/generate.py.\n"
     "POOL = _descriptor_pool.DescriptorPool()\n"
 )

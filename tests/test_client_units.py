@@ -81,6 +81,7 @@ def test_one_option_set_for_every_flavour() -> None:
         retry_budget=lookaside_grpc.RetryBudget(ratio=0.1),
         slow_start=5.0,
         zone="a",
+        hash_key=None,  # policy="ring_hash" only: tests/test_ring_hash.py
     )
     assert set(opts) == shared
     la = "127.0.0.1:1"

@@ -14,6 +14,8 @@ from lookaside_grpc import protocol
 from lookaside_grpc._endpoints import Endpoint as E
 from lookaside_grpc._policies import (
     PENALTY,
+    PROBE_INTERVAL,
+    PROBE_INTERVAL_MAX,
     Ewma,
     LeastRequest,
     PeakEwma,
@@ -147,40 +149,187 @@ def test_peak_ewma_cost_and_pick() -> None:
 
 
 @pytest.mark.parametrize("cls", [LeastRequest, PeakEwma])
-def test_a_slow_candidate_gets_probes_only_and_recovers_at_its_first_fast_answer(cls: Any) -> None:
+def test_a_slow_candidate_gets_probes_only_and_recovers_at_two_fast_answers_in_a_row(cls: Any) -> None:
     clock = Clock()
     pool = pool_with({"a:1": 0, "b:1": 0, "s:1": 0})
-    p = cls(seed=5, clock=clock, probe_interval=0.1)
+    p = cls(seed=5, clock=clock, probe_interval=0.1, probe_interval_max=0.4)
     p.bind(pool)
     eps = [E("a", 1), E("b", 1), E("s", 1)]
     for _ in range(10):
         p.observe("a:1", 0.003)
         p.observe("b:1", 0.003)
         p.observe("s:1", 0.023)
-    # the fast ones are busy (more in flight than s), yet s gets one probe, then nothing until the interval
+    # the fast ones are busy (more in flight than s), yet s gets nothing until one interval after it was
+    # found slow, then one probe
     for address in ("a:1", "b:1"):
         for _ in range(4):
             pool.get(address).acquire()
     picks = Counter(p.pick(eps).ip for _ in range(3000))
-    assert picks["s"] == 1 and picks["a"] + picks["b"] == 2999
-    clock.t += 0.05
+    assert picks["s"] == 0 and picks["a"] + picks["b"] == 3000
+    clock.t += 0.1
+    assert Counter(p.pick(eps).ip for _ in range(3000))["s"] == 1
+    p.observe("s:1", 0.024)  # the probe's answer: still slow; the next probe is 0.2 s later (backoff)
+    assert p.latency_ms("s:1") == pytest.approx(24.0)
+    clock.t += 0.19
     assert "s" not in {p.pick(eps).ip for _ in range(300)}
-    clock.t += 0.051
+    clock.t += 0.011
     slot = pool.get("s:1")
     assert slot.acquire()  # a call of this client still in flight on s: no probe even when one is due
     assert "s" not in {p.pick(eps).ip for _ in range(300)}
     slot.release()
     assert Counter(p.pick(eps).ip for _ in range(300))["s"] == 1
-    p.observe("s:1", 0.024)  # the probe's answer: still slow
-    assert p.latency_ms("s:1") == pytest.approx(24.0)
-    clock.t += 0.101
-    assert Counter(p.pick(eps).ip for _ in range(300))["s"] == 1
-    p.observe("s:1", 0.003)  # fast again: the probe's answer replaces the estimate at once
+    p.observe("s:1", 0.003)  # fast again: the probe's answer replaces the estimate at once ...
     assert p.latency_ms("s:1") == pytest.approx(3.0)
+    # ... and a second probe goes at once (one lucky sample on a busy host must not end the probation)
+    assert Counter(p.pick(eps).ip for _ in range(300))["s"] == 1
+    p.observe("s:1", 0.003)  # fast twice in a row: no longer slow
     picks = Counter(p.pick(eps).ip for _ in range(3000))
     assert picks["s"] > 1500  # idle and as fast as the others: it wins every pair it is in
+    assert not p._probe_at and not p._probe_gap  # no longer slow: the backoff starts over next time
     p.retain({"a:1", "b:1"})
     assert not p._probe_at and not p._probing
+
+
+#: Fake seconds a due probe may wait for its endpoint to be drawn in a pair (20 picks at 1,000/s: each pick
+#: draws it with probability 2/3).
+SLACK = 0.02
+
+
+def _simulate(
+    p: LeastRequest, eps: list[E], clock: Clock, latency: dict[str, float], seconds: float, rate: float
+) -> list[tuple[float, str]]:
+    """``rate`` picks per fake second for ``seconds``; each call completes at once, its latency fed back
+    (the probes' answers included): (time, ip) per pick."""
+    out = []
+    for _ in range(int(seconds * rate)):
+        clock.t += 1.0 / rate
+        ip = p.pick(eps).ip
+        p.observe(f"{ip}:1", latency[ip])
+        out.append((clock.t, ip))
+    return out
+
+
+@pytest.mark.parametrize("rate", [1000.0, 100.0])
+@pytest.mark.parametrize("cls", [LeastRequest, PeakEwma])
+def test_a_20x_slower_endpoint_gets_rate_bounded_probes_then_its_full_share_back(
+    cls: Any, rate: float
+) -> None:
+    """Issue 14 item 3 in numbers: one of three endpoints 20x slower (EWMA and mean), while the fast ones
+    have more calls in flight than it. Its probes are bounded in rate: a probe at least every
+    PROBE_INTERVAL_MAX and not more, so at 1,000 picks/s it gets under 0.1 % of them and even at 100 under
+    1 % (what keeps it out of p99); once its probe answers fast, it has a full share again within
+    PROBE_INTERVAL_MAX (plus a few picks), far inside the 5 s goal."""
+    slack = 20 / rate  # a due probe waits for its endpoint to be drawn in a pair (p = 2/3 per pick)
+    clock = Clock()
+    pool = pool_with({"a:1": 4, "b:1": 4, "s:1": 0})  # in-flight counts alone would send every pair to s
+    p = cls(seed=7, clock=clock)
+    p.bind(pool)
+    eps = [E("a", 1), E("b", 1), E("s", 1)]
+    latency = {"a": 0.001, "b": 0.001, "s": 0.020}
+    for ip, sample in latency.items():
+        p.observe(f"{ip}:1", sample)
+    assert p.latency_ms("s:1") == pytest.approx(20 * p.latency_ms("a:1"))
+    t0 = clock.t
+    got = _simulate(p, eps, clock, latency, 30.0, rate)
+    probes = [t - t0 for t, ip in got if ip == "s"]
+    n = len(got)
+    print(f"{cls.name}: {len(probes)} of {n} picks to the slow one; probes at", [round(t, 3) for t in probes])
+    assert len(probes) <= 30.0 / PROBE_INTERVAL_MAX + 2  # 0.5, 1.5, 3.0, 4.5, ... 28.5, 30.0
+    assert len(probes) / n < (0.001 if rate >= 1000 else 0.01)
+    gaps = [b - a for a, b in zip([0.0, *probes], probes, strict=False)]
+    assert max(gaps) <= PROBE_INTERVAL_MAX + slack  # at least one probe per longest gap ...
+    assert probes[-1] >= 30.0 - PROBE_INTERVAL_MAX - slack  # ... to the end
+    assert gaps[0] == pytest.approx(PROBE_INTERVAL, abs=slack)  # first one interval after found slow,
+    assert gaps[1] == pytest.approx(2 * PROBE_INTERVAL, abs=slack)  # then backing off to the cap
+    assert sorted(gaps)[len(gaps) // 2] == pytest.approx(PROBE_INTERVAL_MAX, abs=slack)
+
+    # it recovers; its calls in flight are no longer the fewest (all equal now)
+    latency["s"] = 0.001
+    for address in ("a:1", "b:1"):
+        for _ in range(4):
+            pool.get(address).release()
+    t_fast = clock.t
+    got = _simulate(p, eps, clock, latency, 5.0, rate)
+    first = next(t for t, ip in got if ip == "s") - t_fast
+    assert first <= PROBE_INTERVAL_MAX + slack  # the probe due next finds it fast
+    after = [ip for t, ip in got if t - t_fast > first]
+    share = after.count("s") / len(after)
+    window = Counter(ip for t, ip in got if first < t - t_fast <= first + 1.0)
+    print(f"{cls.name}: fast again, first probe after {first:.3f} s; then shares {dict(window)}, {share:.3f}")
+    assert window["s"] >= 0.25 * sum(window.values())  # a full share (1/3) in the first second after
+    assert share >= 0.25
+    assert not p._probe_at
+
+
+def test_a_slow_endpoint_found_slow_again_starts_its_backoff_over() -> None:
+    clock = Clock()
+    p = LeastRequest(seed=8, clock=clock, probe_interval=0.5, probe_interval_max=2.0)
+    p.bind(pool_with({"a:1": 0, "b:1": 0, "s:1": 0}))
+    eps = [E("a", 1), E("b", 1), E("s", 1)]
+    latency = {"a": 0.001, "b": 0.001, "s": 0.02}
+    for ip, sample in latency.items():
+        p.observe(f"{ip}:1", sample)
+    _simulate(p, eps, clock, latency, 8.0, 200.0)
+    assert p._probe_gap["s:1"] == 2.0  # backed off to the cap
+    latency["s"] = 0.001
+    _simulate(p, eps, clock, latency, 3.0, 200.0)
+    assert "s:1" not in p._probe_gap  # fast: forgotten
+    latency["s"] = 0.02  # slow again: its mean climbs to 2x within a few dozen of its calls
+    for _ in range(2000):
+        if "s:1" in p._probe_at:
+            break
+        _simulate(p, eps, clock, latency, 0.005, 200.0)
+    assert p._probe_gap["s:1"] == 0.5  # the backoff starts over
+    t_found = clock.t
+    got = _simulate(p, eps, clock, latency, 1.0, 1000.0)
+    probes = [t - t_found for t, ip in got if ip == "s"]
+    assert len(probes) == 1 and probes[0] == pytest.approx(0.5, abs=SLACK)
+
+
+def test_a_probe_much_faster_than_the_estimate_brings_the_next_probe_forward() -> None:
+    """One probe sample can miss the exit on a busy host (8 ms next to fast means of 3 ms): when it is at
+    least PROBE_BETTER times faster than the estimate it replaces, the next probe comes PROBE_INTERVAL later
+    instead of after the backed-off gap; a probe as slow as before keeps the backoff."""
+    clock = Clock()
+    p = LeastRequest(seed=9, clock=clock, probe_interval=0.5, probe_interval_max=2.0)
+    p.bind(pool_with({"a:1": 0, "b:1": 0, "s:1": 0}))
+    eps = [E("a", 1), E("b", 1), E("s", 1)]
+    latency = {"a": 0.003, "b": 0.003, "s": 0.023}
+    for ip, sample in latency.items():
+        p.observe(f"{ip}:1", sample)
+    got = _simulate(p, eps, clock, latency, 4.0, 1000.0)  # probes at 0.5 and 1.5, next due at 3.5
+    assert [round(t - got[0][0], 1) for t, ip in got if ip == "s"] == [0.5, 1.5, 3.5]
+    assert p._probe_gap["s:1"] == 2.0
+    latency["s"] = 0.008  # 2.9x faster than before, still 2.7x the fast ones: slow, but probed again soon
+    t0 = clock.t
+    got = _simulate(p, eps, clock, latency, 3.0, 1000.0)
+    probes = [round(t - t0, 1) for t, ip in got if ip == "s"]
+    assert "s:1" in p._probe_at and probes[:2] == [1.5, 2.0], probes  # 1.5: the due one; then 0.5 later
+    latency["s"] = 0.023  # and a slow answer after a fast one: the backoff goes on from there
+    t0 = clock.t
+    got = _simulate(p, eps, clock, latency, 4.0, 1000.0)
+    probes = [round(t - t0, 1) for t, ip in got if ip == "s"]
+    assert len(probes) == 2 and probes[1] - probes[0] == pytest.approx(2.0, abs=0.1), probes
+
+
+@pytest.mark.parametrize("cls", [LeastRequest, PeakEwma])
+def test_one_lucky_probe_answer_does_not_end_the_probation(cls: Any) -> None:
+    """A probe answering fast (even below the others' mean) then a slow one: still slow, and the endpoint
+    got nothing but those two probes meanwhile."""
+    clock = Clock()
+    p = cls(seed=10, clock=clock)
+    p.bind(pool_with({"a:1": 2, "b:1": 2, "s:1": 0}))
+    eps = [E("a", 1), E("b", 1), E("s", 1)]
+    for ip, sample in {"a": 0.003, "b": 0.003, "s": 0.023}.items():
+        p.observe(f"{ip}:1", sample)
+    assert "s" not in {p.pick(eps).ip for _ in range(100)}
+    clock.t += PROBE_INTERVAL
+    assert Counter(p.pick(eps).ip for _ in range(300))["s"] == 1
+    p.observe("s:1", 0.001)  # lucky: a third of the others' mean
+    assert Counter(p.pick(eps).ip for _ in range(3000))["s"] == 1  # the confirming probe, at once
+    p.observe("s:1", 0.024)
+    assert Counter(p.pick(eps).ip for _ in range(3000))["s"] == 0  # slow again: probes only
+    assert "s:1" in p._probe_at and not p._passed
 
 
 def test_small_latency_differences_never_make_a_candidate_slow() -> None:

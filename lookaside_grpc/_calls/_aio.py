@@ -15,7 +15,7 @@ import grpc
 import grpc.aio
 
 from lookaside_grpc import _compat
-from lookaside_grpc._calls._engine import Bound, CallArgs, Method, Req, Resp, remaining
+from lookaside_grpc._calls._engine import OK, Bound, CallArgs, Metadata, Method, Req, Resp, remaining
 from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._health import retryable
 from lookaside_grpc._pool import Slot
@@ -28,6 +28,59 @@ DoneCallback = Callable[[object], None]
 _now = time.monotonic
 #: grpc's text for a call cancelled by the application.
 CANCELLED_DETAILS = "Locally cancelled by application!"
+#: grpc core's status code numbers to ``grpc.StatusCode``.
+_CODES: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+_ending: set[asyncio.Task[None]] = set()
+
+
+def _status_now(call: object, trailing: bool) -> tuple[grpc.StatusCode, Metadata | None] | None:
+    """The status (and, if ``trailing``, the trailing metadata) of an ended grpc.aio call, read without
+    awaiting from grpc's own call object (``call.code()`` is a coroutine); None for another call object (an
+    intercepted or instrumented channel's)."""
+    cython_call = getattr(call, "_cython_call", None)
+    if cython_call is None:
+        return None
+    try:
+        if not trailing and cython_call.is_ok():
+            return OK, None
+        status = cython_call._status
+        code = _CODES.get(status.code(), grpc.StatusCode.UNKNOWN)
+        return code, (tuple(status.trailing_metadata() or ()) if trailing else None)
+    except Exception:  # grpc's private attributes changed: read it the public way
+        return None
+
+
+class _Ended:
+    """The done callback of one backend attempt: ends it on the engine with the status grpc recorded (one
+    small object per call, as the closure it replaces)."""
+
+    __slots__ = ("_m", "_bound", "_t0")
+
+    def __init__(self, m: AioMethod, bound: Bound[grpc.aio.Channel, AioBackend], t0: float) -> None:
+        self._m = m
+        self._bound = bound
+        self._t0 = t0
+
+    def __call__(self, call: grpc.aio.Call) -> None:
+        m = self._m
+        trailing = m.call_done is not None
+        got = _status_now(call, trailing)
+        if got is not None:
+            m.ended(self._bound, self._t0, got[0], got[1])
+        elif call.cancelled():
+            m.ended(self._bound, self._t0, grpc.StatusCode.CANCELLED)
+        else:  # not grpc's own call object: its status is a coroutine away (it is done: no wait)
+            task = asyncio.get_running_loop().create_task(self._later(call, trailing))
+            _ending.add(task)
+            task.add_done_callback(_ending.discard)
+
+    async def _later(self, call: grpc.aio.Call, trailing: bool) -> None:
+        try:
+            code = await call.code()
+            metadata = tuple(await call.trailing_metadata() or ()) if trailing else None
+        except Exception:
+            code, metadata = grpc.StatusCode.UNKNOWN, None
+        self._m.ended(self._bound, self._t0, code, metadata)
 
 
 class AioCall(Generic[Req, Resp]):
@@ -97,10 +150,8 @@ class AioCall(Generic[Req, Resp]):
 
     def _begin(self, bound: Bound[grpc.aio.Channel, AioBackend]) -> None:
         m = self._m
-        observe = m.observe
-        t0 = _now() if observe is not None else 0.0
+        t0 = _now()
         a = self._args
-        slot = bound.slot
         deadline = self._deadline
         try:
             call = bound.call(
@@ -111,13 +162,13 @@ class AioCall(Generic[Req, Resp]):
                 wait_for_ready=a.wait_for_ready,
                 compression=a.compression,
             )
-        except BaseException:
-            m.finished(slot, t0)
+        except BaseException as e:
+            code = e.code() if isinstance(e, grpc.aio.AioRpcError) else grpc.StatusCode.UNKNOWN
+            m.ended(bound, t0, code)
             raise
-        # uncounted when the backend call is done (awaited or not): the slot's own method when the policy
-        # wants no latency feedback (no closure per call)
-        call.add_done_callback(slot.release if observe is None else lambda _c: m.finished(slot, t0))
-        self._call, self._slot = call, slot
+        # ended when the backend call is done (awaited or not), with the status grpc recorded
+        call.add_done_callback(_Ended(m, bound, t0))
+        self._call, self._slot = call, bound.slot
         if self._callbacks:
             callbacks, self._callbacks = self._callbacks, ()
             for cb in callbacks:
@@ -149,7 +200,7 @@ class AioCall(Generic[Req, Resp]):
         if self._retried or not self._retry or not retryable(err) or self._slot is None:
             return None
         self._retried = True
-        nxt = self._m.retry_bound(self._slot.address, self._deadline)
+        nxt = self._m.retry_bound(self._slot.address, self._deadline, self._args.metadata)
         if nxt is None:
             return None
         self._begin(nxt)

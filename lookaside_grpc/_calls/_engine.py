@@ -1,6 +1,8 @@
 """What every call shape and flavour shares: picking an endpoint, binding an address to the pooled backend
 channel's multicallable (cached per method, forgotten once the pool retires the address), counting the call
-in flight, latency feedback, and choosing the endpoint of the one retry (ejecting the failed one)."""
+in flight, the one completion hook (:meth:`Method.ended`: per-endpoint metrics, latency feedback, and the
+call's status and trailing metadata for a policy that asks for them), and choosing the endpoint of the one
+retry (ejecting the failed one)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import grpc.aio
 from lookaside_grpc._balancer import AioBalancer, Balancer, BalancerBase
 from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._pool import ChannelPool, Slot
+from lookaside_grpc._ring_hash import Metadata as CallMetadata
+from lookaside_grpc._stats import EndpointMetrics
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +32,23 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 Serializer = Callable[[Req], bytes]
 Deserializer = Callable[[bytes], Resp]
 _now = time.monotonic
+OK = grpc.StatusCode.OK
+#: A policy's per-call completion hook: (address, seconds, status code, trailing metadata or None).
+CallDone = Callable[[str, float, grpc.StatusCode, Metadata | None], None]
+
+
+def trailer_hook(policy: object) -> CallDone | None:
+    """The policy's ``call_done`` when it asks for every call's status and trailing metadata
+    (``wants_trailers``, as ``weighted_round_robin`` does), found through the slow-start and zone wrappers
+    (their ``inner``); None otherwise: then no call fetches its trailing metadata."""
+    for _ in range(8):
+        if policy is None:
+            return None
+        if getattr(policy, "wants_trailers", False):
+            hook: CallDone = policy.call_done  # type: ignore[attr-defined]
+            return hook
+        policy = getattr(policy, "inner", None)
+    return None
 
 
 class CallArgs(NamedTuple):
@@ -54,19 +75,21 @@ def deadline_of(timeout: float | None) -> float | None:
 
 
 class Bound(Generic[C, M]):
-    """A pooled backend channel (its slot) and that channel's multicallable for one method."""
+    """A pooled backend channel (its slot), that channel's multicallable for one method, and the address's
+    call metrics."""
 
-    __slots__ = ("slot", "call")
+    __slots__ = ("slot", "call", "metrics")
 
-    def __init__(self, slot: Slot[C], call: M) -> None:
+    def __init__(self, slot: Slot[C], call: M, metrics: EndpointMetrics) -> None:
         self.slot: Slot[C] = slot
         self.call: M = call
+        self.metrics = metrics
 
 
 class Method(Generic[C, M]):
     """One gRPC method of one call shape on one balancer: the engine's per-call steps."""
 
-    __slots__ = ("balancer", "name", "_make", "_cache", "_gen", "_pool", "observe")
+    __slots__ = ("balancer", "name", "_make", "_cache", "_gen", "_pool", "observe", "call_done", "_table")
 
     def __init__(self, balancer: BalancerBase[C], name: str, make: Callable[[C], M]) -> None:
         self.balancer: BalancerBase[C] = balancer
@@ -76,12 +99,15 @@ class Method(Generic[C, M]):
         self._cache: dict[str, Bound[C, M]] = {}
         self._pool: ChannelPool[C] = balancer.pool
         self._gen = balancer.pool.generation
-        #: the policy's latency feedback, or None when it needs none (then calls are not timed)
+        #: the policy's latency feedback, or None when it needs none
         self.observe = balancer.observe
+        #: the policy's completion hook, or None: only then do calls fetch their trailing metadata
+        self.call_done = trailer_hook(balancer.policy)
+        self._table = balancer.counters.endpoints
 
     def _bind(self, address: str) -> Bound[C, M]:
         slot = self.balancer.pool.get(address)
-        bound = self._cache[address] = Bound(slot, self._make(slot.channel))
+        bound = self._cache[address] = Bound(slot, self._make(slot.channel), self._table.get(address))
         return bound
 
     def _prune(self) -> None:
@@ -106,27 +132,42 @@ class Method(Generic[C, M]):
         return bound
 
     def clock(self) -> float:
-        """Start time of a call, when the policy wants latency feedback (else 0, untimed)."""
-        return _now() if self.observe is not None else 0.0
+        """Start time of a call (every call is timed: the per-endpoint latency histogram)."""
+        return _now()
 
-    def finished(self, slot: Slot[C], t0: float) -> None:
-        """A call on ``slot`` finished: uncount it (and feed its latency to the policy)."""
-        slot.release()
+    def ended(
+        self, bound: Bound[C, M], t0: float, code: grpc.StatusCode, trailing: Metadata | None = None
+    ) -> None:
+        """The completion hook: the call on ``bound`` started at ``t0`` ended with ``code`` (and
+        ``trailing`` metadata, fetched only when :attr:`call_done` is set). Uncounts it, counts it per
+        endpoint and feeds the policy."""
+        bound.slot.release()
+        seconds = _now() - t0
+        bound.metrics.ended(seconds, code)
         observe = self.observe
         if observe is not None:
-            observe(slot.address, _now() - t0)
+            observe(bound.slot.address, seconds)
+        call_done = self.call_done
+        if call_done is not None:
+            try:
+                call_done(bound.slot.address, seconds, code, trailing)
+            except Exception:  # a policy's hook must never fail the call it hears about
+                log.exception("%s: the policy's call_done failed", self.balancer.target)
 
     def succeeded(self, address: str) -> None:
         """A call to ``address`` got a response: a restored address leaves probation."""
         if self.balancer.probation:
             self.balancer.succeeded(address)
 
-    def retry_bound(self, failed: str, deadline: float | None) -> Bound[C, M] | None:
-        """The retry rule's second attempt: eject ``failed``, pick another endpoint and count the call on
-        it; None if there is none or no time is left."""
+    def retry_bound(
+        self, failed: str, deadline: float | None, metadata: CallMetadata | None = None
+    ) -> Bound[C, M] | None:
+        """The retry rule's second attempt: eject ``failed``, pick another endpoint (``ring_hash``: the
+        next ring entry for the call's key in ``metadata``) and count the call on it; None if there is none
+        or no time is left."""
         balancer = self.balancer
         balancer.report_unavailable(failed)
-        ep = balancer.repick(failed)
+        ep = balancer.repick(failed, metadata)
         if ep is None or (deadline is not None and deadline - _now() <= 0):
             return None
         budget = balancer.budget
@@ -141,23 +182,32 @@ class Method(Generic[C, M]):
 
 
 def pick_sync(
-    balancer: Balancer, wait: float | None, wait_for_ready: bool, on_timeout: grpc.StatusCode
+    balancer: Balancer,
+    wait: float | None,
+    wait_for_ready: bool,
+    on_timeout: grpc.StatusCode,
+    metadata: CallMetadata | None = None,
 ) -> Endpoint:
-    """An endpoint for a call (raises PickError): the hot path is one local pick."""
-    ep = balancer.resolver.pick_nowait(balancer.policy)
+    """An endpoint for a call (raises PickError): the hot path is one local pick (the call's metadata is
+    read only by a policy hashing a key of it)."""
+    ep = balancer.resolver.pick_nowait(balancer.policy, metadata)
     if ep is not None:
         return ep
-    return balancer.resolver.pick(balancer.policy, wait, wait_for_ready, on_timeout)
+    return balancer.resolver.pick(balancer.policy, wait, wait_for_ready, on_timeout, metadata)
 
 
 async def pick_aio(
-    balancer: AioBalancer, wait: float | None, wait_for_ready: bool, on_timeout: grpc.StatusCode
+    balancer: AioBalancer,
+    wait: float | None,
+    wait_for_ready: bool,
+    on_timeout: grpc.StatusCode,
+    metadata: CallMetadata | None = None,
 ) -> Endpoint:
     """The aio twin of :func:`pick_sync`."""
-    ep = balancer.resolver.pick_nowait(balancer.policy)
+    ep = balancer.resolver.pick_nowait(balancer.policy, metadata)
     if ep is not None:
         return ep
-    return await balancer.resolver.pick(balancer.policy, wait, wait_for_ready, on_timeout)
+    return await balancer.resolver.pick(balancer.policy, wait, wait_for_ready, on_timeout, metadata)
 
 
 # Backend multicallable types, by flavour and shape.

@@ -7,7 +7,6 @@ objects that retry. Backend calls may be plain iterators (instrumented channels)
 from __future__ import annotations
 
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
@@ -16,8 +15,10 @@ import grpc
 
 from lookaside_grpc import _compat
 from lookaside_grpc._calls._engine import (
+    OK,
     Bound,
     CallArgs,
+    Metadata,
     Method,
     Req,
     Resp,
@@ -27,7 +28,6 @@ from lookaside_grpc._calls._engine import (
 from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._errors import FailedCall, PickError
 from lookaside_grpc._health import retryable
-from lookaside_grpc._pool import Slot
 
 T = TypeVar("T")
 M = TypeVar("M")
@@ -36,24 +36,75 @@ UU = grpc.UnaryUnaryMultiCallable
 US = grpc.UnaryStreamMultiCallable
 SU = grpc.StreamUnaryMultiCallable
 SS = grpc.StreamStreamMultiCallable
+UNKNOWN = grpc.StatusCode.UNKNOWN
+CANCELLED = grpc.StatusCode.CANCELLED
+
+
+def code_of(call: object) -> grpc.StatusCode:
+    """The status code of an ended call, future or ``grpc.RpcError`` (UNKNOWN when it has none)."""
+    code = getattr(call, "code", None)
+    if callable(code):
+        try:
+            got = code()
+        except Exception:
+            return UNKNOWN
+        if isinstance(got, grpc.StatusCode):
+            return got
+    return UNKNOWN
+
+
+def trailing_of(call: object) -> Metadata | None:
+    """The trailing metadata of an ended call, future or ``grpc.RpcError`` (None when it has none)."""
+    get = getattr(call, "trailing_metadata", None)
+    if not callable(get):
+        return None
+    try:
+        return tuple(get() or ())
+    except Exception:
+        return None
 
 
 class _Once:
-    """Uncount a call exactly once, from whichever of done callback, end of iteration or GC comes first."""
+    """End a call exactly once, from whichever of done callback, end of iteration, cancel or GC comes
+    first."""
 
-    __slots__ = ("_method", "_slot", "_t0", "_done")
+    __slots__ = ("_method", "_bound", "_t0", "_done")
 
-    def __init__(self, method: Method[grpc.Channel, M], slot: Slot[grpc.Channel], t0: float) -> None:
+    def __init__(self, method: Method[grpc.Channel, M], bound: Bound[grpc.Channel, M], t0: float) -> None:
         self._method: Method[grpc.Channel, object] = method
-        self._slot = slot
+        self._bound: Bound[grpc.Channel, object] = bound
         self._t0 = t0
         self._done = False
 
-    def __call__(self, _call: object = None) -> None:
+    def __call__(self, call: object = None) -> None:
+        """As a done callback: ``call`` is the ended grpc call (none: dropped, i.e. cancelled)."""
         if self._done:
             return
         self._done = True
-        self._method.finished(self._slot, self._t0)
+        m = self._method
+        if call is None:
+            m.ended(self._bound, self._t0, CANCELLED)
+        else:
+            m.ended(self._bound, self._t0, code_of(call), None if m.call_done is None else trailing_of(call))
+
+    def end(self, code: grpc.StatusCode, trailing: Metadata | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._method.ended(self._bound, self._t0, code, trailing)
+
+
+def _failed(m: SyncMethod[M], bound: Bound[grpc.Channel, M], t0: float, e: BaseException) -> None:
+    """End the call on ``bound`` with the error it raised."""
+    m.ended(bound, t0, code_of(e), None if m.call_done is None else trailing_of(e))
+
+
+def _ok(m: SyncMethod[M], bound: Bound[grpc.Channel, M], t0: float, result: object, with_call: bool) -> None:
+    """End the call on ``bound`` with OK (its trailing metadata from a ``with_call`` result, if wanted)."""
+    trailing = None
+    if with_call and m.call_done is not None:
+        trailing = trailing_of(result[1])  # type: ignore[index]
+    m.ended(bound, t0, OK, trailing)
 
 
 def _blocking(
@@ -61,13 +112,17 @@ def _blocking(
     bound: Bound[grpc.Channel, M],
     deadline: float | None,
     invoke: Callable[[M, float | None], T],
+    with_call: bool = False,
 ) -> T:
-    """The retry attempt of a blocking call on ``bound`` (already counted)."""
+    """The retry attempt of a blocking call on ``bound`` (already counted); ``with_call``: ``invoke``
+    returns ``(response, call)``."""
     t0 = m.clock()
     try:
         result = invoke(bound.call, remaining(deadline))
-    finally:
-        m.finished(bound.slot, t0)
+    except BaseException as e:
+        _failed(m, bound, t0, e)
+        raise
+    _ok(m, bound, t0, result, with_call)
     m.succeeded(bound.slot.address)
     return result
 
@@ -78,6 +133,7 @@ def _retrying(
     deadline: float | None,
     invoke: Callable[[M, float | None], T],
     retry: bool,
+    with_call: bool = False,
 ) -> T:
     """A blocking call with ``invoke(backend multicallable, timeout)``; retried once when allowed."""
     bound = m.enter(ep.address)
@@ -85,20 +141,17 @@ def _retrying(
     try:
         result = invoke(bound.call, remaining(deadline))
     except grpc.RpcError as e:
-        m.finished(bound.slot, t0)
+        _failed(m, bound, t0, e)
         if not (retry and retryable(e)):
             raise
         nxt = m.retry_bound(bound.slot.address, deadline)
         if nxt is None:
             raise
-        t0 = m.clock()
-        try:
-            result = invoke(nxt.call, remaining(deadline))
-        finally:
-            m.finished(nxt.slot, t0)
-        m.succeeded(nxt.slot.address)
-        return result
-    m.finished(bound.slot, t0)
+        return _blocking(m, nxt, deadline, invoke, with_call)
+    except BaseException as e:
+        _failed(m, bound, t0, e)
+        raise
+    _ok(m, bound, t0, result, with_call)
     m.succeeded(bound.slot.address)
     return result
 
@@ -111,17 +164,19 @@ def unary_unary(
     deadline: float | None,
     a: CallArgs,
 ) -> Resp:
-    """Blocking unary-unary ``__call__``: the hot path, inline (``timeout``: what is left of the call's)."""
+    """Blocking unary-unary ``__call__``: the hot path, inline (``timeout``: what is left of the call's).
+    Through ``with_call`` only when the policy wants the call's trailing metadata."""
+    if m.call_done is not None:
+        return unary_unary_with_call(m, ep, request, deadline, a)[0]
     bound = m.enter(ep.address)
-    observe = m.observe
-    t0 = time.monotonic() if observe is not None else 0.0
+    t0 = m.clock()
     try:
         result = bound.call(request, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)
     except grpc.RpcError as e:
-        m.finished(bound.slot, t0)
+        m.ended(bound, t0, code_of(e))
         if not retryable(e):
             raise
-        nxt = m.retry_bound(bound.slot.address, deadline)
+        nxt = m.retry_bound(bound.slot.address, deadline, a.metadata)
         if nxt is None:
             raise
         return _blocking(
@@ -130,9 +185,10 @@ def unary_unary(
             deadline,
             lambda mc, left: mc(request, left, a.metadata, a.credentials, a.wait_for_ready, a.compression),
         )
-    bound.slot.release()
-    if observe is not None:
-        observe(bound.slot.address, time.monotonic() - t0)
+    except BaseException as e:
+        _failed(m, bound, t0, e)
+        raise
+    m.ended(bound, t0, OK)
     m.succeeded(bound.slot.address)
     return result
 
@@ -142,17 +198,16 @@ def unary_unary_with_call(
 ) -> tuple[Resp, grpc.Call]:
     """Blocking unary-unary ``with_call`` (the sync interceptor's hot path: inline, as ``unary_unary``)."""
     bound = m.enter(ep.address)
-    observe = m.observe
-    t0 = time.monotonic() if observe is not None else 0.0
+    t0 = m.clock()
     try:
         result = bound.call.with_call(
             request, remaining(deadline), a.metadata, a.credentials, a.wait_for_ready, a.compression
         )
     except grpc.RpcError as e:
-        m.finished(bound.slot, t0)
+        _failed(m, bound, t0, e)
         if not retryable(e):
             raise
-        nxt = m.retry_bound(bound.slot.address, deadline)
+        nxt = m.retry_bound(bound.slot.address, deadline, a.metadata)
         if nxt is None:
             raise
         return _blocking(
@@ -162,10 +217,12 @@ def unary_unary_with_call(
             lambda mc, left: mc.with_call(
                 request, left, a.metadata, a.credentials, a.wait_for_ready, a.compression
             ),
+            with_call=True,
         )
-    bound.slot.release()
-    if observe is not None:
-        observe(bound.slot.address, time.monotonic() - t0)
+    except BaseException as e:
+        _failed(m, bound, t0, e)
+        raise
+    m.ended(bound, t0, OK, None if m.call_done is None else trailing_of(result[1]))
     m.succeeded(bound.slot.address)
     return result
 
@@ -174,6 +231,8 @@ def stream_unary(
     m: SyncMethod[SU[Req, Resp]], ep: Endpoint, requests: Iterator[Req], deadline: float | None, a: CallArgs
 ) -> Resp:
     """Blocking stream-unary ``__call__``: never retried (the request iterator is consumed)."""
+    if m.call_done is not None:
+        return stream_unary_with_call(m, ep, requests, deadline, a)[0]
 
     def invoke(mc: SU[Req, Resp], timeout: float | None) -> Resp:
         return mc(requests, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)
@@ -189,12 +248,12 @@ def stream_unary_with_call(
     def invoke(mc: SU[Req, Resp], timeout: float | None) -> tuple[Resp, grpc.Call]:
         return mc.with_call(requests, timeout, a.metadata, a.credentials, a.wait_for_ready, a.compression)
 
-    return _retrying(m, ep, deadline, invoke, retry=False)
+    return _retrying(m, ep, deadline, invoke, retry=False, with_call=True)
 
 
 def _track(m: SyncMethod[M], bound: Bound[grpc.Channel, M], call: object, t0: float) -> _Once:
-    """Uncount ``call`` when it is done (its done callback, if it has one)."""
-    once = _Once(m, bound.slot, t0)
+    """End ``call`` when it is done (its done callback, if it has one)."""
+    once = _Once(m, bound, t0)
     add = getattr(call, "add_done_callback", None)
     if callable(add):
         add(once)
@@ -204,7 +263,7 @@ def _track(m: SyncMethod[M], bound: Bound[grpc.Channel, M], call: object, t0: fl
 def stream_unary_future(
     m: SyncMethod[SU[Req, Resp]], ep: Endpoint, requests: Iterator[Req], deadline: float | None, a: CallArgs
 ) -> _compat.CallFuture[Resp]:
-    """Stream-unary ``future()``: grpc's own future, uncounted when done (no retry)."""
+    """Stream-unary ``future()``: grpc's own future, ended when done (no retry)."""
     bound = m.enter(ep.address)
     t0 = m.clock()
     try:
@@ -216,11 +275,11 @@ def stream_unary_future(
             a.wait_for_ready,
             a.compression,
         )
-    except BaseException:
-        m.finished(bound.slot, t0)
+    except BaseException as e:
+        _failed(m, bound, t0, e)
         raise
     if not callable(getattr(fut, "add_done_callback", None)):
-        m.finished(bound.slot, t0)
+        m.ended(bound, t0, OK)  # an instrumented channel's future: its end cannot be seen, counted now
         return fut
     _track(m, bound, fut, t0)
     return fut
@@ -245,7 +304,7 @@ class UnaryUnaryFuture(_compat.CallFuture[Resp], Generic[Req, Resp]):
         self._attempt(m.enter(ep.address))
 
     def _attempt(self, bound: Bound[grpc.Channel, UU[Req, Resp]]) -> None:
-        self._slot = bound.slot
+        self._bound = bound
         self._t0 = self._m.clock()
         a = self._args
         try:
@@ -257,18 +316,18 @@ class UnaryUnaryFuture(_compat.CallFuture[Resp], Generic[Req, Resp]):
                 a.wait_for_ready,
                 a.compression,
             )
-        except BaseException:
-            self._m.finished(bound.slot, self._t0)
+        except BaseException as e:
+            _failed(self._m, bound, self._t0, e)
             raise
         self._inner.add_done_callback(self._on_done)
 
     def _on_done(self, fut: grpc.Future[Resp]) -> None:
         m = self._m
-        slot = self._slot
-        m.finished(slot, self._t0)
+        slot = self._bound.slot
+        m.ended(self._bound, self._t0, code_of(fut), None if m.call_done is None else trailing_of(fut))
         if not self._retried and not self._cancelled and retryable(fut):
             self._retried = True
-            nxt = m.retry_bound(slot.address, self._deadline)
+            nxt = m.retry_bound(slot.address, self._deadline, self._args.metadata)
             if nxt is not None:
                 try:
                     self._attempt(nxt)
@@ -389,8 +448,8 @@ class ResponseStream(_compat.CallFuture[Resp], _compat.CallIterator[Resp], Gener
                 a.wait_for_ready,
                 a.compression,
             )
-        except BaseException:
-            self._m.finished(bound.slot, t0)
+        except BaseException as e:
+            _failed(self._m, bound, t0, e)
             raise
         self._release = _track(self._m, bound, self._inner, t0)
         self._finalizer = weakref.finalize(self, self._release)
@@ -407,7 +466,7 @@ class ResponseStream(_compat.CallFuture[Resp], _compat.CallIterator[Resp], Gener
         except grpc.RpcError as e:
             if not (self._retry and retryable(e)):
                 raise
-            nxt = self._m.retry_bound(self._slot.address, self._deadline)
+            nxt = self._m.retry_bound(self._slot.address, self._deadline, self._args.metadata)
             if nxt is None:
                 raise
             self._error = None
@@ -421,12 +480,13 @@ class ResponseStream(_compat.CallFuture[Resp], _compat.CallIterator[Resp], Gener
             return next(self._inner)
         except StopIteration:
             self._ended = True
-            self._release()
+            wanted = self._m.call_done is not None
+            self._release.end(OK, trailing_of(self._inner) if wanted else None)
             raise
         except grpc.RpcError as e:
             self._error = e
             self._ended = True
-            self._release()
+            self._release.end(code_of(e), trailing_of(e) if self._m.call_done is not None else None)
             raise
 
     def _grpc_call(self) -> grpc.Call | None:
@@ -484,7 +544,7 @@ class ResponseStream(_compat.CallFuture[Resp], _compat.CallIterator[Resp], Gener
             if callable(close):
                 close()
             result = True
-        self._release()
+        self._release.end(CANCELLED)
         return result
 
     # grpc.Future

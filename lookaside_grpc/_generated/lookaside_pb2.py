@@ -15,7 +15,7 @@ _sym_db = _symbol_database.Default()
 
 
 # lookaside_grpc keeps these messages in a descriptor pool of its own, so that an application may also
-# hold stubs generated from the original lookaside.proto (same symbols) in the default pool.
+# hold the same symbols (the original lookaside.proto, xds-protos' ORCA) in the default pool.
 # Written by proto/generate.py.
 POOL = _descriptor_pool.DescriptorPool()
 
