@@ -444,6 +444,46 @@ register(
     ),
 )
 
+
+class _NoopInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Passes every call on unchanged: what grpc's interceptor machinery costs by itself."""
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(details, request)
+
+
+class _AioNoopInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(details, request)
+
+
+async def _aio_noop_interceptor(ctx: Ctx) -> Any:
+    import asyncio
+
+    ch = grpc.aio.insecure_channel(
+        rr_target(ctx.resolve()), options=rr_options(ctx.local_pool), interceptors=[_AioNoopInterceptor()]
+    )
+    await asyncio.wait_for(ch.channel_ready(), DIAL_TIMEOUT)
+    return ch
+
+
+register(
+    "noop_interceptor",
+    channel_mode(
+        lambda ctx: grpc.intercept_channel(
+            dial_round_robin(ctx.resolve(), ctx.local_pool), _NoopInterceptor()
+        ),
+        description="round_robin behind a do-nothing grpc interceptor: grpc's interceptor machinery alone",
+    ),
+)
+register(
+    "aio_noop_interceptor",
+    aio_channel_mode(
+        _aio_noop_interceptor,
+        description="aio_round_robin with a do-nothing grpc.aio interceptor: grpc's machinery alone",
+    ),
+)
+
 # ------------------------------------------------------------------------------------------ stock xDS
 
 

@@ -463,6 +463,20 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": c <= limit,
                 }
             )
+    for mode, noop in (
+        ("interceptor_watch", "noop_interceptor"),
+        ("aio_interceptor_watch", "aio_noop_interceptor"),
+    ):
+        c, floor = _cpu_ratio(steady, mode), _cpu_ratio(steady, noop)
+        if c is not None and floor is not None:
+            rows.append(
+                {
+                    "target": f"(context) `{mode}` client CPU per call over grpc's own interceptor machinery "
+                    f"(`{noop}`, {floor:.2f}x `{baseline_of(mode)}`'s) ≤ 1.05x",
+                    "measured": f"{c / floor:.2f}x",
+                    "met": c / floor <= 1.05,
+                }
+            )
     rr_modes = [
         m
         for m in steady

@@ -192,7 +192,28 @@ def run(n: int, keys: int, calls: int, rounds: int) -> dict[str, Any]:
             "max": round(max(ratios), 3),
         }
     res["pick"] = {k: round(v, 3) for k, v in pick_cost(n).items()}
+    res["fixed_entries_moved"] = fixed_entries_moved(addresses, users)
     return res
+
+
+def fixed_entries_moved(addresses: list[str], users: list[str], entries: int = 256) -> dict[str, float]:
+    """The same departure on ``RingHash(entries_per_endpoint=entries)``'s ring (policy only, no calls):
+    the fraction of keys moved and the fraction that were on the backend that left."""
+    from lookaside_grpc._endpoints import Endpoint
+    from lookaside_grpc._ring_hash import RingHash, request_hash
+
+    policy = RingHash(KEY, entries_per_endpoint=entries)
+    full = tuple(Endpoint(a.rsplit(":", 1)[0], int(a.rsplit(":", 1)[1])) for a in addresses)
+    gone = full[len(full) // 2]
+    rest = tuple(e for e in full if e != gone)
+    hashes = [request_hash(((KEY, u),), KEY) for u in users]
+    before = [policy.pick_hashed(full, h).address for h in hashes]
+    after = [policy.pick_hashed(rest, h).address for h in hashes]
+    return {
+        "entries_per_endpoint": entries,
+        "moved": sum(a != b for a, b in zip(before, after, strict=True)) / len(users),
+        "were_on_the_one_that_left": sum(b == gone.address for b in before) / len(users),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,6 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"one of {n} backends left: {res['moved_when_one_left']:.3f} of the keys moved "
         f"({res['were_on_the_one_that_left']:.3f} were on it; A42 expects {res['a42_expected_moved']:.3f})"
+    )
+    fx = res["fixed_entries_moved"]
+    print(
+        f"  on RingHash(entries_per_endpoint={fx['entries_per_endpoint']}) (not stock grpc's ring): "
+        f"{fx['moved']:.3f} moved ({fx['were_on_the_one_that_left']:.3f} were on it)"
     )
     print(f"spread of {k} keys over {n} backends: {res['spread']}")
     r = res["cpu_ratio_ring_hash_vs_round_robin"]

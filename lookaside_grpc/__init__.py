@@ -16,6 +16,7 @@ from lookaside_grpc._channel import DEFAULT_INIT_TIMEOUT, Channel, channel
 from lookaside_grpc._endpoints import Endpoint
 from lookaside_grpc._interceptor import InterceptedChannel, LookasideInterceptor, intercepted_channel
 from lookaside_grpc._policies import LeastRequest, PeakEwma, Random, RoundRobin, RoutingPolicy, Weighted
+from lookaside_grpc._ring_hash import RingHash
 from lookaside_grpc._routing import DEFAULT_ROUTE_WAIT
 from lookaside_grpc._settings import (
     DEFAULT_LOOKASIDE_KEEPALIVE,
@@ -60,6 +61,7 @@ __all__ = [
     "Random",
     "RetryBudget",
     "RoundRobin",
+    "RingHash",
     "RoutingPolicy",
     "Settings",
     "Stats",

@@ -173,14 +173,23 @@ def build_ring(
     min_ring_size: int = MIN_RING_SIZE,
     max_ring_size: int = MAX_RING_SIZE,
     point_hashes: dict[str, list[int]] | None = None,
+    entries_per_endpoint: int | None = None,
 ) -> Ring:
     """The ring of ``endpoints`` as C-core builds it (weights: ``Endpoint.weight``, 0 = 1). ``point_hashes``
-    (address -> its entry hashes so far) saves rehashing the entries of endpoints already seen."""
+    (address -> its entry hashes so far) saves rehashing the entries of endpoints already seen.
+
+    ``entries_per_endpoint``: instead of C-core's ring of about ``min_ring_size`` entries in all (which
+    rescales every endpoint's share of entries when the set changes), that many entries per endpoint of the
+    smallest weight, whatever the size of the set: an endpoint leaving then takes only its own entries, so
+    only its keys (about 1/N) move, at the price of another mapping than stock grpc's."""
     weights = [e.weight if e.weight > 0 else 1 for e in endpoints]
     total = sum(weights)
     normalized = [w / total for w in weights]
     least = min(normalized)
-    scale = min(math.ceil(least * min_ring_size) / least, float(max_ring_size))
+    if entries_per_endpoint is None:
+        scale = min(math.ceil(least * min_ring_size) / least, float(max_ring_size))
+    else:
+        scale = entries_per_endpoint / least
     cache = {} if point_hashes is None else point_hashes
     entries: list[tuple[int, int]] = []
     current = target = 0.0
@@ -207,8 +216,10 @@ def build_ring(
 class RingHash(RoutingPolicy):
     """Consistent hashing on the call's ``hash_key`` metadata value (gRFC A42's ring, see the module): the
     same value reaches the same endpoint from every client with the same set, and when one of N endpoints
-    leaves only its keys and about as many more move (A42 rescales the ring). Calls without the value get a
-    random ring position. Watch mode only (per_call: the lookaside's Resolve knows no keys)."""
+    leaves only its keys and about as many more move (A42 rescales the ring), unless
+    ``entries_per_endpoint`` is set: then only its keys move, on a ring of this library's own. Calls without
+    the value get a random ring position. Watch mode only (per_call: the lookaside's Resolve knows no
+    keys)."""
 
     name = "ring_hash"
 
@@ -218,15 +229,24 @@ class RingHash(RoutingPolicy):
         min_ring_size: int = MIN_RING_SIZE,
         max_ring_size: int = MAX_RING_SIZE,
         seed: int | None = None,
+        entries_per_endpoint: int | None = None,
     ) -> None:
         if not 1 <= min_ring_size <= max_ring_size <= RING_SIZE_LIMIT:
             raise ValueError(
                 f"ring sizes must satisfy 1 <= min_ring_size <= max_ring_size <= {RING_SIZE_LIMIT}, got "
                 f"{min_ring_size!r}, {max_ring_size!r}"
             )
+        if entries_per_endpoint is not None and not 1 <= entries_per_endpoint <= RING_SIZE_LIMIT:
+            raise ValueError(
+                f"entries_per_endpoint must be None (grpc's ring) or 1..{RING_SIZE_LIMIT}, "
+                f"got {entries_per_endpoint!r}"
+            )
         self.hash_key = hash_key
         self.min_ring_size = min_ring_size
         self.max_ring_size = max_ring_size
+        #: None: C-core's ring (the same pod as stock grpc for every key); a number: that many entries per
+        #: endpoint (only a leaving endpoint's keys move; see :func:`build_ring`)
+        self.entries_per_endpoint = entries_per_endpoint
         self._random = random.Random(seed).getrandbits
         #: (the set the ring is for, the ring); swapped whole, read without a lock
         self._state: tuple[Sequence[Endpoint] | None, Ring | None] = (None, None)
@@ -252,7 +272,9 @@ class RingHash(RoutingPolicy):
             if ring is None or ring.key != key:
                 current = {e.address for e in endpoints}
                 points = {a: p for a, p in self._points.items() if a in current}
-                ring = build_ring(endpoints, self.min_ring_size, self.max_ring_size, points)
+                ring = build_ring(
+                    endpoints, self.min_ring_size, self.max_ring_size, points, self.entries_per_endpoint
+                )
                 self._points = points
             self._state = (endpoints, ring)
         return ring

@@ -101,6 +101,24 @@ def test_about_one_nth_of_the_keys_move_when_one_of_n_leaves(n: int) -> None:
     assert all(after[u] != gone.address for u in USERS)
 
 
+@pytest.mark.parametrize("n", [3, 4, 5, 10])
+def test_with_fixed_entries_per_endpoint_only_the_leaving_endpoints_keys_move(n: int) -> None:
+    """entries_per_endpoint: a ring of this library's own where a leaving endpoint takes only its entries,
+    so exactly its keys (about 1/N) move and every other key stays; spread stays even."""
+    full, policy = eps(n), RingHash(KEY, entries_per_endpoint=256)
+    before = {u: owner(policy, full, u) for u in USERS}
+    gone = full[n // 2]
+    after = {u: owner(policy, tuple(e for e in full if e != gone), u) for u in USERS}
+    moved = [u for u in USERS if before[u] != after[u]]
+    print(f"{n} endpoints, entries_per_endpoint=256, one leaves: {len(moved) / len(USERS):.3f} moved (1/N)")
+    assert set(moved) == {u for u in USERS if before[u] == gone.address}
+    assert 0.5 / n <= len(moved) / len(USERS) <= 1.5 / n
+    load = Counter(before.values())
+    assert min(load.values()) >= 0.5 * 1000 / n and max(load.values()) <= 1.6 * 1000 / n, load
+    with pytest.raises(ValueError, match="entries_per_endpoint"):
+        RingHash(KEY, entries_per_endpoint=0)
+
+
 def test_an_ejected_endpoint_is_walked_past_and_no_other_key_moves() -> None:
     full, policy = eps(5), RingHash(KEY)
     policy.follow(lambda: full)  # the balancer's whole set; a pick is given the eligible ones
@@ -363,3 +381,5 @@ def test_the_benchmark_runs_end_to_end_at_a_tiny_size(monkeypatch: pytest.Monkey
     assert res["stickiness"] == 1.0 and res["stock_grpc_agrees"] == 1.0
     assert res["were_on_the_one_that_left"] <= res["moved_when_one_left"] <= 1.0
     assert sum(res["spread"]) == 60 and res["cpu_us_per_call"]["ring_hash"] > 0
+    fixed = res["fixed_entries_moved"]
+    assert fixed["moved"] == fixed["were_on_the_one_that_left"]  # on that ring only the leaver's keys move
