@@ -16,13 +16,8 @@ from lookaside_dev.backends import Backend
 from lookaside_dev.static_files import write_addresses
 from lookaside_dev.xds_client import Driver
 from lookaside_server import (
-    ListenConfig,
     RunningServer,
-    ServerConfig,
-    StaticFileConfig,
     Target,
-    XdsConfig,
-    run_in_thread,
 )
 from lookaside_server._cli.flags import build_parser, server_config
 from lookaside_server._xds import parse_hash_headers
@@ -117,39 +112,17 @@ def backends() -> Iterator[list[Backend]]:
 
 
 @pytest.fixture
-def lookaside(tmp_path: pathlib.Path, backends: list[Backend]) -> Iterator[Callable[..., RunningServer]]:
+def lookaside(
+    tmp_path: pathlib.Path, backends: list[Backend], xds_lookaside: Callable[..., RunningServer]
+) -> Callable[..., RunningServer]:
     path = tmp_path / "endpoints.json"
     write_addresses(path, {"default/greet": [b.address for b in backends]})
-    running: list[RunningServer] = []
-
-    def start(options: XdsOptions | None = None) -> RunningServer:
-        srv = run_in_thread(
-            ServerConfig(
-                listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
-                source=StaticFileConfig(path, poll_interval=0.02),
-                xds=XdsConfig(options=options),
-            )
-        )
-        running.append(srv)
-        return srv
-
-    yield start
-    for srv in running:
-        srv.stop()
+    return lambda options=None: xds_lookaside(path, options)
 
 
 @pytest.fixture
-def driver() -> Iterator[Callable[[str], Driver]]:
-    started: list[Driver] = []
-
-    def start(lookaside: str) -> Driver:
-        d = Driver(f"xds:///{NAME}", lookaside)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.close()
+def driver(xds_driver: Callable[..., Driver]) -> Callable[[str], Driver]:
+    return lambda lookaside: xds_driver(f"xds:///{NAME}", lookaside)
 
 
 KEYS = [f"user-{i}" for i in range(40)]

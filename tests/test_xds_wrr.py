@@ -26,12 +26,7 @@ from examples.greet.server import GreetServicer
 from lookaside_dev.static_files import write_addresses
 from lookaside_dev.xds_client import Driver
 from lookaside_server import (
-    ListenConfig,
     RunningServer,
-    ServerConfig,
-    StaticFileConfig,
-    XdsConfig,
-    run_in_thread,
 )
 from lookaside_server._cli.flags import build_parser, server_config
 from lookaside_server._xds.resources import XdsOptions, cluster
@@ -114,39 +109,17 @@ def backends() -> Iterator[list[str]]:
 
 
 @pytest.fixture
-def lookaside(tmp_path: pathlib.Path, backends: list[str]) -> Iterator[Callable[..., RunningServer]]:
+def lookaside(
+    tmp_path: pathlib.Path, backends: list[str], xds_lookaside: Callable[..., RunningServer]
+) -> Callable[..., RunningServer]:
     path = tmp_path / "endpoints.json"
     write_addresses(path, {"default/greet": backends})
-    running: list[RunningServer] = []
-
-    def start(options: XdsOptions | None = None) -> RunningServer:
-        srv = run_in_thread(
-            ServerConfig(
-                listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
-                source=StaticFileConfig(path, poll_interval=0.02),
-                xds=XdsConfig(options=options),
-            )
-        )
-        running.append(srv)
-        return srv
-
-    yield start
-    for srv in running:
-        srv.stop()
+    return lambda options=None: xds_lookaside(path, options)
 
 
 @pytest.fixture
-def driver() -> Iterator[Callable[[str], Driver]]:
-    started: list[Driver] = []
-
-    def start(lookaside: str) -> Driver:
-        d = Driver(f"xds:///{NAME}", lookaside)
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.close()
+def driver(xds_driver: Callable[..., Driver]) -> Callable[[str], Driver]:
+    return lambda lookaside: xds_driver(f"xds:///{NAME}", lookaside)
 
 
 #: Fast weights for the test: no blackout, new weights every 100 ms (gRPC's floor).

@@ -26,12 +26,7 @@ from lookaside_dev.static_files import write_static
 from lookaside_dev.xds_client import Driver
 from lookaside_server import (
     BackendEndpoint,
-    ListenConfig,
     RunningServer,
-    ServerConfig,
-    StaticFileConfig,
-    XdsConfig,
-    run_in_thread,
 )
 from lookaside_server._xds.resources import ENDPOINTS, XdsOptions, load_assignment, placements
 
@@ -154,23 +149,10 @@ def static_file(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.fixture
-def lookaside(static_file: pathlib.Path) -> Iterator[Callable[..., RunningServer]]:
-    running: list[RunningServer] = []
-
-    def start(options: XdsOptions | None = None) -> RunningServer:
-        server = run_in_thread(
-            ServerConfig(
-                listen=ListenConfig(host="127.0.0.1", port=0, grace=0.5),
-                source=StaticFileConfig(static_file, poll_interval=0.02),
-                xds=XdsConfig(options=options),
-            )
-        )
-        running.append(server)
-        return server
-
-    yield start
-    for server in running:
-        server.stop()
+def lookaside(
+    static_file: pathlib.Path, xds_lookaside: Callable[..., RunningServer]
+) -> Callable[..., RunningServer]:
+    return lambda options=None: xds_lookaside(static_file, options)
 
 
 def write_zones(path: pathlib.Path, backends: dict[str, str]) -> None:
@@ -234,17 +216,10 @@ def backends() -> Iterator[list[Backend]]:
 
 
 @pytest.fixture
-def drivers() -> Iterator[Callable[..., Driver]]:
-    started: list[Driver] = []
-
-    def start(lookaside: str, zone: str) -> Driver:
-        d = Driver(f"xds:///{NAME}", lookaside, zone=zone, node=f"client-{zone or 'none'}")
-        started.append(d)
-        return d
-
-    yield start
-    for d in started:
-        d.close()
+def drivers(xds_driver: Callable[..., Driver]) -> Callable[..., Driver]:
+    return lambda lookaside, zone: xds_driver(
+        f"xds:///{NAME}", lookaside, zone=zone, node=f"client-{zone or 'none'}"
+    )
 
 
 def until_counts(
