@@ -13,6 +13,7 @@ this process's own (higher) open-file limit. Figures go to FIGURES and are print
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import resource
@@ -125,6 +126,25 @@ def start(tmp_path: Path) -> Iterator[object]:
         t.close()
 
 
+def _probes(t: HttpTarget, n: int, attempts: int = 3) -> tuple[list[float], int]:
+    """``n`` probes of /healthz as a kubelet makes them (a probe fails only after ``attempts`` refused
+    connections in a row, its failureThreshold): their times, and how many connections were refused on the
+    way. In a rare run one probe right after the burst was reset (CI, 1 of 1,060 tests; 2 of 9 local runs at
+    one moment, 0 of 40 later); a connection that is refused every time still fails the test."""
+    times: list[float] = []
+    refused = 0
+    for _ in range(n):
+        for attempt in range(attempts):
+            try:
+                times.append(t.healthz_ms())
+                break
+            except (ConnectionResetError, http.client.RemoteDisconnected):
+                refused += 1
+                if attempt == attempts - 1:
+                    raise
+    return times, refused
+
+
 def _raise_own_nofile(need: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
@@ -195,7 +215,7 @@ def test_5000_idle_and_half_open_connections_under_1024_open_files(start) -> Non
         wait_for(lambda: t.fds() <= base_fds + CAP + 16, timeout=10, what="the closed connections' fds")
         fds_during = t.fds()
         resolve = [t.resolve_ms() for _ in range(5)]
-        healthz = [t.healthz_ms() for _ in range(5)]
+        healthz, refused_probes = _probes(t, 5)
         assert all(addr == "10.0.0.1" for _, addr in resolve)
         # The static file can still be opened: a change reaches Resolve.
         write_static(t.file, _endpoints("10.0.0.2"))
@@ -219,6 +239,7 @@ def test_5000_idle_and_half_open_connections_under_1024_open_files(start) -> Non
         "http_max_connections hits": hits,
         "resolve ms (fresh connection)": [round(x[0], 1) for x in resolve],
         "healthz ms": [round(x, 1) for x in healthz],
+        "healthz connections refused before an answer": refused_probes,
         "file change to Resolve ms": round(change_ms, 1),
     }
     print("\nHTTP connection attack:", FIGURES["http connections"])
