@@ -20,6 +20,7 @@ import resource
 import selectors
 import socket
 import statistics
+import struct
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from lookaside_dev.static_files import write_static
 from lookaside_grpc import protocol as pb
 
 CONNECTIONS = 5000
+ATTACK_SOURCE = "127.0.0.2"  # the attack connections' source address (see _open_many)
 SERVER_NOFILE = 1024
 CAP = 256  # --http-max-connections default
 ACCEPT_BATCH = 100  # connections the server's event loop accepts per turn
@@ -174,6 +176,10 @@ def _open_many(port: int, n: int, wave: int = 500, partial_every: int = 2) -> li
         sel = selectors.DefaultSelector()
         for i in range(first, min(n, first + wave)):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            # From 127.0.0.2 and closed with a reset (no TIME_WAIT): thousands of attack connections must not
+            # use up the ephemeral ports of 127.0.0.1, which the probes here and every later test dial from.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.bind((ATTACK_SOURCE, 0))
             s.setblocking(False)
             s.connect_ex(("127.0.0.1", port))
             socks.append(s)
