@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 from lookaside_grpc import protocol as pb
 from lookaside_server._core.model import BackendEndpoint, Target
+from lookaside_server._core.token_bucket import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +269,9 @@ class LoadBoard:
         self._by_peer: dict[str, set[tuple[Target, str]]] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self.reports = 0
-        #: Report rate per client IP: peer -> (tokens, when refilled), most recent last; beyond
+        #: Report rate per client IP, most recent last; beyond
         #: ``max_rate_peers`` the refilled ones are dropped, then the oldest (whose next report starts full).
-        self._rates: dict[str, tuple[float, float]] = {}
+        self._rates: dict[str, TokenBucket] = {}
         self.max_rate_peers = MAX_RATE_PEERS
 
     @property
@@ -354,19 +355,18 @@ class LoadBoard:
         per ReportLoad call, before anything else is looked at."""
         now = self._clock() if now is None else now
         rate = self.limits.max_report_rate_per_peer
-        tokens, at = self._rates.get(peer, (rate, now))
-        tokens = min(rate, tokens + (now - at) * rate)
-        if tokens < 1.0:
-            self._rates[peer] = (tokens, now)
+        bucket = self._rates.get(peer)
+        if bucket is None:
+            bucket = self._rates[peer] = TokenBucket(rate, rate, now)
+        if not bucket.take(now):
             raise ReportRefused(
                 MAX_LOAD_REPORT_RATE,
                 f"target {target}: more than {rate:g} load reports a second from {peer or 'this client'} "
                 f"({FLAGS[MAX_LOAD_REPORT_RATE]})",
             )
-        self._rates.pop(peer, None)
-        self._rates[peer] = (tokens - 1.0, now)  # newest last
+        self._rates[peer] = self._rates.pop(peer)  # newest last
         if len(self._rates) > self.max_rate_peers:  # bounded: drop the refilled ones, then the oldest
-            kept = [(p, ta) for p, ta in self._rates.items() if ta[0] + (now - ta[1]) * rate < rate]
+            kept = [(p, b) for p, b in self._rates.items() if not b.full(now)]
             self._rates = dict(kept[-(self.max_rate_peers // 2) :])
 
     def _check_room(self, target: Target, tl: _TargetLoad, peer: str, now: float) -> None:

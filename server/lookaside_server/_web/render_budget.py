@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, replace
 
+from lookaside_server._core.token_bucket import TokenBucket
 from lookaside_server._web.http import HTTP_RENDER_BUDGET, HttpResponse
 
 #: Fresh renders per second per rendering (and the burst).
@@ -30,22 +31,8 @@ MAX_KEYS = 16
 
 
 @dataclass
-class _Bucket:
-    """A token bucket: ``rate`` tokens per second, at most ``burst``."""
-
-    rate: float
-    burst: float
-    tokens: float
-    refilled_at: float
-
-    def refill(self, now: float) -> None:
-        self.tokens = min(self.burst, self.tokens + (now - self.refilled_at) * self.rate)
-        self.refilled_at = now
-
-
-@dataclass
 class _Entry:
-    bucket: _Bucket
+    bucket: TokenBucket
     response: HttpResponse | None = None
     rendered_at: float = 0.0
     inflight: asyncio.Task[HttpResponse] | None = None
@@ -69,14 +56,14 @@ class RenderBudget:
         self._on_limit = on_limit
         self._clock = clock
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
-        self._total = _Bucket(4 * rate, 4 * self.burst, 4 * self.burst, clock())
+        self._total = TokenBucket(4 * rate, 4 * self.burst, clock())
         #: Requests answered with an earlier rendering (also counted through ``on_limit``).
         self.reused = 0
 
     def _entry(self, key: Hashable, now: float) -> _Entry:
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._entries[key] = _Entry(_Bucket(self.rate, self.burst, self.burst, now))
+            entry = self._entries[key] = _Entry(TokenBucket(self.rate, self.burst, now))
             while len(self._entries) > self.max_keys:
                 self._entries.popitem(last=False)
         else:
